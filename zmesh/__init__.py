@@ -1,0 +1,1 @@
+"""zmesh: a decentralized, prefix-cache-aware LLM serving mesh."""

@@ -1,0 +1,483 @@
+"""llama.cpp slot pool with prefix reuse.
+
+One model and one context hold ``n_slots`` sequences (slots) in a unified KV cache.
+A request reuses the longest cached prefix of any slot of its namespace: it either
+continues in that slot after rolling it back to the shared prefix, or shares the
+prefix into another slot with ``llama_memory_seq_cp`` (no copy: cells are tagged
+with both sequences). Only the rest of the prompt is prefilled.
+
+Each namespace (tenant) has a radix tree that mirrors exactly what the slots hold;
+slots never share cache across namespaces. The tree never claims more than a slot
+holds: it is cut back before a slot is overwritten and extended after the work.
+
+One request decodes at a time (``generate`` is not re-entrant); tree queries may
+come from other threads (the routing loop), guarded by a lock.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import llama_cpp as ll
+
+from zmesh.blocks import DEFAULT_KEY, BlockHasher
+from zmesh.config import EngineConfig
+from zmesh.model import model_fingerprint, resolve_model_path
+from zmesh.protocol import INVALID_REQUEST, PROMPT_TOO_LONG, SamplingParams
+from zmesh.radix import BlockEvents, RadixTree
+
+MIN_SLOT_CTX = 64
+_Sampler = Any  # a ctypes pointer to llama_sampler
+
+
+class EngineError(Exception):
+    """A request the engine cannot serve; ``code`` is a protocol error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    text: str
+    finish_reason: str  # "stop" | "length" | "eog" | "cancelled"
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    prefill_s: float
+    decode_s: float
+    slot: int
+    evicted_tokens: int = 0
+
+    @property
+    def decode_tps(self) -> float:
+        return self.completion_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+@dataclass(slots=True)
+class _Slot:
+    seq: int
+    namespace: str | None = None
+    tokens: list[int] = field(default_factory=list)
+    last_used: float = 0.0
+
+
+@dataclass(slots=True)
+class EngineStats:
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    evictions: int = 0
+    evicted_tokens: int = 0
+    prefill_s_per_token: float = 0.0  # EWMA over prefills of a useful size
+    service_s: float = 0.0  # EWMA of the whole request time
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _ewma(old: float, new: float, alpha: float = 0.2) -> float:
+    return new if old == 0.0 else (1 - alpha) * old + alpha * new
+
+
+_log_callback_ref = None
+
+
+def _silence_llama_logs() -> None:
+    """llama.cpp logs every tensor at load; keep stderr for real errors only."""
+    global _log_callback_ref
+    if _log_callback_ref is not None:
+        return
+
+    @ll.llama_log_callback
+    def _cb(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        if level == 4:  # GGML_LOG_LEVEL_ERROR
+            os.write(2, text)
+
+    _log_callback_ref = _cb
+    ll.llama_log_set(_cb, ctypes.c_void_p(0))
+
+
+class Engine:
+    def __init__(
+        self, config: EngineConfig | None = None, hash_key: bytes = DEFAULT_KEY
+    ) -> None:
+        self.config = cfg = config or EngineConfig()
+        if cfg.n_slots < 1:
+            raise ValueError("n_slots must be >= 1")
+        if cfg.slot_ctx < MIN_SLOT_CTX:
+            raise ValueError(f"slot_ctx must be >= {MIN_SLOT_CTX}")
+        self.model_path: Path = resolve_model_path(cfg.model_path)
+        self.fingerprint = model_fingerprint(self.model_path)
+        self.hash_key = hash_key
+        self.block_size = cfg.block_size
+        self.n_slots = cfg.n_slots
+        self.slot_ctx = cfg.slot_ctx
+        self.max_prompt_tokens = min(cfg.max_prompt_tokens or cfg.slot_ctx, cfg.slot_ctx - 1)
+        self.stats = EngineStats()
+        self._lock = threading.Lock()  # guards slots' trees against routing reads
+        self._trees: dict[str, RadixTree] = {}
+        self._slots = [_Slot(seq=i) for i in range(cfg.n_slots)]
+        self._load(cfg)
+
+    # ---- setup ---------------------------------------------------------------
+
+    def _load(self, cfg: EngineConfig) -> None:
+        _silence_llama_logs()
+        ll.llama_backend_init()
+        mparams = ll.llama_model_default_params()
+        mparams.n_gpu_layers = cfg.n_gpu_layers
+        self._model = ll.llama_model_load_from_file(str(self.model_path).encode(), mparams)
+        if not self._model:
+            raise EngineError("internal", f"llama.cpp could not load {self.model_path}")
+        self._vocab = ll.llama_model_get_vocab(self._model)
+        self.n_vocab = ll.llama_vocab_n_tokens(self._vocab)
+        threads = cfg.n_threads or os.cpu_count() or 1
+        cparams = ll.llama_context_default_params()
+        # Slots never exceed slot_ctx tokens each, so n_slots * slot_ctx cells always
+        # suffice, even with no sharing at all.
+        cparams.n_ctx = cfg.n_slots * cfg.slot_ctx
+        cparams.n_batch = cfg.n_batch
+        cparams.n_ubatch = min(cfg.n_batch, 512)
+        cparams.n_seq_max = cfg.n_slots
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.kv_unified = True  # one cell pool: seq_cp shares cells between slots
+        cparams.swa_full = True  # Gemma 3's sliding window would lose cells on rollback
+        cparams.no_perf = True
+        self._ctx = ll.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            raise EngineError("internal", "llama.cpp could not create a context")
+        self._mem = ll.llama_get_memory(self._ctx)
+        self._batch = ll.llama_batch_init(cfg.n_batch, 0, 1)
+        self._add_bos = bool(ll.llama_vocab_get_add_bos(self._vocab))
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            ll.llama_batch_free(self._batch)
+            ll.llama_free(self._ctx)
+            ll.llama_model_free(self._model)
+            self._ctx = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- tokens ------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise EngineError(INVALID_REQUEST, f"prompt is not valid UTF-8: {exc.reason}") from exc
+        cap = len(data) + 8
+        buf = (ll.llama_token * cap)()
+        n = ll.llama_tokenize(self._vocab, data, len(data), buf, cap, self._add_bos, True)
+        if n < 0:  # buffer too small: -n tokens needed
+            cap = -n
+            buf = (ll.llama_token * cap)()
+            n = ll.llama_tokenize(self._vocab, data, len(data), buf, cap, self._add_bos, True)
+        return list(buf[:n])
+
+    def _piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self._piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def prompt_tokens(self, prompt: str | bytes | None, tokens: Sequence[int] | None) -> list[int]:
+        """Validate and tokenize a request's prompt (text or token ids)."""
+        if (prompt is None) == (tokens is None):
+            raise EngineError(INVALID_REQUEST, "give exactly one of prompt or tokens")
+        if isinstance(prompt, bytes):
+            try:
+                prompt = prompt.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise EngineError(INVALID_REQUEST, f"prompt is not valid UTF-8: {exc}") from exc
+        if prompt is not None:
+            if not prompt:
+                raise EngineError(INVALID_REQUEST, "prompt is empty")
+            ids = self.tokenize(prompt)
+        else:
+            ids = list(tokens or [])
+            bad = next((t for t in ids if not 0 <= t < self.n_vocab), None)
+            if bad is not None:
+                raise EngineError(INVALID_REQUEST, f"token id {bad} outside 0..{self.n_vocab - 1}")
+        if not ids:
+            raise EngineError(INVALID_REQUEST, "prompt has no tokens")
+        if len(ids) > self.max_prompt_tokens:
+            raise EngineError(
+                PROMPT_TOO_LONG,
+                f"prompt has {len(ids)} tokens; this node accepts at most {self.max_prompt_tokens}",
+            )
+        return ids
+
+    # ---- cache view (thread-safe) -----------------------------------------
+
+    def hasher(self, namespace: str) -> BlockHasher:
+        return self._tree(namespace).hasher  # type: ignore[return-value]
+
+    def _tree(self, namespace: str) -> RadixTree:
+        tree = self._trees.get(namespace)
+        if tree is None:
+            hasher = BlockHasher(self.fingerprint, namespace, self.block_size, self.hash_key)
+            tree = self._trees[namespace] = RadixTree(hasher)
+        return tree
+
+    def local_match(self, tokens: Sequence[int], namespace: str) -> int:
+        """Tokens of ``tokens`` cached in some slot of ``namespace``."""
+        with self._lock:
+            tree = self._trees.get(namespace)
+            return tree.match(tokens).length if tree else 0
+
+    def drain_events(self) -> BlockEvents:
+        """Block ids added/removed across all namespaces since the last drain."""
+        out = BlockEvents()
+        with self._lock:
+            for tree in self._trees.values():
+                ev = tree.drain_events()
+                out.added.extend(ev.added)
+                out.removed.extend(ev.removed)
+        return out
+
+    def block_ids(self) -> set[int]:
+        with self._lock:
+            return {b for tree in self._trees.values() for b in tree.block_ids()}
+
+    def busy_slots(self) -> int:
+        return sum(1 for s in self._slots if s.tokens)
+
+    def slot_tokens(self) -> list[tuple[str | None, list[int]]]:
+        return [(s.namespace, list(s.tokens)) for s in self._slots]
+
+    def slot_state_bytes(self, slot: int) -> int:
+        return int(ll.llama_state_seq_get_size(self._ctx, slot))
+
+    def check_consistency(self) -> list[str]:
+        """Differences between llama.cpp's memory, the slots and the trees (empty = ok)."""
+        problems = []
+        with self._lock:
+            for s in self._slots:
+                pos_max = ll.llama_memory_seq_pos_max(self._mem, s.seq)
+                pos_min = ll.llama_memory_seq_pos_min(self._mem, s.seq)
+                if pos_max + 1 != len(s.tokens):
+                    problems.append(f"slot {s.seq}: llama.cpp pos_max {pos_max}, slot {len(s.tokens)}")
+                if s.tokens and pos_min != 0:
+                    problems.append(f"slot {s.seq}: llama.cpp pos_min {pos_min}")
+                for ns, tree in self._trees.items():
+                    want = tuple(s.tokens) if s.namespace == ns else ()
+                    if tree.sequence(s.seq) != want:
+                        problems.append(f"slot {s.seq}: tree[{ns}] disagrees with the slot")
+        return problems
+
+    # ---- generation --------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | bytes | None = None,
+        *,
+        tokens: Sequence[int] | None = None,
+        params: SamplingParams | None = None,
+        namespace: str = "default",
+        on_text: Callable[[str], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> GenerationResult:
+        """Serve one request; ``on_text`` receives streamed text as it is decoded."""
+        t0 = time.perf_counter()
+        params = params or SamplingParams()
+        try:
+            params.validate()
+        except ValueError as exc:
+            raise EngineError(INVALID_REQUEST, str(exc)) from exc
+        ids = self.prompt_tokens(prompt, tokens)
+        budget = self.slot_ctx - len(ids)
+        max_new = min(params.max_tokens, budget)
+
+        slot, reuse, evicted = self._claim_slot(ids, namespace)
+        t_prefill = time.perf_counter()
+        sampler = self._make_sampler(params)
+        try:
+            self._extend(slot, ids[reuse:], logits_last=True)
+            return self._decode_loop(
+                slot, ids, reuse, evicted, max_new, params, sampler, on_text, should_stop,
+                t0, t_prefill,
+            )
+        finally:
+            ll.llama_sampler_free(sampler)
+            with self._lock:
+                self._tree(namespace).set_sequence(slot.seq, slot.tokens)
+            slot.last_used = time.monotonic()
+
+    def _decode_loop(
+        self, slot: _Slot, ids: list[int], reuse: int, evicted: int, max_new: int,
+        params: SamplingParams, sampler: _Sampler,
+        on_text: Callable[[str], None] | None, should_stop: Callable[[], bool] | None,
+        t0: float, t_prefill: float,
+    ) -> GenerationResult:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stops = params.stop
+        hold = max((len(s) for s in stops), default=1) - 1  # chars a stop may still claim
+        text, emitted, generated = "", 0, 0
+        finish = "length"
+        ttft = prefill_s = 0.0
+        t_first = time.perf_counter()
+        while generated < max_new:
+            token = ll.llama_sampler_sample(sampler, self._ctx, -1)
+            if generated == 0:
+                t_first = time.perf_counter()
+                ttft, prefill_s = t_first - t0, t_first - t_prefill
+            generated += 1
+            if ll.llama_vocab_is_eog(self._vocab, token):
+                finish = "eog"
+                break
+            text += decoder.decode(self._piece(token))
+            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+                break
+            if on_text and len(text) - hold > emitted:
+                on_text(text[emitted : len(text) - hold])
+                emitted = len(text) - hold
+            if generated >= max_new or (should_stop and should_stop()):
+                finish = "length" if generated >= max_new else "cancelled"
+                break
+            self._extend(slot, [token], logits_last=True)
+        if finish not in ("stop",):
+            text += decoder.decode(b"", final=True)
+        if on_text and len(text) > emitted:
+            on_text(text[emitted:])
+        decode_s = time.perf_counter() - t_first
+        result = GenerationResult(
+            text=text, finish_reason=finish, prompt_tokens=len(ids), cached_tokens=reuse,
+            completion_tokens=generated, ttft_s=ttft, prefill_s=prefill_s, decode_s=decode_s,
+            slot=slot.seq, evicted_tokens=evicted,
+        )
+        self._record(result, t0)
+        return result
+
+    def _record(self, r: GenerationResult, t0: float) -> None:
+        st = self.stats
+        st.requests += 1
+        st.prompt_tokens += r.prompt_tokens
+        st.cached_tokens += r.cached_tokens
+        prefilled = r.prompt_tokens - r.cached_tokens
+        if prefilled >= 32:  # tiny prefills are dominated by fixed costs
+            st.prefill_s_per_token = _ewma(st.prefill_s_per_token, r.prefill_s / prefilled)
+        st.service_s = _ewma(st.service_s, time.perf_counter() - t0)
+
+    def _claim_slot(self, ids: list[int], namespace: str) -> tuple[_Slot, int, int]:
+        """Pick the slot to serve ``ids`` and make it hold the reusable prefix.
+
+        Returns (slot, reused tokens, tokens evicted from the slot's old content).
+        """
+        best, common = None, 0
+        for s in self._slots:
+            if s.namespace == namespace and s.tokens:
+                n = _common_prefix(s.tokens, ids)
+                if n > common:
+                    best, common = s, n
+        # Keep at least one prompt token to decode: its logits start the answer.
+        reuse = min(common, len(ids) - 1)
+        if best is not None and reuse > 0 and (2 * reuse >= len(best.tokens) or self.n_slots == 1):
+            # Most of what the slot holds is our prefix (or it is the only slot):
+            # continue in place after rolling back to the shared prefix.
+            self._truncate(best, reuse)
+            return best, reuse, 0
+        # Otherwise keep that slot intact and share its prefix into another one.
+        target = self._victim(exclude=best if reuse > 0 else None)
+        evicted = len(target.tokens)
+        if evicted:
+            self.stats.evictions += 1
+            self.stats.evicted_tokens += evicted
+        self._truncate(target, 0)
+        target.namespace = namespace
+        if best is not None and reuse > 0:
+            ll.llama_memory_seq_cp(self._mem, best.seq, target.seq, 0, reuse)
+            target.tokens = best.tokens[:reuse]
+        else:
+            reuse = 0
+        with self._lock:
+            self._tree(namespace).set_sequence(target.seq, target.tokens)
+        return target, reuse, evicted
+
+    def _victim(self, exclude: _Slot | None) -> _Slot:
+        """An empty slot, else the least recently used one (not ``exclude`` if avoidable)."""
+        free = [s for s in self._slots if not s.tokens]
+        if free:
+            return free[0]
+        pool = [s for s in self._slots if s is not exclude] or self._slots
+        return min(pool, key=lambda s: s.last_used)
+
+    def _truncate(self, slot: _Slot, keep: int) -> None:
+        """Roll ``slot`` back to its first ``keep`` tokens, in llama.cpp and the tree."""
+        if keep >= len(slot.tokens):
+            return
+        if not ll.llama_memory_seq_rm(self._mem, slot.seq, keep, -1):
+            ll.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)
+            keep = 0
+        slot.tokens = slot.tokens[:keep]
+        with self._lock:
+            if slot.namespace is not None:
+                self._tree(slot.namespace).set_sequence(slot.seq, slot.tokens)
+            if not slot.tokens:
+                slot.namespace = None
+
+    def _extend(self, slot: _Slot, new: Sequence[int], logits_last: bool) -> None:
+        """Decode ``new`` tokens into ``slot`` in batches of n_batch."""
+        b = self._batch
+        step = self.config.n_batch
+        for start in range(0, len(new), step):
+            chunk = new[start : start + step]
+            pos0 = len(slot.tokens)
+            for i, tok in enumerate(chunk):
+                b.token[i] = tok
+                b.pos[i] = pos0 + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = slot.seq
+                b.logits[i] = 0
+            last = start + len(chunk) >= len(new)
+            b.logits[len(chunk) - 1] = 1 if (logits_last and last) else 0
+            b.n_tokens = len(chunk)
+            rc = ll.llama_decode(self._ctx, b)
+            if rc != 0:
+                # Leave the slot exactly as far as we know it is.
+                ll.llama_memory_seq_rm(self._mem, slot.seq, pos0, -1)
+                raise EngineError("internal", f"llama_decode failed with status {rc}")
+            slot.tokens.extend(chunk)
+
+    def _make_sampler(self, p: SamplingParams) -> _Sampler:
+        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        if p.temperature <= 0.0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
+            return chain
+        if p.top_k > 0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(p.top_k))
+        if p.top_p < 1.0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(p.top_p, 1))
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(p.temperature))
+        seed = p.seed if p.seed is not None else ll.LLAMA_DEFAULT_SEED
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
