@@ -1,0 +1,221 @@
+"""The `zmesh` command: node, lab, ask, status, bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+import msgspec
+
+DEFAULT_ENDPOINTS = ["tcp://127.0.0.1:5555", "tcp://127.0.0.1:5565", "tcp://127.0.0.1:5575"]
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from zmesh.config import ConfigError, load_config
+    from zmesh.log import configure_logging
+    from zmesh.node import run_node
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        _say(f"zmesh node: {exc}")
+        return 2
+    json_logs = {"json": True, "console": False, "auto": None}[args.log_format]
+    configure_logging(cfg.log_level, json=json_logs, node_id=cfg.node_id)
+    _say(f"zmesh node {cfg.node_id}: loading model...")
+    run_node(cfg, on_ready=lambda n: _say(f"zmesh node {cfg.node_id}: serving on {n.serve_addr}"))
+    return 0
+
+
+def _print_done(done: object, as_json: bool) -> None:
+    if as_json:
+        print(msgspec.json.encode(done).decode())
+        return
+    d = done
+    print(d.text)  # type: ignore[attr-defined]
+    _say(
+        f"-- served by {d.served_by} (path {' -> '.join(d.route_path)}, hops {d.hops}, "  # type: ignore[attr-defined]
+        f"route {d.route_reason}); prompt {d.prompt_tokens} tokens, cached {d.cached_tokens}; "  # type: ignore[attr-defined]
+        f"ttft {d.ttft_s * 1000:.1f} ms, {d.completion_tokens} tokens at {d.decode_tps:.1f} tok/s"  # type: ignore[attr-defined]
+    )
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from zmesh.client import Client, ZmeshError
+    from zmesh.protocol import Chunk, Done
+
+    endpoints = args.endpoint or DEFAULT_ENDPOINTS
+    try:
+        with Client(endpoints, timeout=args.timeout) as c:
+            kw = dict(max_tokens=args.max_tokens, temperature=args.temperature,
+                      tenant=args.tenant, stop=args.stop or ())
+            if args.stream and not args.json:
+                attempt = 0
+                for ev in c.stream(args.prompt, **kw):
+                    if isinstance(ev, Chunk):
+                        if ev.attempt != attempt:
+                            attempt = ev.attempt
+                            print("\n[restarted on another node]", file=sys.stderr)
+                        print(ev.text, end="", flush=True)
+                    elif isinstance(ev, Done):
+                        print()
+                        _print_done(Done(**{**msgspec.structs.asdict(ev), "text": ""}), False)
+                return 0
+            _print_done(c.generate(args.prompt, **kw), args.json)
+    except ZmeshError as exc:
+        _say(f"zmesh ask: {exc}")
+        return 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from zmesh.client import Client, ZmeshError
+
+    endpoints = args.endpoint or DEFAULT_ENDPOINTS
+    rc = 0
+    with Client(endpoints) as c:
+        for ep in endpoints:
+            try:
+                st = c.status(ep, timeout=args.timeout)
+            except ZmeshError as exc:
+                _say(f"{ep}: {exc}")
+                rc = 1
+                continue
+            if args.json:
+                print(msgspec.json.encode(st).decode())
+                continue
+            print(f"{st.node_id} @ {ep}: epoch {st.epoch} seq {st.seq} blocks {st.n_blocks} "
+                  f"queue {st.queue_depth} slots {st.busy_slots}/{st.n_slots}")
+            for p in st.peers:
+                print(f"  peer {p.node_id:<10} {p.state:<8} seq {p.seq:<6} blocks {p.n_blocks:<7} "
+                      f"age {p.estimate_age_s:6.2f}s queue {p.queue_depth:<3} "
+                      f"link {p.link_delay_s * 1000:.2f} ms")
+            if st.counters:
+                print("  counters: " + ", ".join(f"{k}={v}" for k, v in sorted(st.counters.items())))
+    return rc
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    import signal
+
+    from zmesh.client import Client, ZmeshError
+    from zmesh.lab import Lab
+
+    engine = {"n_slots": args.slots}
+    lab = Lab(n_nodes=args.nodes, base_port=args.base_port, policy=args.policy, engine=engine)
+    stop = False
+
+    def on_signal(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    _say(f"zmesh lab: starting {args.nodes} nodes (configs and JSON logs in {lab.workdir})")
+    lab.start()
+    rc = 0
+    try:
+        t0 = time.monotonic()
+        secs = asyncio.run(lab.wait_converged(
+            timeout=args.timeout,
+            progress=lambda m: _say(f"  [{time.monotonic() - t0:5.1f}s] {m}")))
+        _say(f"zmesh lab: {args.nodes} nodes converged in {secs:.1f}s")
+        for node in lab.nodes:
+            print(f"{node.name}  serve {node.serve}  gossip {node.gossip}  log {node.log_path}")
+        if args.ask:
+            with Client(lab.endpoints) as c:
+                _print_done(c.generate(args.ask, max_tokens=args.max_tokens), False)
+        if args.once:
+            return 0
+        _say("zmesh lab: running; try `zmesh ask \"...\"` or `zmesh status`; Ctrl-C stops it")
+        while not stop:
+            if any(not n.alive for n in lab.nodes):
+                dead = [n.name for n in lab.nodes if not n.alive]
+                _say(f"zmesh lab: node(s) exited: {dead}; see their logs")
+                rc = 1
+                break
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    except (TimeoutError, RuntimeError, ZmeshError) as exc:
+        _say(f"zmesh lab: {exc}")
+        rc = 1
+    finally:
+        _say("zmesh lab: stopping nodes")
+        lab.stop()
+    return rc
+
+
+def cmd_bench(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    if args.what == "engine":
+        from zmesh.bench.engine import main as bench_engine
+
+        return bench_engine(list(rest))
+    _say(f"unknown benchmark {args.what}")
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="zmesh", description="Decentralized, prefix-cache-aware LLM serving mesh.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("node", help="run one node from a TOML config")
+    p.add_argument("--config", required=True, help="path to the node's TOML config")
+    p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto",
+                   help="JSON lines, or a readable console format (auto: console on a TTY)")
+
+    p = sub.add_parser("lab", help="run N local nodes on loopback")
+    p.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
+    p.add_argument("--base-port", type=int, default=5555,
+                   help="node i serves on base+10*i, gossips on base+10*i+1 (default 5555)")
+    p.add_argument("--policy", default="zmesh",
+                   help="routing policy: zmesh, random, round_robin, consistent_hash, least_loaded")
+    p.add_argument("--slots", type=int, default=8, help="KV slots per node (default 8)")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for convergence")
+    p.add_argument("--ask", help="send this prompt once the lab is up and print the answer")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--once", action="store_true", help="stop the lab after --ask")
+
+    p = sub.add_parser("ask", help="send one prompt and print the answer with its provenance")
+    p.add_argument("prompt")
+    p.add_argument("--endpoint", action="append",
+                   help="node serve address (repeatable; default: the local lab's three)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--tenant", default="default")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--json", action="store_true", help="print the reply as JSON")
+
+    p = sub.add_parser("status", help="peer table, cache size and counters of each node")
+    p.add_argument("--endpoint", action="append", help="node serve address (repeatable)")
+    p.add_argument("--timeout", type=float, default=3.0)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("bench", help="benchmarks: `zmesh bench engine --help`")
+    p.add_argument("what", choices=["engine"])
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = build_parser()
+    args, rest = ap.parse_known_args(argv)
+    if args.cmd == "bench":
+        return cmd_bench(args, rest)
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    handlers = {"node": cmd_node, "lab": cmd_lab, "ask": cmd_ask, "status": cmd_status}
+    return handlers[args.cmd](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

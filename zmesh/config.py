@@ -1,0 +1,464 @@
+"""Node configuration: TOML -> typed, validated msgspec Structs.
+
+A `NodeConfig` that exists is valid: range and cross-field checks run in
+`__post_init__`, so they apply to configs built in code as well as loaded ones.
+Every error a user can cause is a `ConfigError` naming the source file and the
+dotted key (`configs/x.toml: engine.n_slots: expected int, got str`).
+
+Environment overrides: `ZMESH_<KEY>` sets a top-level key, a double underscore
+nests (`ZMESH_ENGINE__N_SLOTS=4`, `ZMESH_GOSSIP__DEAD_AFTER_S=5`). String keys take
+the value verbatim; other keys parse it as a TOML value (`4`, `true`, `0.5`,
+`[{serve = "tcp://h:1", gossip = "tcp://h:2"}]`). An empty value resets an
+optional string key to its default (None). Every `ZMESH_*` variable is taken as
+an override, so a misspelt one is an error rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import os
+import re
+import tomllib
+import types
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NoReturn, Union, get_args, get_origin
+
+import msgspec
+
+from zmesh.log import LEVELS
+from zmesh.routing import POLICIES
+
+__all__ = [
+    "ENV_PREFIX",
+    "LOG_LEVELS",
+    "ConfigError",
+    "EngineConfig",
+    "GossipConfig",
+    "NodeConfig",
+    "RoutingConfig",
+    "Seed",
+    "apply_env_overrides",
+    "check_address",
+    "config_from_dict",
+    "dump_toml",
+    "load_config",
+]
+
+ENV_PREFIX = "ZMESH_"
+LOG_LEVELS = tuple(LEVELS)
+_WILDCARD_HOSTS = ("*", "0.0.0.0", "[::]")
+_TCP_RE = re.compile(r"tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.*-]+):(?P<port>[0-9]+)")
+_NODE_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+class ConfigError(Exception):
+    """A config the node cannot run with; `str()` is the full message for the user."""
+
+    def __init__(self, source: str, key: str | None, message: str) -> None:
+        super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
+        self.source = source
+        self.key = key
+        self.message = message
+
+
+def _fail(key: str, message: str) -> NoReturn:
+    # "key: message" is how __post_init__ names the field; _translate splits it back.
+    raise ValueError(f"{key}: {message}")
+
+
+def check_address(addr: str, *, bind: bool) -> str | None:
+    """Why `addr` is not a usable zmq endpoint, or None if it is.
+
+    `bind` addresses may use a wildcard host (`*`, `0.0.0.0`); an address others
+    connect to (advertise, seeds) may not.
+    """
+    if addr.startswith("ipc://"):
+        return None if len(addr) > len("ipc://") else f"{addr!r}: ipc:// needs a path"
+    m = _TCP_RE.fullmatch(addr)
+    if m is None:
+        return f"{addr!r} is not tcp://host:port or ipc://path"
+    if not 1 <= int(m["port"]) <= 65535:
+        return f"{addr!r}: port must be 1..65535"
+    if not bind and (m["host"] in _WILDCARD_HOSTS or "*" in m["host"]):
+        return f"{addr!r} is a wildcard bind address; peers need a host they can reach"
+    return None
+
+
+def _check_addr(key: str, addr: str, *, bind: bool) -> None:
+    if (why := check_address(addr, bind=bind)) is not None:
+        _fail(key, why)
+
+
+def _check_positive(obj: msgspec.Struct, *keys: str) -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        if not (value > 0 and math.isfinite(value)):
+            _fail(key, f"must be > 0, got {value}")
+
+
+class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    model_path: str | None = None  # None: the packaged default GGUF
+    n_slots: int = 8  # KV slots = cached prefixes held at once
+    slot_ctx: int = 2048  # max tokens (prompt + completion) per slot
+    n_batch: int = 512
+    n_threads: int = 0  # 0: os.cpu_count()
+    n_gpu_layers: int = 0  # -1: all
+    block_size: int = 16  # tokens per advertised block
+    max_prompt_tokens: int = 0  # 0: slot_ctx - 1
+
+    def __post_init__(self) -> None:
+        if self.model_path is not None and not self.model_path:
+            _fail("model_path", "must be a path or left out")
+        if self.n_slots < 1:
+            _fail("n_slots", f"must be >= 1, got {self.n_slots}")
+        if self.slot_ctx < 64:
+            _fail("slot_ctx", f"must be >= 64, got {self.slot_ctx}")
+        if self.n_batch < 1:
+            _fail("n_batch", f"must be >= 1, got {self.n_batch}")
+        if self.n_threads < 0:
+            _fail("n_threads", f"must be >= 0 (0 = all cores), got {self.n_threads}")
+        if self.n_gpu_layers < -1:
+            _fail("n_gpu_layers", f"must be >= -1 (-1 = all), got {self.n_gpu_layers}")
+        if not 1 <= self.block_size <= 1024:
+            _fail("block_size", f"must be in 1..1024, got {self.block_size}")
+        if not 0 <= self.max_prompt_tokens < self.slot_ctx:
+            _fail(
+                "max_prompt_tokens",
+                f"must be in 0..slot_ctx-1 ({self.slot_ctx - 1}), got {self.max_prompt_tokens}",
+            )
+
+
+class GossipConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    heartbeat_interval_s: float = 0.2
+    delta_interval_s: float = 0.03
+    suspect_after_s: float = 1.0  # silent this long: not routed to
+    dead_after_s: float = 3.0  # silent this long: estimate dropped
+    snapshot_timeout_s: float = 2.0
+    ping_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_positive(
+            self,
+            "heartbeat_interval_s",
+            "delta_interval_s",
+            "suspect_after_s",
+            "dead_after_s",
+            "snapshot_timeout_s",
+            "ping_interval_s",
+        )
+        if self.suspect_after_s >= self.dead_after_s:
+            _fail(
+                "suspect_after_s",
+                f"must be less than dead_after_s ({self.dead_after_s}), got {self.suspect_after_s}",
+            )
+        if self.heartbeat_interval_s >= self.suspect_after_s:
+            # Otherwise every healthy peer would flap to suspect between heartbeats.
+            _fail(
+                "heartbeat_interval_s",
+                f"must be less than suspect_after_s ({self.suspect_after_s}), "
+                f"got {self.heartbeat_interval_s}",
+            )
+
+
+class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    policy: str = "zmesh"
+    max_hops: int = 1
+    min_gain_s: float = 0.005  # forward only if the peer is expected this much sooner
+    balance_abs: int = 8
+    balance_rel: float = 1.5
+    forward_timeout_s: float = 5.0  # to the peer's first reply, then serve locally
+    hash_prefix_tokens: int = 64  # consistent_hash: tokens of the prompt head hashed
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            _fail("policy", f"unknown policy {self.policy!r}; known: {', '.join(POLICIES)}")
+        if self.max_hops < 0:
+            _fail("max_hops", f"must be >= 0, got {self.max_hops}")
+        if not (self.min_gain_s >= 0 and math.isfinite(self.min_gain_s)):
+            _fail("min_gain_s", f"must be >= 0, got {self.min_gain_s}")
+        if self.balance_abs < 0:
+            _fail("balance_abs", f"must be >= 0, got {self.balance_abs}")
+        if not (self.balance_rel >= 1.0 and math.isfinite(self.balance_rel)):
+            _fail("balance_rel", f"must be >= 1.0, got {self.balance_rel}")
+        _check_positive(self, "forward_timeout_s")
+        if self.hash_prefix_tokens < 1:
+            _fail("hash_prefix_tokens", f"must be >= 1, got {self.hash_prefix_tokens}")
+
+
+class Seed(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A peer to contact at start; the rest of the mesh is learned by gossip."""
+
+    serve: str
+    gossip: str
+
+    def __post_init__(self) -> None:
+        _check_addr("serve", self.serve, bind=False)
+        _check_addr("gossip", self.gossip, bind=False)
+
+
+class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    node_id: str
+    # Bind addresses. Named *_addr because `gossip` is the [gossip] timing table
+    # (TOML cannot hold a key and a table of the same name).
+    serve_addr: str
+    gossip_addr: str
+    # What peers connect to; defaults to the bind address (set when binding 0.0.0.0).
+    advertise_serve: str | None = None
+    advertise_gossip: str | None = None
+    seeds: list[Seed] = []
+    tenant_shared: list[str] = []  # tenants whose prefixes share one namespace
+    max_queue: int = 64
+    log_level: str = "info"
+    engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
+    gossip: GossipConfig = msgspec.field(default_factory=GossipConfig)
+    routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
+
+    def __post_init__(self) -> None:
+        if not _NODE_ID_RE.fullmatch(self.node_id):
+            _fail("node_id", f"must be 1..64 of [A-Za-z0-9_.-], got {self.node_id!r}")
+        _check_addr("serve_addr", self.serve_addr, bind=True)
+        _check_addr("gossip_addr", self.gossip_addr, bind=True)
+        if self.serve_addr == self.gossip_addr:
+            _fail("gossip_addr", "must differ from serve_addr")
+        if self.advertise_serve is not None:
+            _check_addr("advertise_serve", self.advertise_serve, bind=False)
+        if self.advertise_gossip is not None:
+            _check_addr("advertise_gossip", self.advertise_gossip, bind=False)
+        if any(not t for t in self.tenant_shared):
+            _fail("tenant_shared", "tenant names must be non-empty")
+        if self.max_queue < 1:
+            _fail("max_queue", f"must be >= 1, got {self.max_queue}")
+        if self.log_level not in LOG_LEVELS:
+            _fail("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+
+    @property
+    def serve_endpoint(self) -> str:
+        """The serve address peers and clients connect to."""
+        return self.advertise_serve or self.serve_addr
+
+    @property
+    def gossip_endpoint(self) -> str:
+        """The gossip address peers subscribe to."""
+        return self.advertise_gossip or self.gossip_addr
+
+
+# ---- schema walking (for error paths and env overrides) -----------------------------
+
+
+def _fields(cls: type[msgspec.Struct]) -> dict[str, Any]:
+    return {f.name: f.type for f in msgspec.structs.fields(cls)}
+
+
+def _as_struct(tp: Any) -> type[msgspec.Struct] | None:
+    return tp if isinstance(tp, type) and issubclass(tp, msgspec.Struct) else None
+
+
+def _struct_at(path: str) -> type[msgspec.Struct] | None:
+    """The Struct type at a dotted path like `seeds[0]` or `engine`, if any."""
+    cls: type[msgspec.Struct] | None = NodeConfig
+    for part in filter(None, path.split(".")):
+        name, indexed = part.split("[", 1)[0], "[" in part
+        tp = _fields(cls).get(name) if cls else None
+        if indexed and get_origin(tp) is list:
+            tp = get_args(tp)[0]
+        cls = _as_struct(tp)
+    return cls
+
+
+def _is_str_type(tp: Any) -> bool:
+    if tp is str:
+        return True
+    if get_origin(tp) in (Union, types.UnionType):
+        return all(a is str or a is type(None) for a in get_args(tp))
+    return False
+
+
+# ---- msgspec errors -> ConfigError -------------------------------------------------
+
+_AT_RE = re.compile(r"(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?", re.DOTALL)
+_UNKNOWN_RE = re.compile(r"Object contains unknown field `(?P<key>[^`]*)`")
+_MISSING_RE = re.compile(r"Object missing required field `(?P<key>[^`]*)`")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _translate(exc: msgspec.ValidationError) -> tuple[str | None, str]:
+    """(dotted key, message) for a msgspec validation error."""
+    m = _AT_RE.fullmatch(str(exc))
+    assert m is not None  # the pattern matches any string
+    msg, path = m["msg"], (m["path"] or "").lstrip(".")
+    if um := _UNKNOWN_RE.fullmatch(msg):
+        key = um["key"]
+        text = f"unknown key '{key}' in {path or 'the top level'}"
+        cls = _struct_at(path)
+        if cls is not None and (near := difflib.get_close_matches(key, _fields(cls), n=1)):
+            text += f" (did you mean '{near[0]}'?)"
+        return _join(path, key), text
+    if mm := _MISSING_RE.fullmatch(msg):
+        return _join(path, mm["key"]), "missing required key"
+    if msg.startswith("Expected"):
+        text = msg.replace("`object`", "table").replace("`", "")
+        return path or None, text[0].lower() + text[1:]
+    # A __post_init__ ValueError: "field: why", raised inside the struct at `path`.
+    field, sep, why = msg.partition(": ")
+    cls = _struct_at(path)
+    if sep and cls is not None and field in _fields(cls):
+        return _join(path, field), why
+    return path or None, msg
+
+
+def config_from_dict(d: Mapping[str, Any], source: str = "<dict>") -> NodeConfig:
+    """Build a validated NodeConfig from plain data (a parsed TOML document)."""
+    try:
+        return msgspec.convert(d, NodeConfig)
+    except msgspec.ValidationError as exc:
+        key, message = _translate(exc)
+        raise ConfigError(source, key, message) from None
+
+
+# ---- environment overrides ---------------------------------------------------------
+
+
+def _env_value(raw: str, tp: Any) -> Any:
+    if _is_str_type(tp):
+        return None if raw == "" and tp is not str else raw
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw  # let type checking report it: "expected int, got str"
+    return value if isinstance(value, str | int | float | bool | list | dict) else raw
+
+
+def _env_overrides(environ: Mapping[str, str]) -> list[tuple[str, tuple[str, ...], Any]]:
+    """(variable, key path, value) for each ZMESH_* variable, in name order."""
+    out = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = tuple(name[len(ENV_PREFIX) :].lower().split("__"))
+        cls: type[msgspec.Struct] | None = NodeConfig
+        tp: Any = None
+        for i, part in enumerate(parts):
+            if cls is None:
+                raise ConfigError("environment", name, f"'{'.'.join(parts[:i])}' is not a table")
+            fields = _fields(cls)
+            if part not in fields:
+                dotted = ".".join(parts)
+                raise ConfigError("environment", name, f"unknown config key '{dotted}'")
+            tp = fields[part]
+            cls = _as_struct(tp)
+        out.append((name, parts, _env_value(environ[name], tp)))
+    return out
+
+
+def apply_env_overrides(d: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """A copy of the config dict `d` with `ZMESH_*` variables from `environ` applied."""
+    out = copy.deepcopy(dict(d))
+    for name, parts, value in _env_overrides(environ):
+        table = out
+        for part in parts[:-1]:
+            sub = table.setdefault(part, {})
+            if not isinstance(sub, dict):
+                raise ConfigError("environment", name, f"'{part}' is not a table in the config")
+            table = sub
+        table[parts[-1]] = value
+    return out
+
+
+# ---- loading -----------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> NodeConfig:
+    """Read a TOML node config; `ZMESH_*` from `env` (default os.environ) override it."""
+    source = str(path)
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(source, None, f"cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, None, f"not UTF-8 text: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, None, f"invalid TOML: {exc}") from None
+    environ = os.environ if env is None else env
+    overrides = _env_overrides(environ)
+    data = apply_env_overrides(data, environ)
+    try:
+        return config_from_dict(data, source)
+    except ConfigError as exc:
+        # Point at the variable when the bad value came from the environment.
+        for name, parts, _ in overrides:
+            dotted = ".".join(parts)
+            if exc.key and (exc.key == dotted or exc.key.startswith((dotted + ".", dotted + "["))):
+                raise ConfigError(source, exc.key, f"{exc.message} (set by {name})") from None
+        raise
+
+
+# ---- writing -----------------------------------------------------------------------
+
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f"}
+_ESCAPES["\r"] = "\\r"
+
+
+def _toml_str(s: str) -> str:
+    out = []
+    for ch in s:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _toml_key(k: str) -> str:
+    return k if _BARE_KEY_RE.fullmatch(k) else _toml_str(k)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):  # before int: bool is an int
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(v)  # 'inf', 'nan', '1e-05' are all valid TOML
+    if isinstance(v, str):
+        return _toml_str(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} as a TOML value")
+
+
+def _is_table_list(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, msgspec.Struct) for x in v)
+
+
+def _emit_table(obj: msgspec.Struct, prefix: str, lines: list[str]) -> None:
+    """Scalars first, then [[arrays of tables]], then [sub.tables]: TOML's order."""
+    items = [(f.name, getattr(obj, f.name)) for f in msgspec.structs.fields(obj)]
+    items = [(k, v) for k, v in items if v is not None]  # TOML has no null: None = default
+    for k, v in items:
+        if not isinstance(v, msgspec.Struct) and not _is_table_list(v):
+            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+    for k, v in items:
+        if _is_table_list(v):
+            for item in v:
+                lines.extend(["", f"[[{prefix}{_toml_key(k)}]]"])
+                _emit_table(item, f"{prefix}{_toml_key(k)}.", lines)
+    for k, v in items:
+        if isinstance(v, msgspec.Struct):
+            lines.extend(["", f"[{prefix}{_toml_key(k)}]"])
+            _emit_table(v, f"{prefix}{_toml_key(k)}.", lines)
+
+
+def dump_toml(cfg: msgspec.Struct) -> str:
+    """TOML text for a config Struct (every key written); load_config reads it back equal."""
+    lines: list[str] = []
+    _emit_table(cfg, "", lines)
+    return "\n".join(lines).lstrip("\n") + "\n"

@@ -1,0 +1,631 @@
+"""The node actor: one asyncio loop owns every socket; the engine runs in a worker thread.
+
+Sockets: ROUTER `serve` (clients and peers), one DEALER per peer (forwards, snapshot
+pulls, pings), PUB `gossip` (heartbeats, cache deltas), SUB (peers' gossip).
+A request is routed once (see routing.py); a forward that fails, times out or whose
+peer turns suspect is served locally, so no request is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from zmesh import protocol as P
+from zmesh.config import NodeConfig
+from zmesh.engine import Engine, EngineError, GenerationResult
+from zmesh.gossip import LocalAdvert
+from zmesh.log import get_logger
+from zmesh.peers import NEED_SNAPSHOT, PeerEstimate, PeerState, PeerTable
+from zmesh.routing import (
+    Candidate,
+    Decision,
+    PolicyState,
+    RouteRequest,
+    RoutingSettings,
+    decide,
+)
+
+DEFAULT_PREFILL_S_PER_TOKEN = 0.002  # until measured: about what 2 CPU cores do
+DEFAULT_SERVICE_S = 0.5
+DEFAULT_LINK_DELAY_S = 0.001
+_FALLBACK = object()  # sentinel pushed into a forward's queue when its peer fails
+
+
+@dataclass(slots=True)
+class _Job:
+    """A request accepted for local service."""
+
+    msg: P.Generate
+    reply_to: list[bytes]  # ROUTER envelope of whoever asked
+    tokens: list[int]
+    received_at: float
+    route_reason: str
+    route_path: list[str]
+    attempt: int = 0
+    chunks: int = 0
+    cancelled: bool = False
+
+
+@dataclass(slots=True)
+class _Forward:
+    target: str
+    replies: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+
+
+class Node:
+    def __init__(self, config: NodeConfig, engine: Engine | None = None) -> None:
+        self.config = config
+        self.node_id = config.node_id
+        self.log = get_logger("zmesh.node").bind(node_id=self.node_id)
+        self.engine = engine or Engine(config.engine)
+        self.epoch = random.getrandbits(62)
+        self.advert = LocalAdvert(self.epoch)
+        g = config.gossip
+        self.peers = PeerTable(self.node_id, g.suspect_after_s, g.dead_after_s, g.snapshot_timeout_s)
+        r = config.routing
+        self.routing = RoutingSettings(
+            policy=r.policy, max_hops=r.max_hops, min_gain_s=r.min_gain_s,
+            balance_abs=r.balance_abs, balance_rel=r.balance_rel,
+        )
+        self.policy_state = PolicyState.seeded(int.from_bytes(self.node_id.encode()[:8], "little"))
+        self.serve_addr = config.advertise_serve or config.serve_addr
+        self.gossip_addr = config.advertise_gossip or config.gossip_addr
+        self.counters: dict[str, int] = {}
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=config.max_queue)
+        self._running: _Job | None = None
+        self._jobs: dict[str, _Job] = {}
+        self._forwards: dict[str, _Forward] = {}
+        self._dealers: dict[str, zmq.asyncio.Socket] = {}  # by peer serve address
+        self._subscribed: set[str] = set()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stopping = asyncio.Event()
+        self.ctx = zmq.asyncio.Context()
+        self.ready = asyncio.Event()
+
+    # ---- lifecycle -------------------------------------------------------
+
+    async def run(self) -> None:
+        """Bind, join the mesh and serve until `stop()`."""
+        self.loop = asyncio.get_running_loop()
+        self.serve = self._socket(zmq.ROUTER)
+        self.serve.bind(self.config.serve_addr)
+        self.pub = self._socket(zmq.PUB)
+        self.pub.bind(self.config.gossip_addr)
+        self.sub = self._socket(zmq.SUB)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        for seed in self.config.seeds:
+            self._connect_peer(seed.serve, seed.gossip)
+        self._tasks = [
+            asyncio.create_task(coro, name=name)
+            for name, coro in [
+                ("serve", self._serve_loop()),
+                ("sub", self._sub_loop()),
+                ("worker", self._worker_loop()),
+                ("gossip", self._gossip_loop()),
+                ("ping", self._ping_loop()),
+            ]
+        ]
+        self.log.info(
+            "node.started", serve=self.serve_addr, gossip=self.gossip_addr, epoch=self.epoch,
+            policy=self.routing.policy, slots=self.engine.n_slots, model=str(self.engine.model_path),
+        )
+        self.ready.set()
+        try:
+            await self._stopping.wait()
+        finally:
+            for t in self._tasks:
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self.ctx.destroy(linger=0)
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self.log.info("node.stopped")
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _socket(self, kind: int) -> zmq.asyncio.Socket:
+        s = self.ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES)
+        return s
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def _connect_peer(self, serve_addr: str, gossip_addr: str) -> None:
+        """Open a DEALER to the peer's serve and subscribe to its gossip (once each)."""
+        if serve_addr == self.serve_addr:
+            return
+        if serve_addr not in self._dealers:
+            d = self._socket(zmq.DEALER)
+            d.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a peer that is not connected
+            d.setsockopt(zmq.SNDHWM, 1000)
+            d.connect(serve_addr)
+            self._dealers[serve_addr] = d
+            self._tasks.append(asyncio.create_task(self._dealer_loop(d), name=f"dealer {serve_addr}"))
+        if gossip_addr not in self._subscribed and gossip_addr != self.gossip_addr:
+            self.sub.connect(gossip_addr)
+            self._subscribed.add(gossip_addr)
+
+    def _send(self, sock: zmq.asyncio.Socket, envelope: list[bytes], msg: P.Message) -> bool:
+        """Send without waiting; False when it cannot go out now (peer not connected)."""
+        try:
+            # A sync shadow raises zmq.Again here and now; the asyncio socket would
+            # hide it in a future.
+            zmq.Socket.shadow(sock.underlying).send_multipart(
+                [*envelope, P.encode(msg)], flags=zmq.DONTWAIT)
+            return True
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            self.log.warning("send.failed", error=str(exc))
+            return False
+
+    def _dealer_for(self, peer: PeerEstimate) -> zmq.asyncio.Socket | None:
+        return self._dealers.get(peer.serve_addr)
+
+    # ---- serve socket ----------------------------------------------------
+
+    async def _serve_loop(self) -> None:
+        while True:
+            frames = await self.serve.recv_multipart()
+            envelope, payload = frames[:-1], frames[-1]
+            try:
+                self._on_serve(envelope, payload)
+            except Exception as exc:  # a bug must cost one request, not the node
+                self.log.exception("serve.handler_failed", error=repr(exc))
+
+    def _on_serve(self, envelope: list[bytes], payload: bytes) -> None:
+        try:
+            msg = P.decode(payload)
+        except P.ProtocolError as exc:
+            self._count("frames_malformed")
+            self.log.warning("frame.malformed", socket="serve", code=exc.code, error=exc.message)
+            self._send(self.serve, envelope, P.error_for(exc, self.node_id))
+            return
+        if isinstance(msg, P.Generate):
+            asyncio.create_task(self._handle_generate(envelope, msg))
+        elif isinstance(msg, P.StatusRequest):
+            self._send(self.serve, envelope, self._status(msg.request_id))
+        elif isinstance(msg, P.SnapshotRequest):
+            self._send_snapshot(envelope, msg)
+        elif isinstance(msg, P.Ping):
+            self._send(self.serve, envelope,
+                       P.Pong(request_id=msg.request_id, sent_at=msg.sent_at, node_id=self.node_id))
+        elif isinstance(msg, P.Cancel):
+            job = self._jobs.get(msg.request_id)
+            if job is not None:
+                job.cancelled = True
+        else:
+            self._count("frames_unexpected")
+            self.log.warning("frame.unexpected", socket="serve", type=type(msg).__name__)
+            self._send(self.serve, envelope, P.Error(
+                request_id=getattr(msg, "request_id", None), code=P.INVALID_REQUEST,
+                message=f"{type(msg).__name__} is not accepted on the serve socket",
+                node_id=self.node_id))
+
+    def _reply_error(self, envelope: list[bytes], rid: str | None, code: str, message: str) -> None:
+        self._send(self.serve, envelope,
+                   P.Error(request_id=rid, code=code, message=message, node_id=self.node_id))
+
+    # ---- requests --------------------------------------------------------
+
+    async def _handle_generate(self, envelope: list[bytes], msg: P.Generate) -> None:
+        received = time.time()
+        rid = msg.request_id
+        try:
+            P.validate_generate(msg)
+        except P.ProtocolError as exc:
+            self._count("requests_invalid")
+            self.log.warning("request.failed", request_id=rid, code=exc.code, error=exc.message)
+            self._reply_error(envelope, rid, exc.code, exc.message)
+            return
+        self._count("requests_received")
+        self.log.info("request.received", request_id=rid, hops=msg.hops, origin=msg.origin,
+                      tenant=msg.tenant)
+        try:
+            tokens = self.engine.prompt_tokens(msg.prompt, msg.tokens)
+        except EngineError as exc:
+            self._count("requests_failed")
+            self.log.warning("request.failed", request_id=rid, code=exc.code, error=exc.message)
+            self._reply_error(envelope, rid, exc.code, exc.message)
+            return
+        path = [*(msg.origin and [msg.origin] or []), self.node_id]
+        decision = self._route(msg, tokens)
+        attempt = 0
+        if decision.forward:
+            outcome = await self._forward(envelope, msg, decision)
+            if outcome == "done":
+                return
+            attempt = 1 if outcome == "partial" else 0
+            self._count("forward_fallbacks")
+            reason = "fallback"
+        else:
+            reason = decision.reason
+        job = _Job(msg=msg, reply_to=envelope, tokens=tokens, received_at=received,
+                   route_reason=reason, route_path=path, attempt=attempt)
+        self._enqueue(job)
+
+    def _route(self, msg: P.Generate, tokens: list[int]) -> Decision:
+        t0 = time.perf_counter()
+        hasher = self.engine.hasher(msg.tenant)
+        ids = hasher.block_ids(tokens)
+        bs = hasher.block_size
+        local_match = self.engine.local_match(tokens, msg.tenant)
+        st = self.engine.stats
+        prefill = st.prefill_s_per_token or DEFAULT_PREFILL_S_PER_TOKEN
+        service = st.service_s or DEFAULT_SERVICE_S
+        cands = [Candidate(
+            node_id=self.node_id, is_local=True, matched_tokens=local_match,
+            queue_depth=self.queue_depth(), link_delay_s=0.0,
+            prefill_s_per_token=prefill, service_s=service)]
+        for peer in self.peers.alive():
+            cands.append(Candidate(
+                node_id=peer.node_id, is_local=False,
+                matched_tokens=peer.match_blocks(ids) * bs,
+                queue_depth=peer.queue_depth + peer.inflight,
+                link_delay_s=peer.link_delay_s or DEFAULT_LINK_DELAY_S,
+                prefill_s_per_token=peer.prefill_s_per_token or prefill,
+                service_s=peer.service_s or service))
+        head = ids[min(len(ids), max(1, self.config.routing.hash_prefix_tokens // bs)) - 1] \
+            if ids else hash(tuple(tokens[:bs])) & (2**64 - 1)
+        req = RouteRequest(prompt_tokens=len(tokens), hops=msg.hops, head_key=head)
+        decision = decide(req, cands, self.routing, self.policy_state)
+        self._count(f"route_{decision.reason}")
+        self.log.info(
+            "route.decided", request_id=msg.request_id, policy=self.routing.policy,
+            prompt_tokens=len(tokens), local_match=local_match,
+            candidates={c.node_id: {"match": c.matched_tokens, "queue": c.queue_depth}
+                        for c in cands},
+            decide_us=round((time.perf_counter() - t0) * 1e6, 1), **decision.log_fields(),
+        )
+        return decision
+
+    async def _forward(self, envelope: list[bytes], msg: P.Generate, decision: Decision) -> str:
+        """Relay the request through a peer: "done", or "none"/"partial" to fall back."""
+        peer = self.peers.get(decision.target)
+        dealer = self._dealer_for(peer) if peer else None
+        rid = msg.request_id
+        fwd_msg = P.Generate(
+            request_id=rid, prompt=msg.prompt, tokens=msg.tokens, tenant=msg.tenant,
+            params=msg.params, hops=msg.hops + 1, deadline=msg.deadline,
+            origin=self.node_id, stream=msg.stream)
+        if dealer is None or peer is None or not self._send(dealer, [], fwd_msg):
+            self.log.warning("request.fallback", request_id=rid, target=decision.target,
+                             why="peer not connected")
+            return "none"
+        fwd = self._forwards[rid] = _Forward(target=peer.node_id)
+        peer.inflight += 1
+        self._count("forwards")
+        self.log.info("request.forwarded", request_id=rid, target=peer.node_id,
+                      reason=decision.reason)
+        relayed = False
+        timeout = self.config.routing.forward_timeout_s
+        try:
+            while True:
+                try:
+                    reply = await asyncio.wait_for(fwd.replies.get(), timeout)
+                except TimeoutError:
+                    reply, why = _FALLBACK, "timeout"
+                else:
+                    why = "peer failed"
+                if reply is _FALLBACK or isinstance(reply, P.Error):
+                    detail = reply.message if isinstance(reply, P.Error) else why
+                    self.log.warning("request.fallback", request_id=rid, target=peer.node_id,
+                                     why=detail, partial=relayed)
+                    self._send(dealer, [], P.Cancel(request_id=rid))
+                    return "partial" if relayed else "none"
+                if isinstance(reply, P.Chunk):
+                    relayed = True
+                    self._send(self.serve, envelope, reply)
+                elif isinstance(reply, P.Done):
+                    reply.route_reason = decision.reason
+                    reply.route_path = [self.node_id, *reply.route_path[-1:]]
+                    self._send(self.serve, envelope, reply)
+                    self._count("requests_forwarded_ok")
+                    return "done"
+        finally:
+            del self._forwards[rid]
+            peer.inflight = max(0, peer.inflight - 1)
+
+    def _fail_forwards_to(self, node_id: str) -> None:
+        for fwd in self._forwards.values():
+            if fwd.target == node_id:
+                fwd.replies.put_nowait(_FALLBACK)
+
+    def queue_depth(self) -> int:
+        return self._queue.qsize() + (1 if self._running else 0)
+
+    def _enqueue(self, job: _Job) -> None:
+        rid = job.msg.request_id
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            self._count("requests_overloaded")
+            self.log.warning("request.failed", request_id=rid, code=P.OVERLOADED)
+            self._reply_error(job.reply_to, rid, P.OVERLOADED,
+                              f"node {self.node_id} queue is full ({self.config.max_queue})")
+            return
+        self._jobs[rid] = job
+
+    async def _worker_loop(self) -> None:
+        while True:
+            job = await self._queue.get()
+            self._running = job
+            try:
+                await self._serve_job(job)
+            except Exception as exc:
+                self.log.exception("request.failed", request_id=job.msg.request_id,
+                                   error=repr(exc))
+                self._reply_error(job.reply_to, job.msg.request_id, P.INTERNAL, repr(exc))
+            finally:
+                self._running = None
+                self._jobs.pop(job.msg.request_id, None)
+
+    async def _serve_job(self, job: _Job) -> None:
+        msg, rid = job.msg, job.msg.request_id
+        if msg.deadline is not None and time.time() > msg.deadline:
+            self._count("requests_deadline")
+            self._reply_error(job.reply_to, rid, P.DEADLINE_EXCEEDED,
+                              "deadline passed while the request was queued")
+            return
+        if job.cancelled:
+            return
+        started = time.time()
+        try:
+            result = await self.loop.run_in_executor(self._executor, self._generate_blocking, job)
+        except EngineError as exc:
+            self._count("requests_failed")
+            self.log.warning("request.failed", request_id=rid, code=exc.code, error=exc.message)
+            self._reply_error(job.reply_to, rid, exc.code, exc.message)
+            return
+        self._publish_cache_events()
+        if result.evicted_tokens:
+            self.log.info("cache.evicted", request_id=rid, tokens=result.evicted_tokens)
+        done = P.Done(
+            request_id=rid, text=result.text, finish_reason=result.finish_reason,
+            served_by=self.node_id, hops=msg.hops, route_reason=job.route_reason,
+            route_path=job.route_path, prompt_tokens=result.prompt_tokens,
+            cached_tokens=result.cached_tokens, completion_tokens=result.completion_tokens,
+            ttft_s=round(started - job.received_at + result.ttft_s, 6),
+            prefill_s=round(result.prefill_s, 6), decode_tps=round(result.decode_tps, 2),
+            queue_s=round(started - job.received_at, 6))
+        self._send(self.serve, job.reply_to, done)
+        self._count("requests_served")
+        self._count("prompt_tokens", result.prompt_tokens)
+        self._count("cached_tokens", result.cached_tokens)
+        self.log.info(
+            "request.completed", request_id=rid, served_by=self.node_id,
+            route_reason=job.route_reason, hops=msg.hops, prompt_tokens=result.prompt_tokens,
+            cached_tokens=result.cached_tokens, completion_tokens=result.completion_tokens,
+            ttft_s=done.ttft_s, queue_s=done.queue_s, finish=result.finish_reason)
+
+    def _generate_blocking(self, job: _Job) -> GenerationResult:
+        """Runs in the engine thread; chunks hop back to the loop thread to be sent."""
+        msg = job.msg
+        deadline = msg.deadline
+
+        def on_text(text: str) -> None:
+            if msg.stream:
+                self.loop.call_soon_threadsafe(self._send_chunk, job, text)
+
+        def should_stop() -> bool:
+            return job.cancelled or (deadline is not None and time.time() > deadline)
+
+        return self.engine.generate(tokens=job.tokens, params=msg.params,
+                                    namespace=msg.tenant, on_text=on_text,
+                                    should_stop=should_stop)
+
+    def _send_chunk(self, job: _Job, text: str) -> None:
+        self._send(self.serve, job.reply_to, P.Chunk(
+            request_id=job.msg.request_id, index=job.chunks, text=text, attempt=job.attempt))
+        job.chunks += 1
+
+    # ---- gossip ----------------------------------------------------------
+
+    def _publish_cache_events(self) -> None:
+        ev = self.engine.drain_events()
+        if ev:
+            self.advert.apply(ev.added, ev.removed)
+
+    def _flush_deltas(self) -> None:
+        self._publish_cache_events()
+        while (batch := self.advert.flush()) is not None:
+            self._send(self.pub, [], P.CacheDelta(
+                node_id=self.node_id, epoch=self.epoch, seq=batch.seq,
+                added=list(batch.added), removed=list(batch.removed)))
+
+    def _heartbeat(self) -> P.Heartbeat:
+        st = self.engine.stats
+        return P.Heartbeat(
+            node_id=self.node_id, epoch=self.epoch, seq=self.advert.seq, sent_at=time.time(),
+            serve_addr=self.serve_addr, gossip_addr=self.gossip_addr,
+            queue_depth=self.queue_depth(), busy_slots=self.engine.busy_slots(),
+            n_slots=self.engine.n_slots, n_blocks=self.advert.n_blocks,
+            digest=self.advert.digest, prefill_s_per_token=st.prefill_s_per_token,
+            service_s=st.service_s, block_size=self.engine.block_size,
+            model_fingerprint=self.engine.fingerprint.hex(),
+            peers=[P.PeerInfo(node_id=p.node_id, serve_addr=p.serve_addr,
+                              gossip_addr=p.gossip_addr) for p in self.peers.alive()])
+
+    async def _gossip_loop(self) -> None:
+        g = self.config.gossip
+        next_hb = 0.0
+        while True:
+            self._flush_deltas()
+            now = time.monotonic()
+            if now >= next_hb:
+                self._send(self.pub, [], self._heartbeat())
+                next_hb = now + g.heartbeat_interval_s
+                self._tick_peers(now)
+            await asyncio.sleep(g.delta_interval_s)
+
+    def _tick_peers(self, now: float) -> None:
+        for event in self.peers.tick(now):
+            self.log.warning(f"peer.{event.kind}", peer=event.node_id)
+            if event.kind in ("suspect", "dead"):
+                self._fail_forwards_to(event.node_id)
+
+    async def _sub_loop(self) -> None:
+        while True:
+            payload = await self.sub.recv()
+            try:
+                msg = P.decode(payload)
+                if isinstance(msg, P.Heartbeat):
+                    self._on_heartbeat(msg)
+                elif isinstance(msg, P.CacheDelta):
+                    self._on_delta(msg)
+                else:
+                    self.log.warning("frame.unexpected", socket="sub", type=type(msg).__name__)
+            except P.ProtocolError as exc:
+                self._count("frames_malformed")
+                self.log.warning("frame.malformed", socket="sub", code=exc.code, error=exc.message)
+            except Exception as exc:
+                self.log.exception("gossip.handler_failed", error=repr(exc))
+
+    def _on_heartbeat(self, hb: P.Heartbeat) -> None:
+        if hb.node_id == self.node_id:
+            return
+        now = time.monotonic()
+        if hb.model_fingerprint != self.engine.fingerprint.hex() or \
+                hb.block_size != self.engine.block_size:
+            self._count("peers_incompatible")
+            return  # another model: its ids can never match ours
+        if self.peers.upsert(hb.node_id, hb.serve_addr, hb.gossip_addr, now):
+            self.log.info("peer.joined", peer=hb.node_id, serve=hb.serve_addr)
+        self._connect_peer(hb.serve_addr, hb.gossip_addr)
+        for info in hb.peers:
+            if info.node_id != self.node_id and self.peers.get(info.node_id) is None:
+                self.peers.upsert(info.node_id, info.serve_addr, info.gossip_addr, now,
+                                  heard=False)
+                self._connect_peer(info.serve_addr, info.gossip_addr)
+        peer = self.peers.get(hb.node_id)
+        assert peer is not None
+        action = peer.on_heartbeat(
+            epoch=hb.epoch, seq=hb.seq, digest=hb.digest, n_blocks=hb.n_blocks, now=now,
+            queue_depth=hb.queue_depth, busy_slots=hb.busy_slots, n_slots=hb.n_slots,
+            prefill_s_per_token=hb.prefill_s_per_token, service_s=hb.service_s)
+        self._maybe_resync(peer, action, now)
+
+    def _on_delta(self, d: P.CacheDelta) -> None:
+        peer = self.peers.get(d.node_id)
+        if peer is None or d.node_id == self.node_id:
+            return
+        now = time.monotonic()
+        action = peer.on_delta(d.epoch, d.seq, d.added, d.removed, now)
+        self._maybe_resync(peer, action, now)
+
+    def _maybe_resync(self, peer: PeerEstimate, action: Any, now: float) -> None:
+        if action.kind != NEED_SNAPSHOT or not peer.should_request_snapshot(now):
+            return
+        dealer = self._dealer_for(peer)
+        rid = os.urandom(8).hex()
+        if dealer is None or not self._send(dealer, [], P.SnapshotRequest(
+                request_id=rid, node_id=self.node_id)):
+            return
+        peer.begin_snapshot(rid, now)
+        self._count("snapshots_requested")
+        log = self.log.info if action.reason in ("new_peer", "epoch") else self.log.warning
+        log("gossip.gap" if action.reason in ("gap", "digest") else "peer.resync",
+            peer=peer.node_id, reason=action.reason, seq=peer.seq)
+
+    def _send_snapshot(self, envelope: list[bytes], req: P.SnapshotRequest) -> None:
+        self._flush_deltas()  # the snapshot must describe exactly the published seq
+        parts = self.advert.snapshot_parts(P.SNAPSHOT_PART_BLOCKS)
+        for part in parts:
+            self._send(self.serve, envelope, P.Snapshot(
+                request_id=req.request_id, node_id=self.node_id, epoch=self.epoch,
+                seq=part.seq, part=part.part, parts=part.parts, blocks=list(part.blocks),
+                digest=part.digest, n_blocks=part.n_blocks))
+        self._count("snapshots_served")
+
+    # ---- peer replies (DEALER) ---------------------------------------------
+
+    async def _dealer_loop(self, dealer: zmq.asyncio.Socket) -> None:
+        while True:
+            payload = await dealer.recv()
+            try:
+                self._on_peer_reply(P.decode(payload))
+            except P.ProtocolError as exc:
+                self._count("frames_malformed")
+                self.log.warning("frame.malformed", socket="dealer", code=exc.code,
+                                 error=exc.message)
+            except Exception as exc:
+                self.log.exception("dealer.handler_failed", error=repr(exc))
+
+    def _on_peer_reply(self, msg: P.Message) -> None:
+        if isinstance(msg, P.Chunk | P.Done | P.Error):
+            fwd = self._forwards.get(msg.request_id or "")
+            if fwd is not None:
+                fwd.replies.put_nowait(msg)
+        elif isinstance(msg, P.Snapshot):
+            peer = self.peers.get(msg.node_id)
+            if peer is None:
+                return
+            now = time.monotonic()
+            action = peer.on_snapshot_part(
+                msg.request_id, msg.epoch, msg.seq, msg.part, msg.parts, msg.blocks,
+                msg.digest, msg.n_blocks, now)
+            if peer.synced and msg.part == msg.parts - 1:
+                self.log.info("gossip.snapshot", peer=peer.node_id, seq=peer.seq,
+                              n_blocks=peer.n_blocks)
+            self._maybe_resync(peer, action, now)
+        elif isinstance(msg, P.Pong):
+            peer = self.peers.get(msg.node_id)
+            if peer is not None:
+                peer.observe_rtt(time.time() - msg.sent_at)
+
+    async def _ping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.gossip.ping_interval_s)
+            for peer in self.peers.alive():
+                dealer = self._dealer_for(peer)
+                if dealer is not None:
+                    self._send(dealer, [], P.Ping(request_id="ping", sent_at=time.time()))
+
+    # ---- status ------------------------------------------------------------
+
+    def _status(self, rid: str) -> P.Status:
+        now = time.monotonic()
+        return P.Status(
+            request_id=rid, node_id=self.node_id, epoch=self.epoch, seq=self.advert.seq,
+            n_blocks=self.advert.n_blocks, queue_depth=self.queue_depth(),
+            busy_slots=self.engine.busy_slots(), n_slots=self.engine.n_slots,
+            peers=[P.PeerStatus(
+                node_id=p.node_id, state=p.state.value if isinstance(p.state, PeerState)
+                else str(p.state), epoch=p.epoch or 0, seq=p.seq, n_blocks=p.n_blocks,
+                estimate_age_s=round(now - p.last_heard, 3) if p.last_heard else -1.0,
+                queue_depth=p.queue_depth, link_delay_s=p.link_delay_s)
+                for p in self.peers.all()],
+            counters=dict(self.counters))
+
+
+def run_node(config: NodeConfig, on_ready: Callable[[Node], None] | None = None) -> None:
+    """Run a node in this process until SIGINT/SIGTERM."""
+    import signal
+
+    async def main() -> None:
+        node = Node(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, node.stop)
+        task = asyncio.create_task(node.run())
+        await node.ready.wait()
+        if on_ready:
+            on_ready(node)
+        await task
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())

@@ -1,0 +1,383 @@
+"""Wire protocol: msgspec Structs in a tagged union, one msgpack frame per message.
+
+Every message carries `type` (a short tag) and `v` (the protocol version). `decode`
+is a pure format check: it returns a typed message or raises `ProtocolError` with
+code `malformed` or `unsupported_version`, never anything else, whatever the bytes.
+Semantic checks of a request live in `validate_generate`.
+
+Block ids, parents and digests are unsigned 64-bit ints; msgpack carries them as
+uint64, and the `U64` annotation makes a negative id a decode error, so a peer that
+hashes with signed ints fails loudly instead of silently never matching.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Final, TypeAlias
+
+import msgspec
+
+__all__ = [
+    "DEADLINE_EXCEEDED",
+    "INTERNAL",
+    "INVALID_REQUEST",
+    "MALFORMED",
+    "MAX_FRAME_BYTES",
+    "MAX_ID_CHARS",
+    "OVERLOADED",
+    "PROMPT_TOO_LONG",
+    "PROTOCOL_VERSION",
+    "SNAPSHOT_PART_BLOCKS",
+    "U64",
+    "UNAVAILABLE",
+    "UNSUPPORTED_VERSION",
+    "CacheDelta",
+    "Cancel",
+    "Chunk",
+    "Done",
+    "Error",
+    "Generate",
+    "Heartbeat",
+    "Message",
+    "PeerInfo",
+    "PeerStatus",
+    "Ping",
+    "Pong",
+    "ProtocolError",
+    "SamplingParams",
+    "Snapshot",
+    "SnapshotRequest",
+    "Status",
+    "StatusRequest",
+    "decode",
+    "encode",
+    "error_for",
+    "validate_generate",
+]
+
+PROTOCOL_VERSION: Final = 1
+# Larger frames are refused before decoding; zmq's MAXMSGSIZE should use the same cap.
+MAX_FRAME_BYTES: Final = 8 * 1024 * 1024
+# Blocks per Snapshot part: 4096 (id, parent) pairs are ~80 KB of msgpack.
+SNAPSHOT_PART_BLOCKS: Final = 4096
+# Longest request id / tenant name accepted by validate_generate.
+MAX_ID_CHARS: Final = 128
+
+# Error codes (Error.code, ProtocolError.code).
+MALFORMED: Final = "malformed"
+UNSUPPORTED_VERSION: Final = "unsupported_version"
+INVALID_REQUEST: Final = "invalid_request"
+PROMPT_TOO_LONG: Final = "prompt_too_long"
+OVERLOADED: Final = "overloaded"
+DEADLINE_EXCEEDED: Final = "deadline_exceeded"
+INTERNAL: Final = "internal"
+UNAVAILABLE: Final = "unavailable"
+
+# msgspec cannot bound an int above int64 with Meta; msgpack itself stops at 2**64-1.
+U64 = Annotated[int, msgspec.Meta(ge=0)]
+
+_MAX_TOKENS = 8192
+_MAX_TEMPERATURE = 5.0
+_MAX_STOPS = 8
+_MAX_STOP_CHARS = 256
+_MAX_SEED = 2**32 - 1  # llama.cpp samplers take a uint32 seed
+
+
+class ProtocolError(Exception):
+    """A frame or request the node cannot accept; `code` is one of the error codes."""
+
+    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+# ---- plain structs (embedded in messages, not tagged) ------------------------------
+
+
+class SamplingParams(msgspec.Struct, kw_only=True):
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = []
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field. Written so that NaN fails too."""
+        if not 1 <= self.max_tokens <= _MAX_TOKENS:
+            raise ValueError(f"max_tokens must be in 1..{_MAX_TOKENS}, got {self.max_tokens}")
+        if not 0.0 <= self.temperature <= _MAX_TEMPERATURE:
+            raise ValueError(
+                f"temperature must be in 0..{_MAX_TEMPERATURE:g}, got {self.temperature}"
+            )
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed <= _MAX_SEED:
+            raise ValueError(f"seed must be in 0..{_MAX_SEED}, got {self.seed}")
+        if len(self.stop) > _MAX_STOPS:
+            raise ValueError(f"at most {_MAX_STOPS} stop strings, got {len(self.stop)}")
+        for s in self.stop:
+            if not 1 <= len(s) <= _MAX_STOP_CHARS:
+                raise ValueError(
+                    f"each stop string must be 1..{_MAX_STOP_CHARS} chars, got {len(s)}"
+                )
+
+
+class PeerInfo(msgspec.Struct, kw_only=True):
+    node_id: str
+    serve_addr: str
+    gossip_addr: str
+
+
+class PeerStatus(msgspec.Struct, kw_only=True):
+    node_id: str
+    state: str
+    epoch: int
+    seq: int
+    n_blocks: int
+    estimate_age_s: float  # seconds since we last heard the peer; -1 if never
+    queue_depth: int
+    link_delay_s: float
+
+
+# ---- tagged messages ---------------------------------------------------------------
+
+
+class _Msg(msgspec.Struct, kw_only=True, tag_field="type"):
+    """Base of every wire message: the `type` tag plus the version."""
+
+    v: int = PROTOCOL_VERSION
+
+
+class Generate(_Msg, tag="gen", kw_only=True):
+    """Client or peer -> serve ROUTER. Exactly one of `prompt` / `tokens`."""
+
+    request_id: str
+    prompt: str | None = None
+    tokens: list[int] | None = None
+    tenant: str = "default"
+    params: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    hops: int = 0  # forwards so far; a node never forwards past its max_hops
+    deadline: float | None = None  # unix time (s) after which the answer is useless
+    origin: str | None = None  # node id that forwarded it, None from a client
+    stream: bool = True  # send Chunks before Done
+
+
+class Chunk(_Msg, tag="chunk", kw_only=True):
+    request_id: str
+    index: int
+    text: str
+    # Bumps when a forward failed and the request restarted elsewhere: a client
+    # drops its partial text when it sees a new attempt.
+    attempt: int = 0
+
+
+class Done(_Msg, tag="done", kw_only=True):
+    """Final reply: the full text plus who served it, why, and what it cost."""
+
+    request_id: str
+    text: str
+    finish_reason: str  # "stop" | "length" | "eog" (| "cancelled")
+    served_by: str
+    hops: int
+    route_reason: str
+    route_path: list[str]
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    prefill_s: float
+    decode_tps: float
+    queue_s: float = 0.0
+
+
+class Error(_Msg, tag="err", kw_only=True):
+    request_id: str | None
+    code: str
+    message: str
+    node_id: str | None = None
+
+
+class Cancel(_Msg, tag="cancel", kw_only=True):
+    request_id: str
+
+
+class Heartbeat(_Msg, tag="hb", kw_only=True):
+    """PUB, every heartbeat interval: load, advert position, and known peers."""
+
+    node_id: str
+    epoch: int
+    seq: int
+    sent_at: float
+    serve_addr: str
+    gossip_addr: str
+    queue_depth: int
+    busy_slots: int
+    n_slots: int
+    n_blocks: int
+    digest: U64
+    prefill_s_per_token: float
+    service_s: float
+    peers: list[PeerInfo] = []
+    block_size: int
+    model_fingerprint: str
+
+
+class CacheDelta(_Msg, tag="delta", kw_only=True):
+    """PUB: block ids added (with their parent) and removed since `seq - 1`."""
+
+    node_id: str
+    epoch: int
+    seq: int
+    added: list[tuple[U64, U64]]
+    removed: list[U64]
+
+
+class SnapshotRequest(_Msg, tag="snapreq", kw_only=True):
+    request_id: str
+    node_id: str  # the requester
+
+
+class Snapshot(_Msg, tag="snap", kw_only=True):
+    """One of `parts` replies to a SnapshotRequest; the set as of `seq`."""
+
+    request_id: str
+    node_id: str  # the sender
+    epoch: int
+    seq: int
+    part: int
+    parts: int
+    blocks: list[tuple[U64, U64]]
+    digest: U64
+    n_blocks: int
+
+
+class StatusRequest(_Msg, tag="statreq", kw_only=True):
+    request_id: str
+
+
+class Status(_Msg, tag="status", kw_only=True):
+    request_id: str
+    node_id: str
+    epoch: int
+    seq: int
+    n_blocks: int
+    queue_depth: int
+    busy_slots: int
+    n_slots: int
+    peers: list[PeerStatus] = []
+    counters: dict[str, int] = {}
+
+
+class Ping(_Msg, tag="ping", kw_only=True):
+    request_id: str
+    sent_at: float
+
+
+class Pong(_Msg, tag="pong", kw_only=True):
+    request_id: str
+    sent_at: float  # echoed from the Ping, so the sender's clock measures the delay
+    node_id: str
+
+
+Message: TypeAlias = (
+    Generate
+    | Chunk
+    | Done
+    | Error
+    | Cancel
+    | Heartbeat
+    | CacheDelta
+    | SnapshotRequest
+    | Snapshot
+    | StatusRequest
+    | Status
+    | Ping
+    | Pong
+)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
+_raw_decoder = msgspec.msgpack.Decoder()
+
+
+def encode(msg: Message) -> bytes:
+    """One msgpack frame. Raises OverflowError for ints outside -2**63..2**64-1."""
+    return _encoder.encode(msg)
+
+
+def decode(frame: bytes | bytearray | memoryview) -> Message:
+    """Decode one frame; raise ProtocolError (and only that) if it is not a valid message."""
+    size = frame.nbytes if isinstance(frame, memoryview) else len(frame)
+    if size > MAX_FRAME_BYTES:
+        raise ProtocolError(MALFORMED, f"frame of {size} bytes exceeds {MAX_FRAME_BYTES}")
+    try:
+        msg = _decoder.decode(frame)
+    except Exception as exc:  # hostile bytes must surface as ProtocolError, nothing else
+        raise _explain_failure(frame, exc) from None
+    if msg.v != PROTOCOL_VERSION:
+        # Well-formed for our schema, yet another version: refuse rather than guess.
+        raise _unsupported(msg.v, getattr(msg, "request_id", None))
+    return msg
+
+
+def _explain_failure(frame: bytes | bytearray | memoryview, exc: Exception) -> ProtocolError:
+    """Re-read a frame the typed decoder refused, for its version and request id."""
+    try:
+        raw = _raw_decoder.decode(frame)
+    except Exception:
+        return ProtocolError(MALFORMED, f"undecodable frame: {exc}")
+    if not isinstance(raw, dict):
+        return ProtocolError(MALFORMED, f"expected a msgpack map, got {type(raw).__name__}")
+    rid = raw.get("request_id")
+    request_id = rid if isinstance(rid, str) and rid else None
+    v = raw.get("v")
+    if isinstance(v, int) and not isinstance(v, bool) and v != PROTOCOL_VERSION:
+        return _unsupported(v, request_id)
+    return ProtocolError(MALFORMED, str(exc), request_id)
+
+
+def _unsupported(v: int, request_id: str | None) -> ProtocolError:
+    return ProtocolError(
+        UNSUPPORTED_VERSION,
+        f"protocol version {v} is not supported (this node speaks {PROTOCOL_VERSION})",
+        request_id,
+    )
+
+
+def validate_generate(msg: Generate) -> None:
+    """Semantic checks of a decoded Generate; raise ProtocolError(INVALID_REQUEST)."""
+
+    def bad(why: str) -> ProtocolError:
+        return ProtocolError(INVALID_REQUEST, why, msg.request_id or None)
+
+    if not 1 <= len(msg.request_id) <= MAX_ID_CHARS:
+        raise bad(f"request_id must be 1..{MAX_ID_CHARS} chars, got {len(msg.request_id)}")
+    if (msg.prompt is None) == (msg.tokens is None):
+        raise bad("exactly one of prompt or tokens must be given")
+    if msg.prompt is not None and not msg.prompt:
+        raise bad("prompt is empty")
+    if msg.tokens is not None:
+        if not msg.tokens:
+            raise bad("tokens is empty")
+        if min(msg.tokens) < 0:
+            raise bad("token ids must be >= 0")
+    if not 1 <= len(msg.tenant) <= MAX_ID_CHARS:
+        raise bad(f"tenant must be 1..{MAX_ID_CHARS} chars, got {len(msg.tenant)}")
+    if msg.hops < 0:
+        raise bad(f"hops must be >= 0, got {msg.hops}")
+    if msg.deadline is not None and not math.isfinite(msg.deadline):
+        raise bad(f"deadline must be a finite unix time, got {msg.deadline}")
+    try:
+        msg.params.validate()
+    except ValueError as exc:
+        raise bad(f"params: {exc}") from None
+
+
+def error_for(exc: ProtocolError, node_id: str | None) -> Error:
+    """The Error reply for a refused frame or request."""
+    return Error(request_id=exc.request_id, code=exc.code, message=exc.message, node_id=node_id)
