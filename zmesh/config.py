@@ -138,8 +138,13 @@ class GossipConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     dead_after_s: float = 3.0  # silent this long: estimate dropped
     snapshot_timeout_s: float = 2.0
     ping_interval_s: float = 1.0
+    # Fault injection (tests and labs): drop this fraction of outgoing cache deltas,
+    # so anti-entropy (gap detection + snapshots) has something to repair.
+    drop_deltas: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.drop_deltas <= 1.0:
+            _fail("drop_deltas", f"must be in 0..1, got {self.drop_deltas}")
         _check_positive(
             self,
             "heartbeat_interval_s",

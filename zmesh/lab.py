@@ -84,6 +84,7 @@ class Lab:
     routing: dict[str, Any] = field(default_factory=dict)
     workdir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    extra_seeds: list[dict[str, str]] = field(default_factory=list)  # {"serve":..,"gossip":..}
     nodes: list[LabNode] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -111,6 +112,7 @@ class Lab:
         seeds = [] if self.n_nodes == 1 else [
             {"serve": self.nodes[(i + 1) % self.n_nodes].serve,
              "gossip": self.nodes[(i + 1) % self.n_nodes].gossip}]
+        seeds += self.extra_seeds
         return config_from_dict({
             "node_id": me.name, "serve_addr": me.serve, "gossip_addr": me.gossip, "seeds": seeds,
             "engine": dict(self.engine), "gossip": dict(self.gossip),

@@ -82,6 +82,7 @@ class Node:
         self.serve_addr = config.advertise_serve or config.serve_addr
         self.gossip_addr = config.advertise_gossip or config.gossip_addr
         self.counters: dict[str, int] = {}
+        self._fault_rng = random.Random(self.epoch)
         self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=config.max_queue)
         self._running: _Job | None = None
         self._jobs: dict[str, _Job] = {}
@@ -181,8 +182,15 @@ class Node:
     async def _serve_loop(self) -> None:
         while True:
             frames = await self.serve.recv_multipart()
+            # One frame per message; a REQ socket adds an empty delimiter we echo back.
             envelope, payload = frames[:-1], frames[-1]
             try:
+                if len(frames) > 3 or (len(frames) == 3 and frames[1] != b""):
+                    self._count("frames_malformed")
+                    self.log.warning("frame.malformed", socket="serve", parts=len(frames))
+                    self._reply_error(frames[:1], None, P.MALFORMED,
+                                      f"expected one frame per message, got {len(frames) - 1}")
+                    continue
                 self._on_serve(envelope, payload)
             except Exception as exc:  # a bug must cost one request, not the node
                 self.log.exception("serve.handler_failed", error=repr(exc))
@@ -442,7 +450,11 @@ class Node:
 
     def _flush_deltas(self) -> None:
         self._publish_cache_events()
+        drop = self.config.gossip.drop_deltas
         while (batch := self.advert.flush()) is not None:
+            if drop and self._fault_rng.random() < drop:
+                self._count("deltas_dropped_on_purpose")
+                continue
             self._send(self.pub, [], P.CacheDelta(
                 node_id=self.node_id, epoch=self.epoch, seq=batch.seq,
                 added=list(batch.added), removed=list(batch.removed)))

@@ -1,0 +1,211 @@
+"""The mesh for real: node processes, ZeroMQ sockets on loopback, the real model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+import zmq
+
+from zmesh import protocol as P
+from zmesh.client import Client
+from zmesh.lab import Lab, free_ports
+from zmesh.model import default_model_path, model_fingerprint
+
+pytestmark = pytest.mark.slow
+
+FEW_SHOT = "The following are multiple choice questions (with answers) about geology.\n\n" + "".join(
+    f"Question {i}: Which rock forms from cooled lava number {i}? A. Basalt B. Marble "
+    f"C. Shale D. Slate\nAnswer: A\n\n"
+    for i in range(12)
+)
+ENGINE = {"n_slots": 3, "slot_ctx": 1024}
+
+
+def log_events(path: Path, event: str) -> list[dict]:
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # llama.cpp or Python may print plain lines too
+        if rec.get("event") == event:
+            out.append(rec)
+    return out
+
+
+def converge(lab: Lab, timeout: float = 60.0) -> float:
+    return asyncio.run(lab.wait_converged(timeout=timeout))
+
+
+@pytest.fixture(scope="module")
+def lab3():
+    lab = Lab(n_nodes=3, engine=ENGINE)
+    lab.start()
+    try:
+        yield lab
+    finally:
+        lab.stop()
+
+
+def test_three_nodes_converge_and_see_each_other(lab3: Lab) -> None:
+    seconds = converge(lab3, timeout=90)
+    statuses = asyncio.run(lab3.statuses())
+    for st in statuses:
+        others = {p.node_id for p in st.peers if p.state == "alive"}
+        assert others == {n.name for n in lab3.nodes} - {st.node_id}
+    assert seconds < 90
+
+
+def test_request_goes_to_the_node_holding_its_prefix(lab3: Lab) -> None:
+    a, b = lab3.nodes[0], lab3.nodes[1]
+    with Client(lab3.endpoints, timeout=60) as client:
+        first = client.generate(FEW_SHOT + "Question: What is granite?\nAnswer:",
+                                max_tokens=4, endpoint=b.serve)
+        assert first.served_by == b.name
+        converge(lab3)  # node-a now knows node-b's blocks
+        hit = client.generate(FEW_SHOT + "Question: What is obsidian?\nAnswer:",
+                              max_tokens=4, endpoint=a.serve)
+        assert hit.served_by == b.name and hit.route_reason == "prefix"
+        assert hit.route_path == [a.name, b.name] and hit.hops == 1
+        assert hit.cached_tokens >= hit.prompt_tokens - 20
+        miss = client.generate("Completely unrelated words: zebra, kettle, ukulele.",
+                               max_tokens=4, endpoint=a.serve)
+        assert miss.served_by == a.name and miss.hops == 0 and miss.cached_tokens == 0
+    decided = [r for r in log_events(a.log_path, "route.decided")
+               if r.get("request_id") == hit.request_id]
+    assert decided and decided[0]["forward"] is True and decided[0]["target"] == b.name
+    completed = [r for r in log_events(b.log_path, "request.completed")
+                 if r.get("request_id") == hit.request_id]
+    assert completed and completed[0]["hops"] == 1
+
+
+def test_peer_killed_mid_request_costs_no_request(lab3: Lab) -> None:
+    a, c = lab3.nodes[0], lab3.nodes[2]
+    only_on_c = FEW_SHOT.replace("geology", "volcanology")  # no other node holds it
+    prompt = only_on_c + "Count from 1 to 300: 1, 2, 3, 4, 5,"
+    with Client(lab3.endpoints, timeout=60) as client:
+        client.generate(only_on_c + "Question: prime node-c\nAnswer:", max_tokens=2,
+                        endpoint=c.serve)
+        converge(lab3)
+        old_epoch = next(p.epoch for p in asyncio.run(lab3.statuses([0]))[0].peers
+                         if p.node_id == c.name)
+        attempts, done = set(), None
+        for event in client.stream(prompt, max_tokens=200, endpoint=a.serve):
+            if isinstance(event, P.Chunk):
+                if not attempts:
+                    lab3.kill_node(2)  # kill -9 the serving peer mid-stream
+                attempts.add(event.attempt)
+            else:
+                done = event
+    assert done is not None and done.served_by == a.name
+    assert done.route_reason == "fallback" and done.completion_tokens > 0
+    assert attempts == {0, 1}  # chunks from node-c, then the local restart
+    fallbacks = [r for r in log_events(a.log_path, "request.fallback")
+                 if r.get("request_id") == done.request_id]
+    assert fallbacks
+    # The restarted peer has a new epoch; the others resync to it.
+    lab3.start_node(2)
+    converge(lab3, timeout=90)
+    new_epoch = next(p.epoch for p in asyncio.run(lab3.statuses([0]))[0].peers
+                     if p.node_id == c.name)
+    assert new_epoch != old_epoch
+
+
+def test_dropped_gossip_is_repaired_by_anti_entropy() -> None:
+    lab = Lab(n_nodes=2, engine=ENGINE, gossip={"drop_deltas": 0.5})
+    lab.start()
+    try:
+        converge(lab, timeout=90)
+        with Client(lab.endpoints, timeout=60) as client:
+            for i in range(6):
+                client.generate(f"Topic {i}: " + FEW_SHOT[: 200 + 40 * i], max_tokens=2,
+                                endpoint=lab.nodes[0].serve)
+        converge(lab, timeout=30)
+        a, b = asyncio.run(lab.statuses())
+        assert a.counters.get("deltas_dropped_on_purpose", 0) >= 1
+        assert b.counters.get("snapshots_requested", 0) >= 2  # first contact + repairs
+        est = next(p for p in b.peers if p.node_id == a.node_id)
+        assert (est.seq, est.n_blocks) == (a.seq, a.n_blocks) and a.n_blocks > 0
+    finally:
+        lab.stop()
+
+
+def test_malformed_frames_on_every_socket_do_not_disturb_the_node() -> None:
+    """Pose as a peer (ROUTER + PUB the node connects to) and send junk everywhere."""
+    serve_port, gossip_port = free_ports(2)
+    fake_serve, fake_gossip = f"tcp://127.0.0.1:{serve_port}", f"tcp://127.0.0.1:{gossip_port}"
+    ctx = zmq.Context()
+    router, pub, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB), ctx.socket(zmq.DEALER)
+    for s in (router, pub, dealer):
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RCVTIMEO, 15000)
+    router.bind(fake_serve)
+    pub.bind(fake_gossip)
+    lab = Lab(n_nodes=1, engine=ENGINE, extra_seeds=[{"serve": fake_serve, "gossip": fake_gossip}])
+    lab.start()
+    try:
+        converge(lab, timeout=90)
+        node = lab.nodes[0]
+        dealer.connect(node.serve)
+        # 1. serve socket: junk of every kind; each decodable-enough frame gets an Error.
+        junk = [b"", b"\x00garbage", bytes(range(256)), b"\xc1",
+                msgspec.msgpack.encode({"type": "gen", "v": 99, "request_id": "old-client"}),
+                msgspec.msgpack.encode({"type": "gen", "v": 1, "request_id": 5}),
+                msgspec.msgpack.encode({"type": "nope", "v": 1}),
+                P.encode(P.Chunk(request_id="x", index=0, text="unexpected"))]
+        for frame in junk:
+            dealer.send(frame)
+            reply = P.decode(dealer.recv())
+            assert isinstance(reply, P.Error), frame
+        dealer.send_multipart([b"two", b"frames"])
+        assert isinstance(P.decode(dealer.recv()), P.Error)
+        dealer.send(P.encode(P.Generate(request_id="r-bad", prompt="")))
+        bad = P.decode(dealer.recv())
+        assert isinstance(bad, P.Error) and bad.code == P.INVALID_REQUEST
+        # 2. SUB socket: junk gossip, then a valid heartbeat so the node calls us back.
+        for frame in junk:
+            pub.send(frame)
+        fp = model_fingerprint(default_model_path()).hex()
+        hb = P.Heartbeat(node_id="fake", epoch=1, seq=5, sent_at=time.time(),
+                         serve_addr=fake_serve, gossip_addr=fake_gossip, queue_depth=0,
+                         busy_slots=0, n_slots=1, n_blocks=3, digest=7,
+                         prefill_s_per_token=0.0, service_s=0.0, block_size=16,
+                         model_fingerprint=fp)
+        deadline = time.monotonic() + 15
+        request = None
+        while request is None and time.monotonic() < deadline:
+            pub.send(P.encode(hb))
+            if router.poll(300):
+                ident, payload = router.recv_multipart()
+                msg = P.decode(payload)
+                if isinstance(msg, P.SnapshotRequest):
+                    request = (ident, msg)
+        assert request is not None, "the node never asked the fake peer for a snapshot"
+        ident, snap_req = request
+        # 3. DEALER socket (the node's link to us): junk replies and a lying snapshot.
+        for frame in junk:
+            router.send_multipart([ident, frame])
+        router.send_multipart([ident, P.encode(P.Snapshot(
+            request_id=snap_req.request_id, node_id="fake", epoch=1, seq=5, part=0, parts=1,
+            blocks=[(1, 0)], digest=12345, n_blocks=3))])
+        # The node is undisturbed: it still serves and reports.
+        dealer.send(P.encode(P.Generate(request_id="r-ok", prompt="Hello there",
+                                        params=P.SamplingParams(max_tokens=3))))
+        while True:
+            msg = P.decode(dealer.recv())
+            if not isinstance(msg, P.Chunk):
+                break
+        assert isinstance(msg, P.Done) and msg.completion_tokens >= 1
+        st = asyncio.run(lab.statuses())[0]
+        assert st.counters.get("frames_malformed", 0) >= 2 * len(junk) - 2
+        fake = next(p for p in st.peers if p.node_id == "fake")
+        assert fake.n_blocks != 1  # the lying snapshot (digest mismatch) was not installed
+        assert lab.nodes[0].alive
+    finally:
+        lab.stop()
+        ctx.destroy(linger=0)
