@@ -7,6 +7,7 @@ import pytest
 from zmesh.config import EngineConfig
 from zmesh.engine import Engine
 
+
 @pytest.fixture(scope="session")
 def engine() -> Engine:
     eng = Engine(EngineConfig(n_slots=4, slot_ctx=1024))

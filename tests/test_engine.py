@@ -44,7 +44,8 @@ def test_greedy_output_identical_with_and_without_reuse(engine: Engine) -> None:
 def test_streamed_text_equals_final_text_and_stop_strings_cut(engine: Engine) -> None:
     pieces: list[str] = []
     r = engine.generate(
-        "List the planets of the solar system:", params=SamplingParams(max_tokens=24),
+        "List the planets of the solar system:",
+        params=SamplingParams(max_tokens=24),
         on_text=pieces.append,
     )
     assert "".join(pieces) == r.text and r.completion_tokens >= 1
@@ -53,7 +54,8 @@ def test_streamed_text_equals_final_text_and_stop_strings_cut(engine: Engine) ->
     stop_at = full.text.strip()[:2]
     streamed: list[str] = []
     cut = engine.generate(
-        "Count: 1, 2, 3,", params=SamplingParams(max_tokens=16, stop=[stop_at]),
+        "Count: 1, 2, 3,",
+        params=SamplingParams(max_tokens=16, stop=[stop_at]),
         on_text=streamed.append,
     )
     assert cut.finish_reason == "stop" and stop_at not in cut.text
@@ -123,7 +125,8 @@ def test_random_workload_keeps_tree_and_llama_memory_consistent(small_engine: En
             tokens = [2, *rng.sample(range(300, 3000), rng.randint(1, 60))]
         tokens = tokens[: eng.max_prompt_tokens]
         r = eng.generate(
-            tokens=tokens, namespace=rng.choice(["a", "a", "b"]),
+            tokens=tokens,
+            namespace=rng.choice(["a", "a", "b"]),
             params=SamplingParams(max_tokens=rng.randint(1, 4)),
         )
         eng_ids.append(tokens)

@@ -18,10 +18,13 @@ from zmesh.model import default_model_path, model_fingerprint
 
 pytestmark = pytest.mark.slow
 
-FEW_SHOT = "The following are multiple choice questions (with answers) about geology.\n\n" + "".join(
-    f"Question {i}: Which rock forms from cooled lava number {i}? A. Basalt B. Marble "
-    f"C. Shale D. Slate\nAnswer: A\n\n"
-    for i in range(12)
+FEW_SHOT = (
+    "The following are multiple choice questions (with answers) about geology.\n\n"
+    + "".join(
+        f"Question {i}: Which rock forms from cooled lava number {i}? A. Basalt B. Marble "
+        f"C. Shale D. Slate\nAnswer: A\n\n"
+        for i in range(12)
+    )
 )
 ENGINE = {"n_slots": 3, "slot_ctx": 1024}
 
@@ -64,23 +67,30 @@ def test_three_nodes_converge_and_see_each_other(lab3: Lab) -> None:
 def test_request_goes_to_the_node_holding_its_prefix(lab3: Lab) -> None:
     a, b = lab3.nodes[0], lab3.nodes[1]
     with Client(lab3.endpoints, timeout=60) as client:
-        first = client.generate(FEW_SHOT + "Question: What is granite?\nAnswer:",
-                                max_tokens=4, endpoint=b.serve)
+        first = client.generate(
+            FEW_SHOT + "Question: What is granite?\nAnswer:", max_tokens=4, endpoint=b.serve
+        )
         assert first.served_by == b.name
         converge(lab3)  # node-a now knows node-b's blocks
-        hit = client.generate(FEW_SHOT + "Question: What is obsidian?\nAnswer:",
-                              max_tokens=4, endpoint=a.serve)
+        hit = client.generate(
+            FEW_SHOT + "Question: What is obsidian?\nAnswer:", max_tokens=4, endpoint=a.serve
+        )
         assert hit.served_by == b.name and hit.route_reason == "prefix"
         assert hit.route_path == [a.name, b.name] and hit.hops == 1
         assert hit.cached_tokens >= hit.prompt_tokens - 20
-        miss = client.generate("Completely unrelated words: zebra, kettle, ukulele.",
-                               max_tokens=4, endpoint=a.serve)
+        miss = client.generate(
+            "Completely unrelated words: zebra, kettle, ukulele.", max_tokens=4, endpoint=a.serve
+        )
         assert miss.served_by == a.name and miss.hops == 0 and miss.cached_tokens == 0
-    decided = [r for r in log_events(a.log_path, "route.decided")
-               if r.get("request_id") == hit.request_id]
+    decided = [
+        r for r in log_events(a.log_path, "route.decided") if r.get("request_id") == hit.request_id
+    ]
     assert decided and decided[0]["forward"] is True and decided[0]["target"] == b.name
-    completed = [r for r in log_events(b.log_path, "request.completed")
-                 if r.get("request_id") == hit.request_id]
+    completed = [
+        r
+        for r in log_events(b.log_path, "request.completed")
+        if r.get("request_id") == hit.request_id
+    ]
     assert completed and completed[0]["hops"] == 1
 
 
@@ -89,11 +99,14 @@ def test_peer_killed_mid_request_costs_no_request(lab3: Lab) -> None:
     only_on_c = FEW_SHOT.replace("geology", "volcanology")  # no other node holds it
     prompt = only_on_c + "Count from 1 to 300: 1, 2, 3, 4, 5,"
     with Client(lab3.endpoints, timeout=60) as client:
-        client.generate(only_on_c + "Question: prime node-c\nAnswer:", max_tokens=2,
-                        endpoint=c.serve)
+        primed = client.generate(
+            only_on_c + "Question: prime node-c\nAnswer:", max_tokens=2, endpoint=c.serve
+        )
+        assert primed.served_by == c.name, primed  # only node-c holds this prefix
         converge(lab3)
-        old_epoch = next(p.epoch for p in asyncio.run(lab3.statuses([0]))[0].peers
-                         if p.node_id == c.name)
+        old_epoch = next(
+            p.epoch for p in asyncio.run(lab3.statuses([0]))[0].peers if p.node_id == c.name
+        )
         attempts, done = set(), None
         for event in client.stream(prompt, max_tokens=200, endpoint=a.serve):
             if isinstance(event, P.Chunk):
@@ -105,14 +118,18 @@ def test_peer_killed_mid_request_costs_no_request(lab3: Lab) -> None:
     assert done is not None and done.served_by == a.name
     assert done.route_reason == "fallback" and done.completion_tokens > 0
     assert attempts == {0, 1}  # chunks from node-c, then the local restart
-    fallbacks = [r for r in log_events(a.log_path, "request.fallback")
-                 if r.get("request_id") == done.request_id]
+    fallbacks = [
+        r
+        for r in log_events(a.log_path, "request.fallback")
+        if r.get("request_id") == done.request_id
+    ]
     assert fallbacks
     # The restarted peer has a new epoch; the others resync to it.
     lab3.start_node(2)
     converge(lab3, timeout=90)
-    new_epoch = next(p.epoch for p in asyncio.run(lab3.statuses([0]))[0].peers
-                     if p.node_id == c.name)
+    new_epoch = next(
+        p.epoch for p in asyncio.run(lab3.statuses([0]))[0].peers if p.node_id == c.name
+    )
     assert new_epoch != old_epoch
 
 
@@ -123,8 +140,11 @@ def test_dropped_gossip_is_repaired_by_anti_entropy() -> None:
         converge(lab, timeout=90)
         with Client(lab.endpoints, timeout=60) as client:
             for i in range(6):
-                client.generate(f"Topic {i}: " + FEW_SHOT[: 200 + 40 * i], max_tokens=2,
-                                endpoint=lab.nodes[0].serve)
+                client.generate(
+                    f"Topic {i}: " + FEW_SHOT[: 200 + 40 * i],
+                    max_tokens=2,
+                    endpoint=lab.nodes[0].serve,
+                )
         converge(lab, timeout=30)
         a, b = asyncio.run(lab.statuses())
         assert a.counters.get("deltas_dropped_on_purpose", 0) >= 1
@@ -153,11 +173,16 @@ def test_malformed_frames_on_every_socket_do_not_disturb_the_node() -> None:
         node = lab.nodes[0]
         dealer.connect(node.serve)
         # 1. serve socket: junk of every kind; each decodable-enough frame gets an Error.
-        junk = [b"", b"\x00garbage", bytes(range(256)), b"\xc1",
-                msgspec.msgpack.encode({"type": "gen", "v": 99, "request_id": "old-client"}),
-                msgspec.msgpack.encode({"type": "gen", "v": 1, "request_id": 5}),
-                msgspec.msgpack.encode({"type": "nope", "v": 1}),
-                P.encode(P.Chunk(request_id="x", index=0, text="unexpected"))]
+        junk = [
+            b"",
+            b"\x00garbage",
+            bytes(range(256)),
+            b"\xc1",
+            msgspec.msgpack.encode({"type": "gen", "v": 99, "request_id": "old-client"}),
+            msgspec.msgpack.encode({"type": "gen", "v": 1, "request_id": 5}),
+            msgspec.msgpack.encode({"type": "nope", "v": 1}),
+            P.encode(P.Chunk(request_id="x", index=0, text="unexpected")),
+        ]
         for frame in junk:
             dealer.send(frame)
             reply = P.decode(dealer.recv())
@@ -171,11 +196,23 @@ def test_malformed_frames_on_every_socket_do_not_disturb_the_node() -> None:
         for frame in junk:
             pub.send(frame)
         fp = model_fingerprint(default_model_path()).hex()
-        hb = P.Heartbeat(node_id="fake", epoch=1, seq=5, sent_at=time.time(),
-                         serve_addr=fake_serve, gossip_addr=fake_gossip, queue_depth=0,
-                         busy_slots=0, n_slots=1, n_blocks=3, digest=7,
-                         prefill_s_per_token=0.0, service_s=0.0, block_size=16,
-                         model_fingerprint=fp)
+        hb = P.Heartbeat(
+            node_id="fake",
+            epoch=1,
+            seq=5,
+            sent_at=time.time(),
+            serve_addr=fake_serve,
+            gossip_addr=fake_gossip,
+            queue_depth=0,
+            busy_slots=0,
+            n_slots=1,
+            n_blocks=3,
+            digest=7,
+            prefill_s_per_token=0.0,
+            service_s=0.0,
+            block_size=16,
+            model_fingerprint=fp,
+        )
         deadline = time.monotonic() + 15
         request = None
         while request is None and time.monotonic() < deadline:
@@ -190,12 +227,32 @@ def test_malformed_frames_on_every_socket_do_not_disturb_the_node() -> None:
         # 3. DEALER socket (the node's link to us): junk replies and a lying snapshot.
         for frame in junk:
             router.send_multipart([ident, frame])
-        router.send_multipart([ident, P.encode(P.Snapshot(
-            request_id=snap_req.request_id, node_id="fake", epoch=1, seq=5, part=0, parts=1,
-            blocks=[(1, 0)], digest=12345, n_blocks=3))])
+        router.send_multipart(
+            [
+                ident,
+                P.encode(
+                    P.Snapshot(
+                        request_id=snap_req.request_id,
+                        node_id="fake",
+                        epoch=1,
+                        seq=5,
+                        part=0,
+                        parts=1,
+                        blocks=[(1, 0)],
+                        digest=12345,
+                        n_blocks=3,
+                    )
+                ),
+            ]
+        )
         # The node is undisturbed: it still serves and reports.
-        dealer.send(P.encode(P.Generate(request_id="r-ok", prompt="Hello there",
-                                        params=P.SamplingParams(max_tokens=3))))
+        dealer.send(
+            P.encode(
+                P.Generate(
+                    request_id="r-ok", prompt="Hello there", params=P.SamplingParams(max_tokens=3)
+                )
+            )
+        )
         while True:
             msg = P.decode(dealer.recv())
             if not isinstance(msg, P.Chunk):

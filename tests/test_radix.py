@@ -40,7 +40,7 @@ def check_invariants(tree: RadixTree, hasher: BlockHasher, ref: dict, applied: d
     for block_id in ev.removed:
         del applied[block_id]
     assert set(applied) == ids
-    for block_id, parent in applied.items():  # prefix-closed
+    for parent in applied.values():  # prefix-closed
         assert parent == hasher.seed or parent in applied
 
 
@@ -121,11 +121,11 @@ def test_shared_prefix_blocks_counted_once_and_kept_while_held():
     hasher = BlockHasher(FP, "t", block_size=BS)
     tree = RadixTree(hasher)
     prefix = list(range(8))
-    tree.set_sequence("a", prefix + [9, 9, 9, 9])
-    tree.set_sequence("b", prefix + [7, 7, 7, 7])
+    tree.set_sequence("a", [*prefix, 9, 9, 9, 9])
+    tree.set_sequence("b", [*prefix, 7, 7, 7, 7])
     assert tree.n_blocks == 4  # 2 shared + 1 + 1
     tree.release("a")
-    assert tree.block_ids() == set(hasher.block_ids(prefix + [7, 7, 7, 7]))
+    assert tree.block_ids() == set(hasher.block_ids([*prefix, 7, 7, 7, 7]))
     tree.drain_events()
     tree.set_sequence("b", prefix)  # roll back to the shared prefix
     ev = tree.drain_events()

@@ -44,6 +44,7 @@ from zmesh.routing import (
     _ring,
     decide,
     estimate_s,
+    gain_threshold,
     is_overloaded,
     ring_position,
 )
@@ -638,6 +639,7 @@ route_settings = st.builds(
     policy=st.sampled_from(POLICIES),
     max_hops=st.integers(0, 2),
     min_gain_s=st.sampled_from([0.0, 0.005, 0.1]),
+    min_gain_frac=st.sampled_from([0.0, 0.1, 0.5]),
     balance_abs=st.integers(0, 16),
     balance_rel=st.sampled_from([1.0, 1.5, 2.0]),
     vnodes=st.integers(1, 16),
@@ -682,14 +684,40 @@ def test_property_zmesh_picks_minimal_eligible_estimate(
         assert d.target == local.node_id
         if d.reason == REASON_LOCAL_BEST:
             peers = [e for n, e in est.items() if n != local.node_id]
-            assert not peers or est[local.node_id] - min(peers) <= s.min_gain_s
+            assert not peers or est[local.node_id] - min(peers) <= gain_threshold(
+                est[local.node_id], s
+            )
         return
     assert d.target in est  # alive and not overloaded
     assert est[d.target] == min(est.values())
-    assert est[local.node_id] - est[d.target] > s.min_gain_s
+    assert est[local.node_id] - est[d.target] > gain_threshold(est[local.node_id], s)
     assert d.est_target_s == est[d.target] and d.est_local_s == est[local.node_id]
     t = next(c for c in cands if c.node_id == d.target)
     gained = min(t.matched_tokens, request.prompt_tokens) > max(
         min(local.matched_tokens, request.prompt_tokens), 0
     )
     assert d.reason == (REASON_PREFIX if gained else REASON_LOAD)
+
+
+def test_min_gain_frac_ignores_noise_level_rate_differences() -> None:
+    """Identical nodes whose measured prefill rates differ by 5 % keep cold work local."""
+    local = Candidate("m", True, 0, 0, 0.0, 0.00200, 0.5, wait_s=0.0)
+    peer = Candidate("p", False, 0, 0, 0.001, 0.00190, 0.5, wait_s=0.0)
+    req = RouteRequest(prompt_tokens=600, hops=0, head_key=1)
+    noisy = RoutingSettings(min_gain_frac=0.0)
+    assert decide(req, [local, peer], noisy, PolicyState.seeded(0)).forward  # 59 ms "gain"
+    calm = RoutingSettings(min_gain_frac=0.1)
+    d = decide(req, [local, peer], calm, PolicyState.seeded(0))
+    assert not d.forward and d.reason == REASON_LOCAL_BEST
+    # A real prefix match still clears the relative bar easily.
+    cached = Candidate("p", False, 576, 0, 0.001, 0.00190, 0.5, wait_s=0.0)
+    d = decide(req, [local, cached], calm, PolicyState.seeded(0))
+    assert d.forward and d.reason == REASON_PREFIX
+    assert gain_threshold(1.2, calm) == pytest.approx(0.12)
+
+
+def test_wait_s_overrides_queue_times_service() -> None:
+    busy = Candidate("p", False, 0, 3, 0.0, 0.001, 0.5, wait_s=0.2)
+    assert estimate_s(busy, 100) == pytest.approx(0.2 + 0.1)
+    legacy = Candidate("p", False, 0, 3, 0.0, 0.001, 0.5)
+    assert estimate_s(legacy, 100) == pytest.approx(1.5 + 0.1)

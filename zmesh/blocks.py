@@ -20,9 +20,7 @@ _BIG_ENDIAN = sys.byteorder == "big"
 
 
 def _h64(data: bytes, key: bytes) -> int:
-    return int.from_bytes(
-        hashlib.blake2b(data, digest_size=ID_BYTES, key=key).digest(), "little"
-    )
+    return int.from_bytes(hashlib.blake2b(data, digest_size=ID_BYTES, key=key).digest(), "little")
 
 
 def namespace_seed(fingerprint: bytes, namespace: str, key: bytes = DEFAULT_KEY) -> int:
@@ -51,7 +49,9 @@ class BlockHasher:
         self.namespace = namespace
         self.seed = namespace_seed(fingerprint, namespace, key)
 
-    def block_ids(self, tokens: Sequence[int], start_block: int = 0, parent: int | None = None) -> list[int]:
+    def block_ids(
+        self, tokens: Sequence[int], start_block: int = 0, parent: int | None = None
+    ) -> list[int]:
         """Ids of every full block of ``tokens``, from ``start_block`` on.
 
         ``parent`` must be the id of block ``start_block - 1`` when resuming a chain

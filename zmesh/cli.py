@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -55,8 +54,12 @@ def cmd_ask(args: argparse.Namespace) -> int:
     endpoints = args.endpoint or DEFAULT_ENDPOINTS
     try:
         with Client(endpoints, timeout=args.timeout) as c:
-            kw = dict(max_tokens=args.max_tokens, temperature=args.temperature,
-                      tenant=args.tenant, stop=args.stop or ())
+            kw = dict(
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                tenant=args.tenant,
+                stop=args.stop or (),
+            )
             if args.stream and not args.json:
                 attempt = 0
                 for ev in c.stream(args.prompt, **kw):
@@ -92,14 +95,20 @@ def cmd_status(args: argparse.Namespace) -> int:
             if args.json:
                 print(msgspec.json.encode(st).decode())
                 continue
-            print(f"{st.node_id} @ {ep}: epoch {st.epoch} seq {st.seq} blocks {st.n_blocks} "
-                  f"queue {st.queue_depth} slots {st.busy_slots}/{st.n_slots}")
+            print(
+                f"{st.node_id} @ {ep}: epoch {st.epoch} seq {st.seq} blocks {st.n_blocks} "
+                f"queue {st.queue_depth} slots {st.busy_slots}/{st.n_slots}"
+            )
             for p in st.peers:
-                print(f"  peer {p.node_id:<10} {p.state:<8} seq {p.seq:<6} blocks {p.n_blocks:<7} "
-                      f"age {p.estimate_age_s:6.2f}s queue {p.queue_depth:<3} "
-                      f"link {p.link_delay_s * 1000:.2f} ms")
+                print(
+                    f"  peer {p.node_id:<10} {p.state:<8} seq {p.seq:<6} blocks {p.n_blocks:<7} "
+                    f"age {p.estimate_age_s:6.2f}s queue {p.queue_depth:<3} "
+                    f"link {p.link_delay_s * 1000:.2f} ms"
+                )
             if st.counters:
-                print("  counters: " + ", ".join(f"{k}={v}" for k, v in sorted(st.counters.items())))
+                print(
+                    "  counters: " + ", ".join(f"{k}={v}" for k, v in sorted(st.counters.items()))
+                )
     return rc
 
 
@@ -123,9 +132,12 @@ def cmd_lab(args: argparse.Namespace) -> int:
     rc = 0
     try:
         t0 = time.monotonic()
-        secs = asyncio.run(lab.wait_converged(
-            timeout=args.timeout,
-            progress=lambda m: _say(f"  [{time.monotonic() - t0:5.1f}s] {m}")))
+        secs = asyncio.run(
+            lab.wait_converged(
+                timeout=args.timeout,
+                progress=lambda m: _say(f"  [{time.monotonic() - t0:5.1f}s] {m}"),
+            )
+        )
         _say(f"zmesh lab: {args.nodes} nodes converged in {secs:.1f}s")
         for node in lab.nodes:
             print(f"{node.name}  serve {node.serve}  gossip {node.gossip}  log {node.log_path}")
@@ -134,7 +146,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
                 _print_done(c.generate(args.ask, max_tokens=args.max_tokens), False)
         if args.once:
             return 0
-        _say("zmesh lab: running; try `zmesh ask \"...\"` or `zmesh status`; Ctrl-C stops it")
+        _say('zmesh lab: running; try `zmesh ask "..."` or `zmesh status`; Ctrl-C stops it')
         while not stop:
             if any(not n.alive for n in lab.nodes):
                 dead = [n.name for n in lab.nodes if not n.alive]
@@ -153,31 +165,48 @@ def cmd_lab(args: argparse.Namespace) -> int:
     return rc
 
 
-def cmd_bench(args: argparse.Namespace, rest: Sequence[str]) -> int:
-    if args.what == "engine":
-        from zmesh.bench.engine import main as bench_engine
+BENCHMARKS = {
+    "engine": "zmesh.bench.engine",  # cold vs warm TTFT on one engine
+    "mesh": "zmesh.bench.mesh",  # convergence time and forwarding overhead per hop
+    "routing": "zmesh.bench.routing",  # routing decision time, 8 peers x 100k blocks
+}
 
-        return bench_engine(list(rest))
-    _say(f"unknown benchmark {args.what}")
-    return 2
+
+def cmd_bench(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    import importlib
+
+    module = importlib.import_module(BENCHMARKS[args.what])
+    return int(module.main(list(rest)))
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="zmesh", description="Decentralized, prefix-cache-aware LLM serving mesh.")
+        prog="zmesh", description="Decentralized, prefix-cache-aware LLM serving mesh."
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("node", help="run one node from a TOML config")
     p.add_argument("--config", required=True, help="path to the node's TOML config")
-    p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto",
-                   help="JSON lines, or a readable console format (auto: console on a TTY)")
+    p.add_argument(
+        "--log-format",
+        choices=["auto", "json", "console"],
+        default="auto",
+        help="JSON lines, or a readable console format (auto: console on a TTY)",
+    )
 
     p = sub.add_parser("lab", help="run N local nodes on loopback")
     p.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
-    p.add_argument("--base-port", type=int, default=5555,
-                   help="node i serves on base+10*i, gossips on base+10*i+1 (default 5555)")
-    p.add_argument("--policy", default="zmesh",
-                   help="routing policy: zmesh, random, round_robin, consistent_hash, least_loaded")
+    p.add_argument(
+        "--base-port",
+        type=int,
+        default=5555,
+        help="node i serves on base+10*i, gossips on base+10*i+1 (default 5555)",
+    )
+    p.add_argument(
+        "--policy",
+        default="zmesh",
+        help="routing policy: zmesh, random, round_robin, consistent_hash, least_loaded",
+    )
     p.add_argument("--slots", type=int, default=8, help="KV slots per node (default 8)")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for convergence")
     p.add_argument("--ask", help="send this prompt once the lab is up and print the answer")
@@ -186,8 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ask", help="send one prompt and print the answer with its provenance")
     p.add_argument("prompt")
-    p.add_argument("--endpoint", action="append",
-                   help="node serve address (repeatable; default: the local lab's three)")
+    p.add_argument(
+        "--endpoint",
+        action="append",
+        help="node serve address (repeatable; default: the local lab's three)",
+    )
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
@@ -201,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=3.0)
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("bench", help="benchmarks: `zmesh bench engine --help`")
-    p.add_argument("what", choices=["engine"])
+    p = sub.add_parser("bench", help="benchmarks: engine, mesh, routing (`zmesh bench X --help`)")
+    p.add_argument("what", choices=sorted(BENCHMARKS), help="which benchmark (each has --help)")
     return ap
 
 

@@ -61,7 +61,7 @@ class _Endpoint:
         self.sock.connect(address)
         # Sends go through a sync shadow so that zmq.Again (not connected) is raised
         # at once instead of inside a future.
-        self._sync = zmq.Socket.shadow(self.sock.underlying)
+        self._sync: zmq.Socket[bytes] = zmq.Socket.shadow(self.sock.underlying)
         self.waiters: dict[str, asyncio.Queue[P.Message]] = {}
         self.reader: asyncio.Task[None] | None = None
 
@@ -133,12 +133,25 @@ class AsyncClient:
         await self.close()
 
     @staticmethod
-    def _request(prompt: str | Sequence[int], tenant: str, params: P.SamplingParams,
-                 deadline: float | None, stream: bool, request_id: str | None) -> P.Generate:
+    def _request(
+        prompt: str | Sequence[int],
+        tenant: str,
+        params: P.SamplingParams,
+        deadline: float | None,
+        stream: bool,
+        request_id: str | None,
+    ) -> P.Generate:
         text = prompt if isinstance(prompt, str) else None
         tokens = None if isinstance(prompt, str) else list(prompt)
-        return P.Generate(request_id=request_id or uuid.uuid4().hex, prompt=text, tokens=tokens,
-                          tenant=tenant, params=params, deadline=deadline, stream=stream)
+        return P.Generate(
+            request_id=request_id or uuid.uuid4().hex,
+            prompt=text,
+            tokens=tokens,
+            tenant=tenant,
+            params=params,
+            deadline=deadline,
+            stream=stream,
+        )
 
     async def stream(
         self,
@@ -161,16 +174,23 @@ class AsyncClient:
         A chunk whose `attempt` is higher than the previous one means the request
         restarted on another node: drop the text received so far.
         """
-        params = P.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                  top_k=top_k, seed=seed, stop=list(stop))
+        params = P.SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=list(stop),
+        )
         try:
             params.validate()
         except ValueError as exc:
             raise RequestError(P.INVALID_REQUEST, str(exc)) from exc
         budget = self.timeout if timeout is None else timeout
         give_up = time.monotonic() + budget
-        msg = self._request(prompt, tenant or self.tenant, params, time.time() + budget,
-                            _stream, request_id)
+        msg = self._request(
+            prompt, tenant or self.tenant, params, time.time() + budget, _stream, request_id
+        )
         order = [endpoint] if endpoint else self.endpoints
         last_error: ZmeshError = NoEndpointAvailable(f"no endpoint reachable: {order}")
         for address in order:
@@ -189,7 +209,8 @@ class AsyncClient:
                         reply = await asyncio.wait_for(q.get(), left)
                     except TimeoutError:
                         raise RequestTimeout(
-                            f"no answer from {address} within {budget:.1f}s") from None
+                            f"no answer from {address} within {budget:.1f}s"
+                        ) from None
                     if isinstance(reply, P.Chunk):
                         yield reply
                     elif isinstance(reply, P.Done):
@@ -219,7 +240,9 @@ class AsyncClient:
         q: asyncio.Queue[P.Message] = asyncio.Queue()
         ep.waiters[rid] = q
         try:
-            if not await ep.send(P.StatusRequest(request_id=rid), min(timeout, self.connect_timeout)):
+            if not await ep.send(
+                P.StatusRequest(request_id=rid), min(timeout, self.connect_timeout)
+            ):
                 raise NoEndpointAvailable(f"could not connect to {ep.address}")
             try:
                 reply = await asyncio.wait_for(q.get(), timeout)
@@ -237,8 +260,9 @@ class Client:
 
     def __init__(self, endpoints: str | Sequence[str], **kwargs: Any) -> None:
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name="zmesh-client")
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, daemon=True, name="zmesh-client"
+        )
         self._thread.start()
         self._async = self._call(self._make(endpoints, kwargs))
 

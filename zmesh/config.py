@@ -172,6 +172,7 @@ class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     policy: str = "zmesh"
     max_hops: int = 1
     min_gain_s: float = 0.005  # forward only if the peer is expected this much sooner
+    min_gain_frac: float = 0.1  # ...and by this fraction of the local estimate
     balance_abs: int = 8
     balance_rel: float = 1.5
     forward_timeout_s: float = 5.0  # to the peer's first reply, then serve locally
@@ -184,6 +185,8 @@ class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             _fail("max_hops", f"must be >= 0, got {self.max_hops}")
         if not (self.min_gain_s >= 0 and math.isfinite(self.min_gain_s)):
             _fail("min_gain_s", f"must be >= 0, got {self.min_gain_s}")
+        if not 0.0 <= self.min_gain_frac < 1.0:
+            _fail("min_gain_frac", f"must be in [0, 1), got {self.min_gain_frac}")
         if self.balance_abs < 0:
             _fail("balance_abs", f"must be >= 0, got {self.balance_abs}")
         if not (self.balance_rel >= 1.0 and math.isfinite(self.balance_rel)):

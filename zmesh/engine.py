@@ -82,6 +82,19 @@ class EngineStats:
     evicted_tokens: int = 0
     prefill_s_per_token: float = 0.0  # EWMA over prefills of a useful size
     service_s: float = 0.0  # EWMA of the whole request time
+    decode_s_per_token: float = 0.0  # EWMA
+    completion_tokens: float = 0.0  # EWMA: how long answers really are
+
+    def predict_s(
+        self, new_prompt_tokens: int, max_tokens: int, default_prefill: float, default_decode: float
+    ) -> float:
+        """Predicted service time of a request that must prefill ``new_prompt_tokens``."""
+        prefill = self.prefill_s_per_token or default_prefill
+        decode = self.decode_s_per_token or default_decode
+        expect = (
+            min(max_tokens, 2 * self.completion_tokens) if self.completion_tokens else max_tokens
+        )
+        return new_prompt_tokens * prefill + expect * decode
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -115,9 +128,7 @@ def _silence_llama_logs() -> None:
 
 
 class Engine:
-    def __init__(
-        self, config: EngineConfig | None = None, hash_key: bytes = DEFAULT_KEY
-    ) -> None:
+    def __init__(self, config: EngineConfig | None = None, hash_key: bytes = DEFAULT_KEY) -> None:
         self.config = cfg = config or EngineConfig()
         if cfg.n_slots < 1:
             raise ValueError("n_slots must be >= 1")
@@ -284,7 +295,9 @@ class Engine:
                 pos_max = ll.llama_memory_seq_pos_max(self._mem, s.seq)
                 pos_min = ll.llama_memory_seq_pos_min(self._mem, s.seq)
                 if pos_max + 1 != len(s.tokens):
-                    problems.append(f"slot {s.seq}: llama.cpp pos_max {pos_max}, slot {len(s.tokens)}")
+                    problems.append(
+                        f"slot {s.seq}: llama.cpp pos_max {pos_max}, slot {len(s.tokens)}"
+                    )
                 if s.tokens and pos_min != 0:
                     problems.append(f"slot {s.seq}: llama.cpp pos_min {pos_min}")
                 for ns, tree in self._trees.items():
@@ -322,8 +335,17 @@ class Engine:
         try:
             self._extend(slot, ids[reuse:], logits_last=True)
             return self._decode_loop(
-                slot, ids, reuse, evicted, max_new, params, sampler, on_text, should_stop,
-                t0, t_prefill,
+                slot,
+                ids,
+                reuse,
+                evicted,
+                max_new,
+                params,
+                sampler,
+                on_text,
+                should_stop,
+                t0,
+                t_prefill,
             )
         finally:
             ll.llama_sampler_free(sampler)
@@ -332,10 +354,18 @@ class Engine:
             slot.last_used = time.monotonic()
 
     def _decode_loop(
-        self, slot: _Slot, ids: list[int], reuse: int, evicted: int, max_new: int,
-        params: SamplingParams, sampler: _Sampler,
-        on_text: Callable[[str], None] | None, should_stop: Callable[[], bool] | None,
-        t0: float, t_prefill: float,
+        self,
+        slot: _Slot,
+        ids: list[int],
+        reuse: int,
+        evicted: int,
+        max_new: int,
+        params: SamplingParams,
+        sampler: _Sampler,
+        on_text: Callable[[str], None] | None,
+        should_stop: Callable[[], bool] | None,
+        t0: float,
+        t_prefill: float,
     ) -> GenerationResult:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = params.stop
@@ -371,9 +401,16 @@ class Engine:
             on_text(text[emitted:])
         decode_s = time.perf_counter() - t_first
         result = GenerationResult(
-            text=text, finish_reason=finish, prompt_tokens=len(ids), cached_tokens=reuse,
-            completion_tokens=generated, ttft_s=ttft, prefill_s=prefill_s, decode_s=decode_s,
-            slot=slot.seq, evicted_tokens=evicted,
+            text=text,
+            finish_reason=finish,
+            prompt_tokens=len(ids),
+            cached_tokens=reuse,
+            completion_tokens=generated,
+            ttft_s=ttft,
+            prefill_s=prefill_s,
+            decode_s=decode_s,
+            slot=slot.seq,
+            evicted_tokens=evicted,
         )
         self._record(result, t0)
         return result
@@ -387,6 +424,9 @@ class Engine:
         if prefilled >= 32:  # tiny prefills are dominated by fixed costs
             st.prefill_s_per_token = _ewma(st.prefill_s_per_token, r.prefill_s / prefilled)
         st.service_s = _ewma(st.service_s, time.perf_counter() - t0)
+        st.completion_tokens = _ewma(st.completion_tokens, float(r.completion_tokens))
+        if r.completion_tokens > 1:
+            st.decode_s_per_token = _ewma(st.decode_s_per_token, r.decode_s / r.completion_tokens)
 
     def _claim_slot(self, ids: list[int], namespace: str) -> tuple[_Slot, int, int]:
         """Pick the slot to serve ``ids`` and make it hold the reusable prefix.

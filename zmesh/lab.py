@@ -67,8 +67,13 @@ def converged(statuses: Sequence[P.Status]) -> bool:
             if other.node_id == s.node_id:
                 continue
             p = seen.get(other.node_id)
-            if p is None or p.state != "alive" or p.epoch != other.epoch or \
-                    p.seq != other.seq or p.n_blocks != other.n_blocks:
+            if (
+                p is None
+                or p.state != "alive"
+                or p.epoch != other.epoch
+                or p.seq != other.seq
+                or p.n_blocks != other.n_blocks
+            ):
                 return False
     return len(by_id) == len(statuses)
 
@@ -99,25 +104,44 @@ class Lab:
             ports = [self.base_port + 10 * (i // 2) + (i % 2) for i in range(2 * self.n_nodes)]
         for i in range(self.n_nodes):
             name = node_name(i)
-            self.nodes.append(LabNode(
-                name=name, serve=f"tcp://{self.host}:{ports[2 * i]}",
-                gossip=f"tcp://{self.host}:{ports[2 * i + 1]}",
-                config_path=self.workdir / f"{name}.toml", log_path=self.workdir / f"{name}.log"))
+            self.nodes.append(
+                LabNode(
+                    name=name,
+                    serve=f"tcp://{self.host}:{ports[2 * i]}",
+                    gossip=f"tcp://{self.host}:{ports[2 * i + 1]}",
+                    config_path=self.workdir / f"{name}.toml",
+                    log_path=self.workdir / f"{name}.log",
+                )
+            )
         for i, node in enumerate(self.nodes):
             node.config_path.write_text(dump_toml(self.node_config(i)))
 
     def node_config(self, i: int) -> Any:
         me = self.nodes[i]
         # Each node is seeded with the next one only: the rest is learned by gossip.
-        seeds = [] if self.n_nodes == 1 else [
-            {"serve": self.nodes[(i + 1) % self.n_nodes].serve,
-             "gossip": self.nodes[(i + 1) % self.n_nodes].gossip}]
+        seeds = (
+            []
+            if self.n_nodes == 1
+            else [
+                {
+                    "serve": self.nodes[(i + 1) % self.n_nodes].serve,
+                    "gossip": self.nodes[(i + 1) % self.n_nodes].gossip,
+                }
+            ]
+        )
         seeds += self.extra_seeds
-        return config_from_dict({
-            "node_id": me.name, "serve_addr": me.serve, "gossip_addr": me.gossip, "seeds": seeds,
-            "engine": dict(self.engine), "gossip": dict(self.gossip),
-            "routing": {"policy": self.policy, **self.routing},
-        }, source=f"lab {me.name}")
+        return config_from_dict(
+            {
+                "node_id": me.name,
+                "serve_addr": me.serve,
+                "gossip_addr": me.gossip,
+                "seeds": seeds,
+                "engine": dict(self.engine),
+                "gossip": dict(self.gossip),
+                "routing": {"policy": self.policy, **self.routing},
+            },
+            source=f"lab {me.name}",
+        )
 
     @property
     def endpoints(self) -> list[str]:
@@ -136,9 +160,21 @@ class Lab:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
         log = node.log_path.open("ab")
         node.proc = subprocess.Popen(
-            [sys.executable, "-m", "zmesh", "node", "--config", str(node.config_path),
-             "--log-format", "json"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "zmesh",
+                "node",
+                "--config",
+                str(node.config_path),
+                "--log-format",
+                "json",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         log.close()
 
     def kill_node(self, i: int, sig: int = signal.SIGKILL) -> None:
@@ -172,15 +208,19 @@ class Lab:
 
     # ---- convergence ---------------------------------------------------------
 
-    async def statuses(self, indices: Sequence[int] | None = None,
-                       timeout: float = 2.0) -> list[P.Status]:
+    async def statuses(
+        self, indices: Sequence[int] | None = None, timeout: float = 2.0
+    ) -> list[P.Status]:
         idx = range(self.n_nodes) if indices is None else indices
         async with AsyncClient(self.endpoints, connect_timeout=timeout) as c:
-            return list(await asyncio.gather(
-                *(c.status(self.nodes[i].serve, timeout=timeout) for i in idx)))
+            return list(
+                await asyncio.gather(*(c.status(self.nodes[i].serve, timeout=timeout) for i in idx))
+            )
 
     async def wait_converged(
-        self, timeout: float = 120.0, indices: Sequence[int] | None = None,
+        self,
+        timeout: float = 120.0,
+        indices: Sequence[int] | None = None,
         progress: Callable[[str], None] | None = None,
     ) -> float:
         """Seconds until every (listed) node's estimates match the others' own state."""
@@ -192,7 +232,8 @@ class Lab:
                 node = self.nodes[i]
                 if node.proc is not None and node.proc.poll() is not None:
                     raise RuntimeError(
-                        f"{node.name} exited with {node.proc.returncode}; see {node.log_path}")
+                        f"{node.name} exited with {node.proc.returncode}; see {node.log_path}"
+                    )
             try:
                 sts = await self.statuses(idx, timeout=1.0)
                 if converged(sts):
@@ -204,5 +245,7 @@ class Lab:
                 progress(msg)
                 last = msg
             if time.monotonic() - t0 > timeout:
-                raise TimeoutError(f"lab did not converge within {timeout}s; logs in {self.workdir}")
+                raise TimeoutError(
+                    f"lab did not converge within {timeout}s; logs in {self.workdir}"
+                )
             await asyncio.sleep(0.1)

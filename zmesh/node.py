@@ -39,6 +39,7 @@ from zmesh.routing import (
 DEFAULT_PREFILL_S_PER_TOKEN = 0.002  # until measured: about what 2 CPU cores do
 DEFAULT_SERVICE_S = 0.5
 DEFAULT_LINK_DELAY_S = 0.001
+DEFAULT_DECODE_S_PER_TOKEN = 0.015
 _FALLBACK = object()  # sentinel pushed into a forward's queue when its peer fails
 
 
@@ -52,6 +53,7 @@ class _Job:
     received_at: float
     route_reason: str
     route_path: list[str]
+    predicted_s: float = 0.0  # predicted service time, for the advertised backlog
     attempt: int = 0
     chunks: int = 0
     cancelled: bool = False
@@ -60,6 +62,8 @@ class _Job:
 @dataclass(slots=True)
 class _Forward:
     target: str
+    sent_at: float  # monotonic
+    cost_s: float  # predicted service time at the target
     replies: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
 
 
@@ -72,25 +76,36 @@ class Node:
         self.epoch = random.getrandbits(62)
         self.advert = LocalAdvert(self.epoch)
         g = config.gossip
-        self.peers = PeerTable(self.node_id, g.suspect_after_s, g.dead_after_s, g.snapshot_timeout_s)
+        self.peers = PeerTable(
+            self.node_id, g.suspect_after_s, g.dead_after_s, g.snapshot_timeout_s
+        )
         r = config.routing
         self.routing = RoutingSettings(
-            policy=r.policy, max_hops=r.max_hops, min_gain_s=r.min_gain_s,
-            balance_abs=r.balance_abs, balance_rel=r.balance_rel,
+            policy=r.policy,
+            max_hops=r.max_hops,
+            min_gain_s=r.min_gain_s,
+            min_gain_frac=r.min_gain_frac,
+            balance_abs=r.balance_abs,
+            balance_rel=r.balance_rel,
         )
         self.policy_state = PolicyState.seeded(int.from_bytes(self.node_id.encode()[:8], "little"))
         self.serve_addr = config.advertise_serve or config.serve_addr
         self.gossip_addr = config.advertise_gossip or config.gossip_addr
         self.counters: dict[str, int] = {}
         self._fault_rng = random.Random(self.epoch)
+        self._last_route: dict[str, Candidate] = {}
         self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=config.max_queue)
         self._running: _Job | None = None
+        self._running_since = 0.0
+        self._queued_s = 0.0  # predicted seconds of the jobs waiting in _queue
+        self._load_changed = False  # send a heartbeat at the next gossip tick
         self._jobs: dict[str, _Job] = {}
         self._forwards: dict[str, _Forward] = {}
         self._dealers: dict[str, zmq.asyncio.Socket] = {}  # by peer serve address
         self._subscribed: set[str] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._tasks: list[asyncio.Task[Any]] = []
+        self._request_tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self.ctx = zmq.asyncio.Context()
         self.ready = asyncio.Event()
@@ -119,8 +134,13 @@ class Node:
             ]
         ]
         self.log.info(
-            "node.started", serve=self.serve_addr, gossip=self.gossip_addr, epoch=self.epoch,
-            policy=self.routing.policy, slots=self.engine.n_slots, model=str(self.engine.model_path),
+            "node.started",
+            serve=self.serve_addr,
+            gossip=self.gossip_addr,
+            epoch=self.epoch,
+            policy=self.routing.policy,
+            slots=self.engine.n_slots,
+            model=str(self.engine.model_path),
         )
         self.ready.set()
         try:
@@ -155,7 +175,9 @@ class Node:
             d.setsockopt(zmq.SNDHWM, 1000)
             d.connect(serve_addr)
             self._dealers[serve_addr] = d
-            self._tasks.append(asyncio.create_task(self._dealer_loop(d), name=f"dealer {serve_addr}"))
+            self._tasks.append(
+                asyncio.create_task(self._dealer_loop(d), name=f"dealer {serve_addr}")
+            )
         if gossip_addr not in self._subscribed and gossip_addr != self.gossip_addr:
             self.sub.connect(gossip_addr)
             self._subscribed.add(gossip_addr)
@@ -166,7 +188,8 @@ class Node:
             # A sync shadow raises zmq.Again here and now; the asyncio socket would
             # hide it in a future.
             zmq.Socket.shadow(sock.underlying).send_multipart(
-                [*envelope, P.encode(msg)], flags=zmq.DONTWAIT)
+                [*envelope, P.encode(msg)], flags=zmq.DONTWAIT
+            )
             return True
         except zmq.Again:
             return False
@@ -188,8 +211,12 @@ class Node:
                 if len(frames) > 3 or (len(frames) == 3 and frames[1] != b""):
                     self._count("frames_malformed")
                     self.log.warning("frame.malformed", socket="serve", parts=len(frames))
-                    self._reply_error(frames[:1], None, P.MALFORMED,
-                                      f"expected one frame per message, got {len(frames) - 1}")
+                    self._reply_error(
+                        frames[:1],
+                        None,
+                        P.MALFORMED,
+                        f"expected one frame per message, got {len(frames) - 1}",
+                    )
                     continue
                 self._on_serve(envelope, payload)
             except Exception as exc:  # a bug must cost one request, not the node
@@ -204,14 +231,20 @@ class Node:
             self._send(self.serve, envelope, P.error_for(exc, self.node_id))
             return
         if isinstance(msg, P.Generate):
-            asyncio.create_task(self._handle_generate(envelope, msg))
+            # Keep a reference: the loop holds tasks only weakly.
+            task = asyncio.create_task(self._handle_generate(envelope, msg))
+            self._request_tasks.add(task)
+            task.add_done_callback(self._request_tasks.discard)
         elif isinstance(msg, P.StatusRequest):
             self._send(self.serve, envelope, self._status(msg.request_id))
         elif isinstance(msg, P.SnapshotRequest):
             self._send_snapshot(envelope, msg)
         elif isinstance(msg, P.Ping):
-            self._send(self.serve, envelope,
-                       P.Pong(request_id=msg.request_id, sent_at=msg.sent_at, node_id=self.node_id))
+            self._send(
+                self.serve,
+                envelope,
+                P.Pong(request_id=msg.request_id, sent_at=msg.sent_at, node_id=self.node_id),
+            )
         elif isinstance(msg, P.Cancel):
             job = self._jobs.get(msg.request_id)
             if job is not None:
@@ -219,14 +252,23 @@ class Node:
         else:
             self._count("frames_unexpected")
             self.log.warning("frame.unexpected", socket="serve", type=type(msg).__name__)
-            self._send(self.serve, envelope, P.Error(
-                request_id=getattr(msg, "request_id", None), code=P.INVALID_REQUEST,
-                message=f"{type(msg).__name__} is not accepted on the serve socket",
-                node_id=self.node_id))
+            self._send(
+                self.serve,
+                envelope,
+                P.Error(
+                    request_id=getattr(msg, "request_id", None),
+                    code=P.INVALID_REQUEST,
+                    message=f"{type(msg).__name__} is not accepted on the serve socket",
+                    node_id=self.node_id,
+                ),
+            )
 
     def _reply_error(self, envelope: list[bytes], rid: str | None, code: str, message: str) -> None:
-        self._send(self.serve, envelope,
-                   P.Error(request_id=rid, code=code, message=message, node_id=self.node_id))
+        self._send(
+            self.serve,
+            envelope,
+            P.Error(request_id=rid, code=code, message=message, node_id=self.node_id),
+        )
 
     # ---- requests --------------------------------------------------------
 
@@ -241,8 +283,9 @@ class Node:
             self._reply_error(envelope, rid, exc.code, exc.message)
             return
         self._count("requests_received")
-        self.log.info("request.received", request_id=rid, hops=msg.hops, origin=msg.origin,
-                      tenant=msg.tenant)
+        self.log.info(
+            "request.received", request_id=rid, hops=msg.hops, origin=msg.origin, tenant=msg.tenant
+        )
         try:
             tokens = self.engine.prompt_tokens(msg.prompt, msg.tokens)
         except EngineError as exc:
@@ -250,11 +293,11 @@ class Node:
             self.log.warning("request.failed", request_id=rid, code=exc.code, error=exc.message)
             self._reply_error(envelope, rid, exc.code, exc.message)
             return
-        path = [*(msg.origin and [msg.origin] or []), self.node_id]
+        path = [*((msg.origin and [msg.origin]) or []), self.node_id]
         decision = self._route(msg, tokens)
         attempt = 0
         if decision.forward:
-            outcome = await self._forward(envelope, msg, decision)
+            outcome = await self._forward(envelope, msg, decision, tokens)
             if outcome == "done":
                 return
             attempt = 1 if outcome == "partial" else 0
@@ -262,8 +305,17 @@ class Node:
             reason = "fallback"
         else:
             reason = decision.reason
-        job = _Job(msg=msg, reply_to=envelope, tokens=tokens, received_at=received,
-                   route_reason=reason, route_path=path, attempt=attempt)
+        new_tokens = len(tokens) - self.engine.local_match(tokens, msg.tenant)
+        job = _Job(
+            msg=msg,
+            reply_to=envelope,
+            tokens=tokens,
+            received_at=received,
+            route_reason=reason,
+            route_path=path,
+            attempt=attempt,
+            predicted_s=self._predict_s(max(new_tokens, 1), msg.params.max_tokens),
+        )
         self._enqueue(job)
 
     def _route(self, msg: P.Generate, tokens: list[int]) -> Decision:
@@ -273,52 +325,95 @@ class Node:
         bs = hasher.block_size
         local_match = self.engine.local_match(tokens, msg.tenant)
         st = self.engine.stats
-        prefill = st.prefill_s_per_token or DEFAULT_PREFILL_S_PER_TOKEN
-        service = st.service_s or DEFAULT_SERVICE_S
-        cands = [Candidate(
-            node_id=self.node_id, is_local=True, matched_tokens=local_match,
-            queue_depth=self.queue_depth(), link_delay_s=0.0,
-            prefill_s_per_token=prefill, service_s=service)]
+        prefill = (
+            st.prefill_s_per_token
+            or self._peer_median("prefill_s_per_token")
+            or (DEFAULT_PREFILL_S_PER_TOKEN)
+        )
+        service = st.service_s or self._peer_median("service_s") or DEFAULT_SERVICE_S
+        cands = [
+            Candidate(
+                node_id=self.node_id,
+                is_local=True,
+                matched_tokens=local_match,
+                queue_depth=self.queue_depth(),
+                link_delay_s=0.0,
+                prefill_s_per_token=prefill,
+                service_s=service,
+                wait_s=self.backlog_s(),
+            )
+        ]
         for peer in self.peers.alive():
-            cands.append(Candidate(
-                node_id=peer.node_id, is_local=False,
-                matched_tokens=peer.match_blocks(ids) * bs,
-                queue_depth=peer.queue_depth + peer.inflight,
-                link_delay_s=peer.link_delay_s or DEFAULT_LINK_DELAY_S,
-                prefill_s_per_token=peer.prefill_s_per_token or prefill,
-                service_s=peer.service_s or service))
-        head = ids[min(len(ids), max(1, self.config.routing.hash_prefix_tokens // bs)) - 1] \
-            if ids else hash(tuple(tokens[:bs])) & (2**64 - 1)
+            cands.append(
+                Candidate(
+                    node_id=peer.node_id,
+                    is_local=False,
+                    matched_tokens=peer.match_blocks(ids) * bs,
+                    queue_depth=peer.queue_depth + peer.inflight,
+                    link_delay_s=peer.link_delay_s or DEFAULT_LINK_DELAY_S,
+                    prefill_s_per_token=peer.prefill_s_per_token or prefill,
+                    service_s=peer.service_s or service,
+                    wait_s=peer.backlog_s + self._unreported_forwards_s(peer),
+                )
+            )
+        head = (
+            ids[min(len(ids), max(1, self.config.routing.hash_prefix_tokens // bs)) - 1]
+            if ids
+            else hash(tuple(tokens[:bs])) & (2**64 - 1)
+        )
         req = RouteRequest(prompt_tokens=len(tokens), hops=msg.hops, head_key=head)
         decision = decide(req, cands, self.routing, self.policy_state)
         self._count(f"route_{decision.reason}")
+        self._last_route = {c.node_id: c for c in cands}
         self.log.info(
-            "route.decided", request_id=msg.request_id, policy=self.routing.policy,
-            prompt_tokens=len(tokens), local_match=local_match,
-            candidates={c.node_id: {"match": c.matched_tokens, "queue": c.queue_depth}
-                        for c in cands},
-            decide_us=round((time.perf_counter() - t0) * 1e6, 1), **decision.log_fields(),
+            "route.decided",
+            request_id=msg.request_id,
+            policy=self.routing.policy,
+            prompt_tokens=len(tokens),
+            local_match=local_match,
+            candidates={
+                c.node_id: {"match": c.matched_tokens, "queue": c.queue_depth} for c in cands
+            },
+            decide_us=round((time.perf_counter() - t0) * 1e6, 1),
+            **decision.log_fields(),
         )
         return decision
 
-    async def _forward(self, envelope: list[bytes], msg: P.Generate, decision: Decision) -> str:
+    async def _forward(
+        self, envelope: list[bytes], msg: P.Generate, decision: Decision, tokens: list[int]
+    ) -> str:
         """Relay the request through a peer: "done", or "none"/"partial" to fall back."""
         peer = self.peers.get(decision.target)
         dealer = self._dealer_for(peer) if peer else None
         rid = msg.request_id
         fwd_msg = P.Generate(
-            request_id=rid, prompt=msg.prompt, tokens=msg.tokens, tenant=msg.tenant,
-            params=msg.params, hops=msg.hops + 1, deadline=msg.deadline,
-            origin=self.node_id, stream=msg.stream)
+            request_id=rid,
+            prompt=msg.prompt,
+            tokens=msg.tokens,
+            tenant=msg.tenant,
+            params=msg.params,
+            hops=msg.hops + 1,
+            deadline=msg.deadline,
+            origin=self.node_id,
+            stream=msg.stream,
+        )
         if dealer is None or peer is None or not self._send(dealer, [], fwd_msg):
-            self.log.warning("request.fallback", request_id=rid, target=decision.target,
-                             why="peer not connected")
+            self.log.warning(
+                "request.fallback", request_id=rid, target=decision.target, why="peer not connected"
+            )
             return "none"
-        fwd = self._forwards[rid] = _Forward(target=peer.node_id)
+        target = self._last_route.get(peer.node_id)
+        new_tokens = len(tokens) - (target.matched_tokens if target else 0)
+        fwd = self._forwards[rid] = _Forward(
+            target=peer.node_id,
+            sent_at=time.monotonic(),
+            cost_s=self._predict_s(max(new_tokens, 1), msg.params.max_tokens),
+        )
         peer.inflight += 1
         self._count("forwards")
-        self.log.info("request.forwarded", request_id=rid, target=peer.node_id,
-                      reason=decision.reason)
+        self.log.info(
+            "request.forwarded", request_id=rid, target=peer.node_id, reason=decision.reason
+        )
         relayed = False
         timeout = self.config.routing.forward_timeout_s
         try:
@@ -331,8 +426,13 @@ class Node:
                     why = "peer failed"
                 if reply is _FALLBACK or isinstance(reply, P.Error):
                     detail = reply.message if isinstance(reply, P.Error) else why
-                    self.log.warning("request.fallback", request_id=rid, target=peer.node_id,
-                                     why=detail, partial=relayed)
+                    self.log.warning(
+                        "request.fallback",
+                        request_id=rid,
+                        target=peer.node_id,
+                        why=detail,
+                        partial=relayed,
+                    )
                     self._send(dealer, [], P.Cancel(request_id=rid))
                     return "partial" if relayed else "none"
                 if isinstance(reply, P.Chunk):
@@ -356,38 +456,79 @@ class Node:
     def queue_depth(self) -> int:
         return self._queue.qsize() + (1 if self._running else 0)
 
+    def _peer_median(self, field: str) -> float:
+        """Median of a rate the live peers measured (0 if none): until this node has
+        measured its own, peers on like hardware are a better guess than a constant."""
+        values = sorted(v for p in self.peers.alive() if (v := getattr(p, field)) > 0)
+        return values[len(values) // 2] if values else 0.0
+
+    def _predict_s(self, new_tokens: int, max_tokens: int) -> float:
+        return self.engine.stats.predict_s(
+            new_tokens, max_tokens, DEFAULT_PREFILL_S_PER_TOKEN, DEFAULT_DECODE_S_PER_TOKEN
+        )
+
+    def backlog_s(self) -> float:
+        """Predicted seconds until a request arriving now would start here."""
+        running = 0.0
+        if self._running is not None:
+            elapsed = time.monotonic() - self._running_since
+            running = max(self._running.predicted_s - elapsed, 0.0)
+        return self._queued_s + running
+
+    def _unreported_forwards_s(self, peer: PeerEstimate) -> float:
+        """Work we sent to ``peer`` since its last heartbeat, which cannot include it yet."""
+        heard = peer.last_heard or 0.0
+        return sum(
+            f.cost_s
+            for f in self._forwards.values()
+            if f.target == peer.node_id and f.sent_at > heard
+        )
+
     def _enqueue(self, job: _Job) -> None:
         rid = job.msg.request_id
         try:
             self._queue.put_nowait(job)
+            self._queued_s += job.predicted_s
+            self._load_changed = True
         except asyncio.QueueFull:
             self._count("requests_overloaded")
             self.log.warning("request.failed", request_id=rid, code=P.OVERLOADED)
-            self._reply_error(job.reply_to, rid, P.OVERLOADED,
-                              f"node {self.node_id} queue is full ({self.config.max_queue})")
+            self._reply_error(
+                job.reply_to,
+                rid,
+                P.OVERLOADED,
+                f"node {self.node_id} queue is full ({self.config.max_queue})",
+            )
             return
         self._jobs[rid] = job
 
     async def _worker_loop(self) -> None:
         while True:
             job = await self._queue.get()
-            self._running = job
+            self._queued_s = max(self._queued_s - job.predicted_s, 0.0)
+            self._running, self._running_since = job, time.monotonic()
+            self._load_changed = True
             try:
                 await self._serve_job(job)
             except Exception as exc:
-                self.log.exception("request.failed", request_id=job.msg.request_id,
-                                   error=repr(exc))
+                self.log.exception("request.failed", request_id=job.msg.request_id, error=repr(exc))
                 self._reply_error(job.reply_to, job.msg.request_id, P.INTERNAL, repr(exc))
             finally:
+                self._flush_deltas()  # also after failures: a prefill may have cached
                 self._running = None
+                self._load_changed = True
                 self._jobs.pop(job.msg.request_id, None)
 
     async def _serve_job(self, job: _Job) -> None:
         msg, rid = job.msg, job.msg.request_id
         if msg.deadline is not None and time.time() > msg.deadline:
             self._count("requests_deadline")
-            self._reply_error(job.reply_to, rid, P.DEADLINE_EXCEEDED,
-                              "deadline passed while the request was queued")
+            self._reply_error(
+                job.reply_to,
+                rid,
+                P.DEADLINE_EXCEEDED,
+                "deadline passed while the request was queued",
+            )
             return
         if job.cancelled:
             return
@@ -399,26 +540,44 @@ class Node:
             self.log.warning("request.failed", request_id=rid, code=exc.code, error=exc.message)
             self._reply_error(job.reply_to, rid, exc.code, exc.message)
             return
-        self._publish_cache_events()
+        # Publish what this request cached before answering, so peers can know of it
+        # by the time the client sends its next request.
+        self._flush_deltas()
         if result.evicted_tokens:
             self.log.info("cache.evicted", request_id=rid, tokens=result.evicted_tokens)
         done = P.Done(
-            request_id=rid, text=result.text, finish_reason=result.finish_reason,
-            served_by=self.node_id, hops=msg.hops, route_reason=job.route_reason,
-            route_path=job.route_path, prompt_tokens=result.prompt_tokens,
-            cached_tokens=result.cached_tokens, completion_tokens=result.completion_tokens,
+            request_id=rid,
+            text=result.text,
+            finish_reason=result.finish_reason,
+            served_by=self.node_id,
+            hops=msg.hops,
+            route_reason=job.route_reason,
+            route_path=job.route_path,
+            prompt_tokens=result.prompt_tokens,
+            cached_tokens=result.cached_tokens,
+            completion_tokens=result.completion_tokens,
             ttft_s=round(started - job.received_at + result.ttft_s, 6),
-            prefill_s=round(result.prefill_s, 6), decode_tps=round(result.decode_tps, 2),
-            queue_s=round(started - job.received_at, 6))
+            prefill_s=round(result.prefill_s, 6),
+            decode_tps=round(result.decode_tps, 2),
+            queue_s=round(started - job.received_at, 6),
+        )
         self._send(self.serve, job.reply_to, done)
         self._count("requests_served")
         self._count("prompt_tokens", result.prompt_tokens)
         self._count("cached_tokens", result.cached_tokens)
         self.log.info(
-            "request.completed", request_id=rid, served_by=self.node_id,
-            route_reason=job.route_reason, hops=msg.hops, prompt_tokens=result.prompt_tokens,
-            cached_tokens=result.cached_tokens, completion_tokens=result.completion_tokens,
-            ttft_s=done.ttft_s, queue_s=done.queue_s, finish=result.finish_reason)
+            "request.completed",
+            request_id=rid,
+            served_by=self.node_id,
+            route_reason=job.route_reason,
+            hops=msg.hops,
+            prompt_tokens=result.prompt_tokens,
+            cached_tokens=result.cached_tokens,
+            completion_tokens=result.completion_tokens,
+            ttft_s=done.ttft_s,
+            queue_s=done.queue_s,
+            finish=result.finish_reason,
+        )
 
     def _generate_blocking(self, job: _Job) -> GenerationResult:
         """Runs in the engine thread; chunks hop back to the loop thread to be sent."""
@@ -432,13 +591,22 @@ class Node:
         def should_stop() -> bool:
             return job.cancelled or (deadline is not None and time.time() > deadline)
 
-        return self.engine.generate(tokens=job.tokens, params=msg.params,
-                                    namespace=msg.tenant, on_text=on_text,
-                                    should_stop=should_stop)
+        return self.engine.generate(
+            tokens=job.tokens,
+            params=msg.params,
+            namespace=msg.tenant,
+            on_text=on_text,
+            should_stop=should_stop,
+        )
 
     def _send_chunk(self, job: _Job, text: str) -> None:
-        self._send(self.serve, job.reply_to, P.Chunk(
-            request_id=job.msg.request_id, index=job.chunks, text=text, attempt=job.attempt))
+        self._send(
+            self.serve,
+            job.reply_to,
+            P.Chunk(
+                request_id=job.msg.request_id, index=job.chunks, text=text, attempt=job.attempt
+            ),
+        )
         job.chunks += 1
 
     # ---- gossip ----------------------------------------------------------
@@ -455,22 +623,42 @@ class Node:
             if drop and self._fault_rng.random() < drop:
                 self._count("deltas_dropped_on_purpose")
                 continue
-            self._send(self.pub, [], P.CacheDelta(
-                node_id=self.node_id, epoch=self.epoch, seq=batch.seq,
-                added=list(batch.added), removed=list(batch.removed)))
+            self._send(
+                self.pub,
+                [],
+                P.CacheDelta(
+                    node_id=self.node_id,
+                    epoch=self.epoch,
+                    seq=batch.seq,
+                    added=list(batch.added),
+                    removed=list(batch.removed),
+                ),
+            )
 
     def _heartbeat(self) -> P.Heartbeat:
         st = self.engine.stats
         return P.Heartbeat(
-            node_id=self.node_id, epoch=self.epoch, seq=self.advert.seq, sent_at=time.time(),
-            serve_addr=self.serve_addr, gossip_addr=self.gossip_addr,
-            queue_depth=self.queue_depth(), busy_slots=self.engine.busy_slots(),
-            n_slots=self.engine.n_slots, n_blocks=self.advert.n_blocks,
-            digest=self.advert.digest, prefill_s_per_token=st.prefill_s_per_token,
-            service_s=st.service_s, block_size=self.engine.block_size,
+            node_id=self.node_id,
+            epoch=self.epoch,
+            seq=self.advert.seq,
+            sent_at=time.time(),
+            serve_addr=self.serve_addr,
+            gossip_addr=self.gossip_addr,
+            queue_depth=self.queue_depth(),
+            busy_slots=self.engine.busy_slots(),
+            n_slots=self.engine.n_slots,
+            n_blocks=self.advert.n_blocks,
+            digest=self.advert.digest,
+            prefill_s_per_token=st.prefill_s_per_token,
+            service_s=st.service_s,
+            backlog_s=round(self.backlog_s(), 4),
+            block_size=self.engine.block_size,
             model_fingerprint=self.engine.fingerprint.hex(),
-            peers=[P.PeerInfo(node_id=p.node_id, serve_addr=p.serve_addr,
-                              gossip_addr=p.gossip_addr) for p in self.peers.alive()])
+            peers=[
+                P.PeerInfo(node_id=p.node_id, serve_addr=p.serve_addr, gossip_addr=p.gossip_addr)
+                for p in self.peers.alive()
+            ],
+        )
 
     async def _gossip_loop(self) -> None:
         g = self.config.gossip
@@ -478,8 +666,12 @@ class Node:
         while True:
             self._flush_deltas()
             now = time.monotonic()
-            if now >= next_hb:
+            if now >= next_hb or self._load_changed:
+                # Load changes go out at the next tick, not the next heartbeat period:
+                # routing on a stale queue sends work to a node that is already free.
+                self._load_changed = False
                 self._send(self.pub, [], self._heartbeat())
+            if now >= next_hb:
                 next_hb = now + g.heartbeat_interval_s
                 self._tick_peers(now)
             await asyncio.sleep(g.delta_interval_s)
@@ -511,8 +703,10 @@ class Node:
         if hb.node_id == self.node_id:
             return
         now = time.monotonic()
-        if hb.model_fingerprint != self.engine.fingerprint.hex() or \
-                hb.block_size != self.engine.block_size:
+        if (
+            hb.model_fingerprint != self.engine.fingerprint.hex()
+            or hb.block_size != self.engine.block_size
+        ):
             self._count("peers_incompatible")
             return  # another model: its ids can never match ours
         if self.peers.upsert(hb.node_id, hb.serve_addr, hb.gossip_addr, now):
@@ -520,15 +714,23 @@ class Node:
         self._connect_peer(hb.serve_addr, hb.gossip_addr)
         for info in hb.peers:
             if info.node_id != self.node_id and self.peers.get(info.node_id) is None:
-                self.peers.upsert(info.node_id, info.serve_addr, info.gossip_addr, now,
-                                  heard=False)
+                self.peers.upsert(info.node_id, info.serve_addr, info.gossip_addr, now, heard=False)
                 self._connect_peer(info.serve_addr, info.gossip_addr)
         peer = self.peers.get(hb.node_id)
         assert peer is not None
         action = peer.on_heartbeat(
-            epoch=hb.epoch, seq=hb.seq, digest=hb.digest, n_blocks=hb.n_blocks, now=now,
-            queue_depth=hb.queue_depth, busy_slots=hb.busy_slots, n_slots=hb.n_slots,
-            prefill_s_per_token=hb.prefill_s_per_token, service_s=hb.service_s)
+            epoch=hb.epoch,
+            seq=hb.seq,
+            digest=hb.digest,
+            n_blocks=hb.n_blocks,
+            now=now,
+            queue_depth=hb.queue_depth,
+            busy_slots=hb.busy_slots,
+            n_slots=hb.n_slots,
+            prefill_s_per_token=hb.prefill_s_per_token,
+            service_s=hb.service_s,
+            backlog_s=hb.backlog_s,
+        )
         self._maybe_resync(peer, action, now)
 
     def _on_delta(self, d: P.CacheDelta) -> None:
@@ -544,23 +746,39 @@ class Node:
             return
         dealer = self._dealer_for(peer)
         rid = os.urandom(8).hex()
-        if dealer is None or not self._send(dealer, [], P.SnapshotRequest(
-                request_id=rid, node_id=self.node_id)):
+        if dealer is None or not self._send(
+            dealer, [], P.SnapshotRequest(request_id=rid, node_id=self.node_id)
+        ):
             return
         peer.begin_snapshot(rid, now)
         self._count("snapshots_requested")
         log = self.log.info if action.reason in ("new_peer", "epoch") else self.log.warning
-        log("gossip.gap" if action.reason in ("gap", "digest") else "peer.resync",
-            peer=peer.node_id, reason=action.reason, seq=peer.seq)
+        log(
+            "gossip.gap" if action.reason in ("gap", "digest") else "peer.resync",
+            peer=peer.node_id,
+            reason=action.reason,
+            seq=peer.seq,
+        )
 
     def _send_snapshot(self, envelope: list[bytes], req: P.SnapshotRequest) -> None:
         self._flush_deltas()  # the snapshot must describe exactly the published seq
         parts = self.advert.snapshot_parts(P.SNAPSHOT_PART_BLOCKS)
         for part in parts:
-            self._send(self.serve, envelope, P.Snapshot(
-                request_id=req.request_id, node_id=self.node_id, epoch=self.epoch,
-                seq=part.seq, part=part.part, parts=part.parts, blocks=list(part.blocks),
-                digest=part.digest, n_blocks=part.n_blocks))
+            self._send(
+                self.serve,
+                envelope,
+                P.Snapshot(
+                    request_id=req.request_id,
+                    node_id=self.node_id,
+                    epoch=self.epoch,
+                    seq=part.seq,
+                    part=part.part,
+                    parts=part.parts,
+                    blocks=list(part.blocks),
+                    digest=part.digest,
+                    n_blocks=part.n_blocks,
+                ),
+            )
         self._count("snapshots_served")
 
     # ---- peer replies (DEALER) ---------------------------------------------
@@ -572,8 +790,9 @@ class Node:
                 self._on_peer_reply(P.decode(payload))
             except P.ProtocolError as exc:
                 self._count("frames_malformed")
-                self.log.warning("frame.malformed", socket="dealer", code=exc.code,
-                                 error=exc.message)
+                self.log.warning(
+                    "frame.malformed", socket="dealer", code=exc.code, error=exc.message
+                )
             except Exception as exc:
                 self.log.exception("dealer.handler_failed", error=repr(exc))
 
@@ -588,11 +807,20 @@ class Node:
                 return
             now = time.monotonic()
             action = peer.on_snapshot_part(
-                msg.request_id, msg.epoch, msg.seq, msg.part, msg.parts, msg.blocks,
-                msg.digest, msg.n_blocks, now)
+                msg.request_id,
+                msg.epoch,
+                msg.seq,
+                msg.part,
+                msg.parts,
+                msg.blocks,
+                msg.digest,
+                msg.n_blocks,
+                now,
+            )
             if peer.synced and msg.part == msg.parts - 1:
-                self.log.info("gossip.snapshot", peer=peer.node_id, seq=peer.seq,
-                              n_blocks=peer.n_blocks)
+                self.log.info(
+                    "gossip.snapshot", peer=peer.node_id, seq=peer.seq, n_blocks=peer.n_blocks
+                )
             self._maybe_resync(peer, action, now)
         elif isinstance(msg, P.Pong):
             peer = self.peers.get(msg.node_id)
@@ -612,16 +840,29 @@ class Node:
     def _status(self, rid: str) -> P.Status:
         now = time.monotonic()
         return P.Status(
-            request_id=rid, node_id=self.node_id, epoch=self.epoch, seq=self.advert.seq,
-            n_blocks=self.advert.n_blocks, queue_depth=self.queue_depth(),
-            busy_slots=self.engine.busy_slots(), n_slots=self.engine.n_slots,
-            peers=[P.PeerStatus(
-                node_id=p.node_id, state=p.state.value if isinstance(p.state, PeerState)
-                else str(p.state), epoch=p.epoch or 0, seq=p.seq, n_blocks=p.n_blocks,
-                estimate_age_s=round(now - p.last_heard, 3) if p.last_heard else -1.0,
-                queue_depth=p.queue_depth, link_delay_s=p.link_delay_s)
-                for p in self.peers.all()],
-            counters=dict(self.counters))
+            request_id=rid,
+            node_id=self.node_id,
+            epoch=self.epoch,
+            seq=self.advert.seq,
+            n_blocks=self.advert.n_blocks,
+            queue_depth=self.queue_depth(),
+            busy_slots=self.engine.busy_slots(),
+            n_slots=self.engine.n_slots,
+            peers=[
+                P.PeerStatus(
+                    node_id=p.node_id,
+                    state=p.state.value if isinstance(p.state, PeerState) else str(p.state),
+                    epoch=p.epoch or 0,
+                    seq=p.seq,
+                    n_blocks=p.n_blocks,
+                    estimate_age_s=round(now - p.last_heard, 3) if p.last_heard else -1.0,
+                    queue_depth=p.queue_depth,
+                    link_delay_s=p.link_delay_s,
+                )
+                for p in self.peers.all()
+            ],
+            counters=dict(self.counters),
+        )
 
 
 def run_node(config: NodeConfig, on_ready: Callable[[Node], None] | None = None) -> None:

@@ -103,6 +103,7 @@ class PeerEstimate:
         "_snap_at",
         "_snap_meta",
         "_snap_rid",
+        "backlog_s",
         "blocks",
         "buffer_limit",
         "busy_slots",
@@ -162,6 +163,7 @@ class PeerEstimate:
         self.n_slots = 0
         self.prefill_s_per_token = 0.0
         self.service_s = 0.0
+        self.backlog_s = 0.0  # the peer's predicted seconds of queued + running work
         self.link_delay_s = 0.0  # one-way, EWMA; 0.0 until measured
         self.inflight = 0  # requests we forwarded there that have not finished
         # snapshot in flight
@@ -239,9 +241,11 @@ class PeerEstimate:
         n_slots: int = 0,
         prefill_s_per_token: float | None = None,
         service_s: float | None = None,
+        backlog_s: float = 0.0,
     ) -> Action:
         """Refresh liveness and load; check our estimate against the peer's (seq, digest)."""
         self.mark_heard(now)
+        self.backlog_s = max(backlog_s, 0.0)
         self.queue_depth = queue_depth
         self.busy_slots = busy_slots
         self.n_slots = n_slots

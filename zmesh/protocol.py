@@ -222,6 +222,9 @@ class Heartbeat(_Msg, tag="hb", kw_only=True):
     digest: U64
     prefill_s_per_token: float
     service_s: float
+    # Predicted seconds of work queued and running: a better wait estimate than
+    # queue_depth x service_s when requests differ in size (cold vs cached prompts).
+    backlog_s: float = 0.0
     peers: list[PeerInfo] = []
     block_size: int
     model_fingerprint: str

@@ -95,6 +95,7 @@ class Candidate:
     prefill_s_per_token: float
     service_s: float
     alive: bool = True
+    wait_s: float | None = None  # predicted queueing delay; None: queue_depth * service_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +114,10 @@ class RoutingSettings:
     policy: str = ZMESH
     max_hops: int = 1
     min_gain_s: float = 0.005
+    # Relative bar too: a gain within measurement noise of the local estimate (e.g.
+    # two identical nodes whose measured prefill rates differ by a few %) must not
+    # pull cold traffic onto whichever node measured fastest.
+    min_gain_frac: float = 0.0
     balance_abs: int = 8
     balance_rel: float = 1.5
     vnodes: int = 64
@@ -124,6 +129,8 @@ class RoutingSettings:
             raise ValueError(f"max_hops must be >= 0, got {self.max_hops}")
         if self.min_gain_s < 0:
             raise ValueError(f"min_gain_s must be >= 0, got {self.min_gain_s}")
+        if not 0.0 <= self.min_gain_frac < 1.0:
+            raise ValueError(f"min_gain_frac must be in [0, 1), got {self.min_gain_frac}")
         if self.balance_abs < 0:
             raise ValueError(f"balance_abs must be >= 0, got {self.balance_abs}")
         if self.balance_rel < 1.0:
@@ -171,11 +178,13 @@ class Decision:
 def estimate_s(c: Candidate, prompt_tokens: int) -> float:
     """Expected time to first token on `c`; matches are clamped to [0, prompt_tokens]."""
     matched = min(max(c.matched_tokens, 0), prompt_tokens)
-    return (
-        c.link_delay_s
-        + max(c.queue_depth, 0) * c.service_s
-        + (prompt_tokens - matched) * c.prefill_s_per_token
-    )
+    wait = max(c.queue_depth, 0) * c.service_s if c.wait_s is None else max(c.wait_s, 0.0)
+    return c.link_delay_s + wait + (prompt_tokens - matched) * c.prefill_s_per_token
+
+
+def gain_threshold(est_local: float, settings: RoutingSettings) -> float:
+    """How much sooner a peer must be expected to answer before we forward to it."""
+    return max(settings.min_gain_s, settings.min_gain_frac * est_local)
 
 
 def is_overloaded(queue: int, min_queue: int, settings: RoutingSettings) -> bool:
@@ -279,7 +288,7 @@ def _zmesh(
             overloaded.append(p.node_id)
         elif best is None or est < best_est or (est == best_est and p.node_id < best.node_id):
             best, best_est = p, est
-    if best is None or not est_local - best_est > settings.min_gain_s:
+    if best is None or not est_local - best_est > gain_threshold(est_local, settings):
         return _local(local, REASON_LOCAL_BEST, scores, est_local, tuple(overloaded))
     prompt = max(request.prompt_tokens, 0)
     gained = min(max(best.matched_tokens, 0), prompt) > min(max(local.matched_tokens, 0), prompt)

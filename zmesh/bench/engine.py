@@ -20,8 +20,18 @@ from zmesh.engine import Engine, GenerationResult
 from zmesh.protocol import SamplingParams
 
 TOPICS = [
-    "astronomy", "anatomy", "chemistry", "geography", "economics", "logic",
-    "physics", "history", "statistics", "biology", "law", "philosophy",
+    "astronomy",
+    "anatomy",
+    "chemistry",
+    "geography",
+    "economics",
+    "logic",
+    "physics",
+    "history",
+    "statistics",
+    "biology",
+    "law",
+    "philosophy",
 ]
 
 
@@ -93,16 +103,21 @@ def run(n_suffixes: int, prefix_tokens: int, max_tokens: int, n_threads: int) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="zmesh bench engine", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="zmesh bench engine",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--suffixes", type=int, default=20, help="distinct suffixes (default 20)")
     ap.add_argument("--prefix-tokens", type=int, default=600, help="shared prefix size")
     ap.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request")
     ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0 = all cores)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
-    print(f"engine benchmark: {args.suffixes} suffixes on a ~{args.prefix_tokens}-token prefix",
-          file=sys.stderr)
+    print(
+        f"engine benchmark: {args.suffixes} suffixes on a ~{args.prefix_tokens}-token prefix",
+        file=sys.stderr,
+    )
     res = run(args.suffixes, args.prefix_tokens, args.max_tokens, args.threads)
     if args.json:
         print(json.dumps(res))

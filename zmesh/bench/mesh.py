@@ -1,0 +1,108 @@
+"""Mesh figures on a real local lab: convergence time and forwarding overhead per hop.
+
+- startup convergence: from starting N node processes (model load included) until
+  every node's estimate of every peer equals that peer's own (epoch, seq, blocks);
+- update convergence: from a request changing one node's cache until every peer's
+  estimate matches again (gossip delta latency);
+- forwarding overhead: the same cached prompt sent to the node holding it directly
+  (hops 0) and through another node that forwards it (hops 1), interleaved; the
+  paired latency difference is what one hop costs on loopback.
+
+    python -m zmesh.bench.mesh [--nodes 3] [--pairs 50] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+
+from zmesh.client import AsyncClient
+from zmesh.lab import Lab
+
+PREFIX = "The following are multiple choice questions (with answers) about optics.\n\n" + "".join(
+    f"Question {i}: What bends light number {i}? A. A lens B. A stone C. Sand D. Wood\n"
+    "Answer: A\n\n"
+    for i in range(12)
+)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return sorted(xs)[min(len(xs) - 1, int(q * len(xs)))]
+
+
+async def _measure(lab: Lab, pairs: int) -> dict[str, float]:
+    startup = await lab.wait_converged(timeout=180)
+    a, b = lab.nodes[0], lab.nodes[1]
+    async with AsyncClient(lab.endpoints, timeout=60) as client:
+        await client.generate(PREFIX + "Question: prime\nAnswer:", max_tokens=1, endpoint=b.serve)
+        served = time.monotonic()
+        await lab.wait_converged(timeout=30)
+        update = time.monotonic() - served
+        direct, forwarded, diffs = [], [], []
+        for i in range(pairs):
+            # Same cached prefix and equally long new suffixes, order alternating, so
+            # the pair differs only by the hop.
+            p_direct = PREFIX + f"Question: {i:03d} alpha\nAnswer:"
+            p_fwd = PREFIX + f"Question: {i:03d} gamma\nAnswer:"
+            order = [(b.serve, p_direct), (a.serve, p_fwd)]
+            timing: dict[str, float] = {}
+            for endpoint, prompt in order if i % 2 == 0 else order[::-1]:
+                s = time.perf_counter()
+                r = await client.generate(prompt, max_tokens=1, endpoint=endpoint)
+                timing[endpoint] = (time.perf_counter() - s) * 1000
+                if r.served_by != b.name:
+                    raise RuntimeError(
+                        f"expected {b.name} to serve, got {r.served_by} "
+                        f"(hops {r.hops}, {r.route_reason})"
+                    )
+            direct.append(timing[b.serve])
+            forwarded.append(timing[a.serve])
+            diffs.append(forwarded[-1] - direct[-1])
+            if (i + 1) % 10 == 0:
+                print(f"  [{i + 1}/{pairs}] pairs measured", file=sys.stderr)
+    return {
+        "nodes": lab.n_nodes,
+        "startup_convergence_s": round(startup, 2),
+        "update_convergence_ms": round(update * 1000, 1),
+        "direct_ms_p50": round(statistics.median(direct), 2),
+        "direct_ms_p99": round(_pct(direct, 0.99), 2),
+        "forwarded_ms_p50": round(statistics.median(forwarded), 2),
+        "forwarded_ms_p99": round(_pct(forwarded, 0.99), 2),
+        "hop_overhead_ms_p50": round(statistics.median(diffs), 2),
+        "hop_overhead_ms_p99": round(_pct(diffs, 0.99), 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="zmesh bench mesh",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--nodes", type=int, default=3)
+    ap.add_argument("--pairs", type=int, default=50, help="direct/forwarded request pairs")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+    if args.nodes < 2:
+        ap.error("forwarding needs at least 2 nodes")
+    lab = Lab(n_nodes=args.nodes, engine={"n_slots": 4, "slot_ctx": 1024, "n_threads": 1})
+    print(f"mesh benchmark: {args.nodes} nodes, logs in {lab.workdir}", file=sys.stderr)
+    lab.start()
+    try:
+        res = asyncio.run(_measure(lab, args.pairs))
+    finally:
+        lab.stop()
+    if args.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            print(f"{k:<24} {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
