@@ -235,16 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks: engine, mesh, routing (`zmesh bench X --help`)")
     p.add_argument("what", choices=sorted(BENCHMARKS), help="which benchmark (each has --help)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
-    args, rest = ap.parse_known_args(argv)
+    args = ap.parse_args(argv)
     if args.cmd == "bench":
-        return cmd_bench(args, rest)
-    if rest:
-        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+        return cmd_bench(args, args.args)
     handlers = {"node": cmd_node, "lab": cmd_lab, "ask": cmd_ask, "status": cmd_status}
     return handlers[args.cmd](args)
 
