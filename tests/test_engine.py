@@ -114,6 +114,8 @@ def test_random_workload_keeps_tree_and_llama_memory_consistent(small_engine: En
     eng = small_engine
     heads = [rng.sample(range(300, 3000), 40) for _ in range(5)]
     eng_ids: list[list[int]] = []
+    eng.drain_events()
+    advertised = set(eng.block_ids())
     for step in range(300):
         kind = rng.random()
         if kind < 0.6:  # shared heads with random tails: reuse, rollback, seq_cp
@@ -131,6 +133,12 @@ def test_random_workload_keeps_tree_and_llama_memory_consistent(small_engine: En
         )
         eng_ids.append(tokens)
         assert r.cached_tokens < r.prompt_tokens
+        ev = eng.drain_events()  # what gossip would publish: replay it
+        for block_id, _parent in ev.added:
+            assert block_id not in advertised
+            advertised.add(block_id)
+        for block_id in ev.removed:
+            advertised.remove(block_id)
         problems = eng.check_consistency()
         assert problems == [], f"step {step}: {problems}"
     # Advertised ids are exactly the ids of what the slots hold.
@@ -138,4 +146,4 @@ def test_random_workload_keeps_tree_and_llama_memory_consistent(small_engine: En
     for ns, toks in eng.slot_tokens():
         if ns is not None:
             want |= set(eng.hasher(ns).block_ids(toks))
-    assert eng.block_ids() == want
+    assert eng.block_ids() == want == advertised

@@ -249,7 +249,8 @@ class Engine:
     # ---- cache view (thread-safe) -----------------------------------------
 
     def hasher(self, namespace: str) -> BlockHasher:
-        return self._tree(namespace).hasher  # type: ignore[return-value]
+        with self._lock:  # the routing thread may ask while the engine adds a tree
+            return self._tree(namespace).hasher  # type: ignore[return-value]
 
     def _tree(self, namespace: str) -> RadixTree:
         tree = self._trees.get(namespace)
@@ -268,10 +269,12 @@ class Engine:
         """Block ids added/removed across all namespaces since the last drain."""
         out = BlockEvents()
         with self._lock:
-            for tree in self._trees.values():
+            for ns, tree in list(self._trees.items()):
                 ev = tree.drain_events()
                 out.added.extend(ev.added)
                 out.removed.extend(ev.removed)
+                if not tree.sequences():  # one tree per tenant seen: drop empty ones
+                    del self._trees[ns]
         return out
 
     def block_ids(self) -> set[int]:
@@ -300,6 +303,8 @@ class Engine:
                     )
                 if s.tokens and pos_min != 0:
                     problems.append(f"slot {s.seq}: llama.cpp pos_min {pos_min}")
+                if s.tokens and s.namespace not in self._trees:
+                    problems.append(f"slot {s.seq}: no tree for namespace {s.namespace}")
                 for ns, tree in self._trees.items():
                     want = tuple(s.tokens) if s.namespace == ns else ()
                     if tree.sequence(s.seq) != want:

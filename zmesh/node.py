@@ -282,6 +282,21 @@ class Node:
             self.log.warning("request.failed", request_id=rid, code=exc.code, error=exc.message)
             self._reply_error(envelope, rid, exc.code, exc.message)
             return
+        if rid in self._jobs or rid in self._forwards:
+            self._count("requests_duplicate")
+            self.log.warning(
+                "request.failed",
+                request_id=rid,
+                code=P.INVALID_REQUEST,
+                error="duplicate request id in flight",
+            )
+            self._reply_error(
+                envelope,
+                rid,
+                P.INVALID_REQUEST,
+                f"request id {rid} is already in flight on {self.node_id}",
+            )
+            return
         self._count("requests_received")
         self.log.info(
             "request.received", request_id=rid, hops=msg.hops, origin=msg.origin, tenant=msg.tenant
@@ -445,7 +460,7 @@ class Node:
                     self._count("requests_forwarded_ok")
                     return "done"
         finally:
-            del self._forwards[rid]
+            self._forwards.pop(rid, None)
             peer.inflight = max(0, peer.inflight - 1)
 
     def _fail_forwards_to(self, node_id: str) -> None:
