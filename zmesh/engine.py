@@ -358,6 +358,25 @@ class Engine:
                 self._tree(namespace).set_sequence(slot.seq, slot.tokens)
             slot.last_used = time.monotonic()
 
+    def next_token_logits(
+        self,
+        prompt: str | bytes | None = None,
+        *,
+        tokens: Sequence[int] | None = None,
+        namespace: str = "default",
+    ) -> tuple[list[float], int]:
+        """Logits of the token after ``prompt``, computed as ``generate`` computes them
+        (reusing any cached prefix), and the number of prompt tokens reused.
+
+        For checks that reuse changes nothing but float rounding; not used to serve.
+        """
+        r = self.generate(
+            prompt, tokens=tokens, params=SamplingParams(max_tokens=1), namespace=namespace
+        )
+        # One token sampled and not decoded: the context still holds the prompt's logits.
+        n_vocab = ll.llama_vocab_n_tokens(self._vocab)
+        return ll.llama_get_logits_ith(self._ctx, -1)[:n_vocab], r.cached_tokens
+
     def _decode_loop(
         self,
         slot: _Slot,
