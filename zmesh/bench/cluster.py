@@ -1,0 +1,740 @@
+"""Real-cluster benchmark: one workload against a local lab of N real nodes, per policy.
+
+For each policy a fresh lab starts (so every policy begins with empty caches), the
+same requests go to the same entry nodes in the same order, and the lab stops.
+Each node's slot budget is small: the workload's prefixes fit in the cluster's slots
+but not in one node's. Prompts are tokenized here (the model's own tokenizer,
+vocabulary only) and sent as token ids, so every policy serves identical tokens.
+
+Policies: the node policies (`zmesh`, `random`, `round_robin`, `consistent_hash`,
+`least_loaded`: the lab runs with that policy), and `oracle`: a client-side router
+with exact, instant knowledge of every node. It mirrors each node's slots by
+replaying, in order, every request it sent there through the engine's slot policy
+(`zmesh.sim.cache.SlotCache`), so it knows the cache each request will find; it
+knows every queue because it is the only sender; it sends each request straight to
+its choice with ``hops`` at the limit, so that node serves it locally. It decides
+with `routing.decide` on those exact figures (no link cost, no balance rule).
+
+    zmesh bench cluster --quick                  # 3 nodes, 6 subjects, ~3 minutes
+    zmesh bench cluster --requests 150 --json    # the measured run of docs/evaluation.md
+
+Writes ``<out>/cluster-<stamp>.json`` (figures per policy and every request) and
+PNG plots; ``--json`` prints one JSON object whose ``policies`` maps each policy to
+its figures (``ttft_mean_s``, ``ttft_p99_s``, ``hit_rate``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import random
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from zmesh import protocol as P
+from zmesh.bench.report import plot_policy_bars, plot_ttft_cdf, ratio, summarize
+from zmesh.bench.workloads import (
+    Arrivals,
+    Workload,
+    load_mmlu,
+    make_workload,
+    mmlu_prefix,
+    mmlu_question,
+    poisson_arrivals,
+)
+from zmesh.lab import Lab
+from zmesh.routing import Candidate, PolicyState, RouteRequest, RoutingSettings, decide
+from zmesh.sim.cache import SlotCache
+from zmesh.sim.costmodel import PRESETS
+
+ORACLE = "oracle"
+POLICIES = ("zmesh", "random", "round_robin", "consistent_hash", "least_loaded", ORACLE)
+DEFAULT_OUT = Path("out/bench")
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---- tokenizer -----------------------------------------------------------------------
+
+
+class Tokenizer:
+    """The model's tokenizer (vocabulary only: loads in well under a second)."""
+
+    def __init__(self, model_path: str | None = None) -> None:
+        import llama_cpp as ll
+
+        from zmesh.engine import _silence_llama_logs
+        from zmesh.model import resolve_model_path
+
+        self._ll = ll
+        _silence_llama_logs()
+        params = ll.llama_model_default_params()
+        params.vocab_only = True
+        path = resolve_model_path(model_path)
+        self._model = ll.llama_model_load_from_file(str(path).encode(), params)
+        if not self._model:
+            raise RuntimeError(f"could not load the vocabulary of {path}")
+        self._vocab = ll.llama_model_get_vocab(self._model)
+        self.add_bos = bool(ll.llama_vocab_get_add_bos(self._vocab))
+
+    def __call__(self, text: str, bos: bool) -> list[int]:
+        ll = self._ll
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (ll.llama_token * cap)()
+        n = ll.llama_tokenize(self._vocab, data, len(data), buf, cap, bos and self.add_bos, True)
+        if n < 0:
+            cap = -n
+            buf = (ll.llama_token * cap)()
+            n = ll.llama_tokenize(
+                self._vocab, data, len(data), buf, cap, bos and self.add_bos, True
+            )
+        return list(buf[:n])
+
+    def close(self) -> None:
+        if self._model:
+            self._ll.llama_model_free(self._model)
+            self._model = None
+
+
+def tokenize_workload(workload: Workload, tok: Tokenizer) -> list[list[int]]:
+    """Token ids per request: the shared prefix tokenized once, then each request's own
+    text; a chat turn extends its parent's tokens, so prefixes match token for token."""
+    prefix_memo: dict[str, list[int]] = {}
+    out: list[list[int]] = []
+    for r in workload.requests:
+        if r.parent >= 0:
+            head = out[r.parent]
+        elif r.prefix in prefix_memo:
+            head = prefix_memo[r.prefix]
+        else:
+            head = prefix_memo[r.prefix] = tok(r.prefix, True)
+        out.append(head + tok(r.suffix, False))
+    return out
+
+
+def fitting_subjects(
+    tok: Tokenizer, max_prompt: int, max_prefix: int, path: str | None = None
+) -> list[str]:
+    """MMLU subjects whose every shipped question fits ``max_prompt`` tokens."""
+    ok = []
+    for subject, (dev, test) in sorted(load_mmlu(path).items()):
+        n_prefix = len(tok(mmlu_prefix(subject, dev), True))
+        if n_prefix > max_prefix:
+            continue
+        if n_prefix + max(len(tok(mmlu_question(q), False)) for q in test) <= max_prompt:
+            ok.append(subject)
+    return ok
+
+
+# ---- a minimal async client (it must set hops for the oracle) --------------------------
+
+
+@dataclass
+class Record:
+    index: int
+    policy: str
+    entry: str
+    sent_at: float = 0.0  # seconds since the run started
+    ttft_s: float = math.nan  # client-side: first streamed chunk (or the answer)
+    e2e_s: float = math.nan
+    served_by: str = ""
+    route_reason: str = ""
+    hops: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    server_ttft_s: float = math.nan
+    queue_s: float = math.nan
+    error: str = ""
+    predicted_cached: int = -1  # oracle: what its mirror of the slots said would be reused
+
+
+class _Sender:
+    """One DEALER per node; replies are matched to requests by id."""
+
+    def __init__(self, endpoints: Sequence[str]) -> None:
+        self.ctx = zmq.asyncio.Context()
+        self.socks: dict[str, zmq.asyncio.Socket] = {}
+        self.waiters: dict[str, asyncio.Queue[P.Message]] = {}
+        self.readers: list[asyncio.Task[None]] = []
+        for ep in endpoints:
+            s = self.ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(ep)
+            self.socks[ep] = s
+            self.readers.append(asyncio.create_task(self._read(s)))
+
+    async def _read(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            frame = await sock.recv()
+            try:
+                msg = P.decode(frame)
+            except P.ProtocolError:
+                continue
+            q = self.waiters.get(getattr(msg, "request_id", None) or "")
+            if q is not None:
+                q.put_nowait(msg)
+
+    async def generate(
+        self, endpoint: str, tokens: list[int], max_tokens: int, hops: int, rec: Record, t0: float
+    ) -> P.Done | None:
+        rid = uuid.uuid4().hex
+        q: asyncio.Queue[P.Message] = asyncio.Queue()
+        self.waiters[rid] = q
+        msg = P.Generate(
+            request_id=rid,
+            tokens=tokens,
+            params=P.SamplingParams(max_tokens=max_tokens),
+            hops=hops,
+            deadline=time.time() + 600,
+            stream=True,
+        )
+        sent = time.perf_counter()
+        rec.sent_at = sent - t0
+        try:
+            await self.socks[endpoint].send(P.encode(msg))
+            while True:
+                reply = await asyncio.wait_for(q.get(), 600)
+                now = time.perf_counter()
+                if isinstance(reply, P.Chunk):
+                    if math.isnan(rec.ttft_s):
+                        rec.ttft_s = now - sent
+                elif isinstance(reply, P.Done):
+                    rec.e2e_s = now - sent
+                    if math.isnan(rec.ttft_s):
+                        rec.ttft_s = rec.e2e_s
+                    return reply
+                elif isinstance(reply, P.Error):
+                    rec.error = f"{reply.code}: {reply.message}"
+                    return None
+        except TimeoutError:
+            rec.error = "timeout"
+            return None
+        finally:
+            self.waiters.pop(rid, None)
+
+    async def close(self) -> None:
+        for t in self.readers:
+            t.cancel()
+        await asyncio.gather(*self.readers, return_exceptions=True)
+        self.ctx.destroy(linger=0)
+
+
+# ---- the oracle -------------------------------------------------------------------------
+
+
+@dataclass
+class _Mirror:
+    cache: SlotCache
+    # (rid, predicted seconds, dispatched at), in the order the node serves them
+    outstanding: list[tuple[str, float, float]] = field(default_factory=list)
+    last_done: float = 0.0
+
+
+class Oracle:
+    """Exact mirror of every node (slots, queue), deciding with `routing.decide`."""
+
+    def __init__(self, names: Sequence[str], n_slots: int, max_tokens: int) -> None:
+        cm = PRESETS["cpu"]
+        self.prefill = cm.prefill_s_per_token
+        self.decode = cm.decode_s_per_token
+        self.base = cm.base_s
+        self.names = list(names)
+        self.mirrors = {n: _Mirror(SlotCache(n_slots)) for n in names}
+        self.settings = RoutingSettings(policy="zmesh", min_gain_s=0.0, balance_abs=10**9)
+        if "min_gain_frac" in RoutingSettings.__dataclass_fields__:
+            self.settings = RoutingSettings(
+                policy="zmesh", min_gain_s=0.0, balance_abs=10**9, min_gain_frac=0.0
+            )
+        self.state = PolicyState.seeded(0)
+        self.max_tokens = max_tokens
+        self._tail = -1
+
+    def _wait(self, m: _Mirror, now: float) -> float:
+        if not m.outstanding:
+            return 0.0
+        _, predicted, dispatched = m.outstanding[0]
+        started = max(m.last_done, dispatched)  # the head of the queue is running
+        first = max(predicted - max(now - started, 0.0), 0.0)
+        return first + sum(p for _, p, _ in m.outstanding[1:])
+
+    def choose(self, rid: str, tokens: list[int], now: float) -> tuple[str, int]:
+        """The node to send to, and the tokens its slots will reuse (the mirror's word)."""
+        seq = tuple(tokens)
+        cands = []
+        for k, name in enumerate(self.names):
+            m = self.mirrors[name]
+            cands.append(
+                Candidate(
+                    node_id=name,
+                    is_local=k == 0,
+                    matched_tokens=m.cache.match(seq),
+                    queue_depth=len(m.outstanding),
+                    link_delay_s=0.0,
+                    prefill_s_per_token=self.prefill,
+                    service_s=0.0,
+                    wait_s=self._wait(m, now),
+                )
+            )
+        # Charge for evicting other cached content (one more prefill of it later), or a
+        # greedy router evicts a hot prefix to save a few tokens; decide() keeps ties
+        # local, so the best candidate goes first.
+        rows = []
+        for c in cands:
+            harm = self.mirrors[c.node_id].cache.evicted_tokens(seq) * self.prefill
+            est = c.wait_s + harm + (len(seq) - c.matched_tokens) * self.prefill  # type: ignore[operator]
+            rows.append((est, c, harm))
+        rows.sort(key=lambda r: r[0])
+        cands = [
+            Candidate(
+                c.node_id,
+                j == 0,
+                c.matched_tokens,
+                c.queue_depth,
+                0.0,
+                c.prefill_s_per_token,
+                0.0,
+                True,
+                (c.wait_s or 0.0) + harm,
+            )
+            for j, (_, c, harm) in enumerate(rows)
+        ]
+        req = RouteRequest(prompt_tokens=len(seq), hops=0, head_key=0)
+        target = decide(req, cands, self.settings, self.state).target
+        m = self.mirrors[target]
+        claim = m.cache.claim(seq)
+        tail = tuple(range(self._tail, self._tail - (self.max_tokens - 1), -1))
+        self._tail -= self.max_tokens
+        m.cache.finish(claim.slot, seq + tail, now=now)
+        predicted = (
+            self.base
+            + (len(seq) - claim.reuse) * self.prefill
+            + (self.max_tokens - 1) * self.decode
+        )
+        m.outstanding.append((rid, predicted, now))
+        return target, claim.reuse
+
+    def finished(self, target: str, rid: str, done: P.Done | None, now: float) -> None:
+        m = self.mirrors[target]
+        m.outstanding = [o for o in m.outstanding if o[0] != rid]
+        m.last_done = now
+        if done is None:
+            return
+        # Learn the real speeds (EWMA), as a node learns its own.
+        new = done.prompt_tokens - done.cached_tokens
+        if new >= 32 and done.prefill_s > 0:
+            self.prefill = 0.8 * self.prefill + 0.2 * (done.prefill_s / new)
+        if done.decode_tps > 0:
+            self.decode = 0.8 * self.decode + 0.2 / done.decode_tps
+
+
+# ---- one policy --------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    workload: Workload
+    tokens: list[list[int]]
+    entries: list[int]  # entry node index per request: the same for every policy
+    arrivals: Arrivals
+    starts: list[float]  # poisson: start time of each stream
+
+
+async def run_policy(
+    policy: str, plan: Plan, lab: Lab, progress: bool = True
+) -> tuple[list[Record], float, list[P.Status]]:
+    names = [n.name for n in lab.nodes]
+    endpoints = lab.endpoints
+    wl = plan.workload
+    records = [Record(r.index, policy, names[plan.entries[r.index]]) for r in wl.requests]
+    oracle = (
+        Oracle(names, lab.engine.get("n_slots", 8), max(r.max_tokens for r in wl.requests))
+        if policy == ORACLE
+        else None
+    )
+    max_hops = lab.routing.get("max_hops", 1)
+    sender = _Sender(endpoints)
+    await asyncio.sleep(0.3)  # let the DEALERs connect
+    t0 = time.perf_counter()
+    done_count = 0
+    total = len(wl.requests)
+    step = max(total // 10, 1)
+
+    async def one(i: int) -> None:
+        nonlocal done_count
+        r = wl.requests[i]
+        rec = records[i]
+        if oracle is not None:
+            rid_hint = f"o{i}"
+            target, rec.predicted_cached = oracle.choose(
+                rid_hint, plan.tokens[i], time.perf_counter() - t0
+            )
+            rec.entry = target
+            ep = endpoints[names.index(target)]
+            done = await sender.generate(ep, plan.tokens[i], r.max_tokens, max_hops, rec, t0)
+            oracle.finished(target, rid_hint, done, time.perf_counter() - t0)
+        else:
+            ep = endpoints[plan.entries[i]]
+            done = await sender.generate(ep, plan.tokens[i], r.max_tokens, 0, rec, t0)
+        if done is not None:
+            rec.served_by = done.served_by
+            rec.route_reason = done.route_reason
+            rec.hops = done.hops if oracle is None else 0
+            rec.prompt_tokens = done.prompt_tokens
+            rec.cached_tokens = done.cached_tokens
+            rec.completion_tokens = done.completion_tokens
+            rec.server_ttft_s = done.ttft_s
+            rec.queue_s = done.queue_s
+        done_count += 1
+        if progress and (done_count % step == 0 or done_count == total):
+            ok = [x.ttft_s for x in records if not math.isnan(x.ttft_s)]
+            _say(
+                f"    {policy}: {done_count}/{total} done, "
+                f"mean ttft so far {statistics.fmean(ok) if ok else math.nan:.3f}s, "
+                f"{time.perf_counter() - t0:.0f}s"
+            )
+
+    async def stream(indices: list[int]) -> None:
+        for k, i in enumerate(indices):
+            if k and plan.arrivals.think_s:
+                await asyncio.sleep(plan.arrivals.think_s)
+            await one(i)
+
+    streams = wl.streams()
+    try:
+        if plan.arrivals.mode == "closed":
+            queue: asyncio.Queue[list[int]] = asyncio.Queue()
+            for s in streams:
+                queue.put_nowait(s)
+
+            async def worker() -> None:
+                while not queue.empty():
+                    await stream(queue.get_nowait())
+
+            await asyncio.gather(*(worker() for _ in range(plan.arrivals.concurrency)))
+        else:
+
+            async def timed(s: list[int], at: float) -> None:
+                await asyncio.sleep(max(at - (time.perf_counter() - t0), 0.0))
+                await stream(s)
+
+            await asyncio.gather(*(timed(s, plan.starts[k]) for k, s in enumerate(streams)))
+        wall = time.perf_counter() - t0
+        statuses = await lab.statuses(timeout=5.0)
+    finally:
+        await sender.close()
+    return records, wall, statuses
+
+
+def figures(
+    records: list[Record], wall: float, names: Sequence[str], statuses: Sequence[P.Status]
+) -> dict[str, Any]:
+    ok = [r for r in records if not r.error and not math.isnan(r.ttft_s)]
+    per_node = [sum(1 for r in ok if r.served_by == n) for n in names]
+    out = summarize(
+        ttft=[r.ttft_s for r in ok],
+        e2e=[r.e2e_s for r in ok],
+        prompt_tokens=[r.prompt_tokens for r in ok],
+        cached_tokens=[r.cached_tokens for r in ok],
+        per_node=per_node,
+        wall_s=wall,
+        forwards=sum(1 for r in ok if r.hops > 0),
+        fallbacks=sum(1 for r in ok if r.route_reason == "fallback"),
+        errors=len(records) - len(ok),
+    )
+    out["server_ttft_mean_s"] = (
+        round(statistics.fmean([r.server_ttft_s for r in ok]), 4) if ok else math.nan
+    )
+    out["wall_s"] = round(wall, 2)
+    reasons: dict[str, int] = {}
+    for r in ok:
+        reasons[r.route_reason] = reasons.get(r.route_reason, 0) + 1
+    out["reasons"] = dict(sorted(reasons.items()))
+    counters: dict[str, int] = {}
+    for st in statuses:
+        for k in ("forwards", "forward_fallbacks", "snapshots_requested", "requests_served"):
+            counters[k] = counters.get(k, 0) + int(st.counters.get(k, 0))
+    out["node_counters"] = counters
+    # Seconds per prefilled token on cold requests: shows CPU contention (ours or others').
+    cold = [
+        (r.server_ttft_s - r.queue_s) / (r.prompt_tokens - r.cached_tokens)
+        for r in ok
+        if r.prompt_tokens - r.cached_tokens >= 100
+    ]
+    out["cold_prefill_s_per_token"] = round(statistics.fmean(cold), 5) if cold else math.nan
+    mirrored = [r for r in ok if r.predicted_cached >= 0]
+    if mirrored:
+        # How often the oracle's slot mirror named the reuse the engine really got.
+        exact = sum(r.predicted_cached == r.cached_tokens for r in mirrored)
+        out["oracle_mirror_exact"] = round(exact / len(mirrored), 4)
+    return out
+
+
+def steady(records: list[Record], warmup: int) -> dict[str, float]:
+    """Mean / p99 TTFT and hit rate without the first ``warmup`` requests (cold start)."""
+    rest = [r for r in records[warmup:] if not r.error and not math.isnan(r.ttft_s)]
+    if not rest:
+        return {}
+    xs = sorted(r.ttft_s for r in rest)
+    prompt = sum(r.prompt_tokens for r in rest)
+    return {
+        "requests": len(rest),
+        "ttft_mean_s": round(statistics.fmean(xs), 4),
+        "ttft_p99_s": round(xs[min(len(xs) - 1, math.ceil(0.99 * len(xs)) - 1)], 4),
+        "hit_rate": round(sum(r.cached_tokens for r in rest) / prompt, 4) if prompt else 0.0,
+    }
+
+
+# ---- the whole benchmark --------------------------------------------------------------------
+
+
+def build_plan(args: argparse.Namespace, tok: Tokenizer) -> Plan:
+    max_prompt = args.slot_ctx - args.max_tokens - 2
+    subjects: list[str] | int | None = None
+    if args.workload == "mmlu":
+        fitting = fitting_subjects(tok, max_prompt, args.max_prefix_tokens, args.mmlu_dir)
+        rng = random.Random(args.seed)
+        rng.shuffle(fitting)
+        subjects = sorted(fitting[: args.subjects])
+        if len(subjects) < args.subjects:
+            raise SystemExit(f"only {len(subjects)} MMLU subjects fit {max_prompt} tokens")
+    wl = make_workload(
+        args.workload,
+        args.requests,
+        args.alpha,
+        args.seed,
+        args.max_tokens,
+        subjects=subjects,
+        groups=args.groups,
+        mmlu_path=args.mmlu_dir,
+    )
+    tokens = tokenize_workload(wl, tok)
+    too_long = [i for i, t in enumerate(tokens) if len(t) > max_prompt]
+    if too_long:
+        raise SystemExit(f"{len(too_long)} prompts exceed {max_prompt} tokens; raise --slot-ctx")
+    rng = random.Random(args.seed ^ 0xE47)
+    entries = [rng.randrange(args.nodes) for _ in wl.requests]
+    if args.rate > 0:
+        arrivals = Arrivals("poisson", rate=args.rate)
+        starts = poisson_arrivals(len(wl.streams()), args.rate, args.seed)
+    else:
+        arrivals = Arrivals("closed", concurrency=args.concurrency)
+        starts = []
+    return Plan(wl, tokens, entries, arrivals, starts)
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    tok = Tokenizer()
+    try:
+        plan = build_plan(args, tok)
+    finally:
+        tok.close()
+    wl = plan.workload
+    n_prompt = statistics.fmean(len(t) for t in plan.tokens)
+    _say(
+        f"zmesh bench cluster: {args.nodes} nodes x {args.slots} slots, {wl.name} "
+        f"alpha {args.alpha}, {len(wl)} requests ({len(wl.group_counts())} prefix groups, "
+        f"mean prompt {n_prompt:.0f} tokens), {plan.arrivals.describe()}, "
+        f"policies {','.join(args.policies)}"
+    )
+    _say(f"  requests per group: {dict(sorted(wl.group_counts().items(), key=lambda kv: -kv[1]))}")
+    results: dict[str, Any] = {}
+    all_records: dict[str, list[Record]] = {p: [] for p in args.policies}
+    walls: dict[str, float] = dict.fromkeys(args.policies, 0.0)
+    loads: dict[str, list[float]] = {p: [] for p in args.policies}
+    statuses_by: dict[str, list[P.Status]] = {p: [] for p in args.policies}
+    run_dir = args.out / "labs"
+    for rnd in range(args.repeats):
+        # Later rounds rotate the order, so a noisy neighbour does not always hit one policy.
+        order = (
+            args.policies[rnd % len(args.policies) :] + args.policies[: rnd % len(args.policies)]
+        )
+        for policy in order:
+            tag = policy if args.repeats == 1 else f"{policy} round {rnd + 1}/{args.repeats}"
+            lab = Lab(
+                n_nodes=args.nodes,
+                policy="zmesh" if policy == ORACLE else policy,
+                engine={
+                    "n_slots": args.slots,
+                    "slot_ctx": args.slot_ctx,
+                    "n_threads": args.threads,
+                },
+                workdir=run_dir / f"{policy}-{rnd + 1}",
+            )
+            _say(f"  [{tag}] starting {args.nodes} nodes (logs in {lab.workdir})")
+            lab.start()
+            try:
+                t = await lab.wait_converged(timeout=180)
+                _say(f"  [{tag}] converged in {t:.1f}s; sending {len(wl)} requests")
+                records, wall, statuses = await run_policy(policy, plan, lab, progress=True)
+            finally:
+                lab.stop()
+            loads[policy].append(_loadavg())
+            all_records[policy].extend(records)
+            walls[policy] += wall
+            statuses_by[policy].extend(statuses)
+            f = figures(records, wall, [n.name for n in lab.nodes], statuses)
+            _say(
+                f"  [{tag}] ttft mean {f['ttft_mean_s']:.3f}s p99 {f['ttft_p99_s']:.3f}s, "
+                f"hit {f['hit_rate']:.3f}, spread {f['load_spread']:.2f}, "
+                f"forwards {f['forwards']}, fallbacks {f['fallbacks']}, errors {f['errors']}, "
+                f"{wall:.1f}s, load average {loads[policy][-1]:.2f}"
+            )
+    names = [n.name for n in lab.nodes]
+    ttfts: dict[str, list[float]] = {}
+    for policy in args.policies:
+        recs = all_records[policy]
+        f = figures(recs, walls[policy], names, statuses_by[policy])
+        f["steady"] = steady(recs, args.warmup)
+        f["load_average"] = [round(x, 2) for x in loads[policy]]
+        results[policy] = f
+        ttfts[policy] = [r.ttft_s for r in recs if not r.error]
+    return {
+        "command": "bench cluster",
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "workload": wl.params | {"name": wl.name},
+        "arrivals": asdict(plan.arrivals),
+        "machine": _machine(),
+        "policies": results,
+        "ratios": ratios(results),
+        "records": {p: [asdict(r) for r in recs] for p, recs in all_records.items()},
+        "_ttfts": ttfts,
+    }
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The Done-criteria ratios, on mean TTFT over all requests."""
+    out: dict[str, float] = {}
+    z = results.get("zmesh")
+    if z is None:
+        return out
+    for name, f in results.items():
+        if name != "zmesh":
+            out[f"zmesh_over_{name}"] = round(ratio(z["ttft_mean_s"], f["ttft_mean_s"]), 3)
+    if "random" in results:
+        out["random_over_zmesh"] = round(
+            ratio(results["random"]["ttft_mean_s"], z["ttft_mean_s"]), 3
+        )
+    return out
+
+
+def _loadavg() -> float:
+    """The 1-minute load average (other users of the machine skew timings)."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return math.nan
+
+
+def _machine() -> dict[str, Any]:
+    import os
+    import platform
+
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="zmesh bench cluster",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--quick", action="store_true", help="small run: 6 subjects, 36 requests")
+    ap.add_argument("--nodes", type=int, default=3)
+    ap.add_argument("--slots", type=int, default=3, help="KV slots per node (default 3)")
+    ap.add_argument("--slot-ctx", type=int, default=1024, help="tokens per slot (default 1024)")
+    ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads per node")
+    ap.add_argument("--workload", default="mmlu", choices=["mmlu", "shared", "chat"])
+    ap.add_argument("--alpha", type=float, default=1.0, help="Zipf skew of prefix popularity")
+    ap.add_argument("--requests", type=int, default=150)
+    ap.add_argument("--subjects", type=int, default=8, help="mmlu: subjects used (default 8)")
+    ap.add_argument(
+        "--max-prefix-tokens",
+        type=int,
+        default=640,
+        help="mmlu: only subjects whose 5-shot prefix is at most this long",
+    )
+    ap.add_argument("--groups", type=int, default=8, help="shared/chat: system prompts")
+    ap.add_argument("--max-tokens", type=int, default=4, help="tokens generated per request")
+    ap.add_argument("--concurrency", type=int, default=3, help="closed loop: requests in flight")
+    ap.add_argument("--rate", type=float, default=0.0, help="> 0: Poisson arrivals (req/s)")
+    ap.add_argument(
+        "--warmup", type=int, default=0, help="also report figures without the first N requests"
+    )
+    ap.add_argument(
+        "--policies",
+        default=",".join(POLICIES),
+        help=f"comma list (default {','.join(POLICIES)})",
+    )
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="rounds over all policies, order rotated"
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mmlu-dir", default=None, help="a full MMLU copy (default: shipped subset)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
+    ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.quick:
+        defaults = ap.parse_args([])
+        for key, value in (("requests", 36), ("subjects", 6), ("max_prefix_tokens", 420)):
+            if getattr(args, key) == getattr(defaults, key):
+                setattr(args, key, value)
+        if args.warmup == 0:
+            args.warmup = 6
+    args.policies = [p.strip() for p in str(args.policies).split(",") if p.strip()]
+    bad = [p for p in args.policies if p not in POLICIES]
+    if bad:
+        ap.error(f"unknown policies {bad}; known: {', '.join(POLICIES)}")
+    t0 = time.monotonic()
+    out = asyncio.run(bench(args))
+    ttfts = out.pop("_ttfts")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"cluster-{out['workload']['name']}-a{args.alpha:g}-" + time.strftime("%Y%m%d-%H%M%S")
+    path = args.out / f"{stem}.json"
+    path.write_text(json.dumps(out, indent=1))
+    title = (
+        f"{args.nodes} real nodes x {args.slots} slots, {out['workload']['name']} "
+        f"alpha {args.alpha:g}, {args.requests} requests"
+    )
+    plot_policy_bars(out["policies"], args.out / f"{stem}.png", title, _say)
+    plot_ttft_cdf(ttfts, args.out / f"{stem}-ttft-cdf.png", title)
+    _say(f"zmesh bench cluster: done in {time.monotonic() - t0:.0f}s; wrote {path} (+ PNG plots)")
+    _say(f"  ratios (mean TTFT): {out['ratios']}")
+    if args.json:
+        print(json.dumps({k: v for k, v in out.items() if k != "records"}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

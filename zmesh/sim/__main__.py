@@ -1,0 +1,3 @@
+from zmesh.sim.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,197 @@
+"""Models of a node's KV cache over the real `RadixTree` (block ids from the real hasher).
+
+- `SlotCache`: the engine's slot pool (zmesh/engine.py `_claim_slot`): a request
+  reuses the slot with the longest common prefix, continuing in place when most of
+  that slot is its prefix, else sharing the prefix into a free or least-recently-used
+  slot. The tree runs in owned mode (one owner per slot), exactly as in the engine, so
+  its block events are what a real node would advertise. Used by the simulator's
+  nodes and by the cluster benchmark's oracle to mirror real nodes.
+- `TokenCache`: SGLang-style radix cache under a token budget (LRU leaf eviction).
+
+The engine itself cannot run without llama.cpp, so the slot *policy* is modelled
+here; `tests/test_sim.py` checks the model against the real engine, request by request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import cast
+
+from zmesh.blocks import BlockHasher
+from zmesh.radix import BlockEvents, RadixTree
+
+__all__ = ["Claim", "KnownIdsHasher", "SlotCache", "TokenCache"]
+
+
+class KnownIdsHasher(BlockHasher):
+    """A `BlockHasher` that returns already-known ids for the sequence being inserted.
+
+    The radix tree asks for the block ids of a whole sequence whenever it adds a node;
+    the simulator already has them (computed once per prompt by the real hasher), so
+    `remember` them for that exact tuple object and the tree skips rehashing.
+    """
+
+    __slots__ = ("_ids", "_tokens")
+
+    def __init__(self, base: BlockHasher) -> None:
+        self.block_size = base.block_size
+        self.key = base.key
+        self.namespace = base.namespace
+        self.seed = base.seed
+        self._tokens: object = None
+        self._ids: list[int] = []
+
+    def remember(self, tokens: tuple[int, ...], ids: list[int]) -> None:
+        self._tokens, self._ids = tokens, ids
+
+    def block_ids(
+        self, tokens: Sequence[int], start_block: int = 0, parent: int | None = None
+    ) -> list[int]:
+        if tokens is self._tokens and start_block == 0 and parent is None:
+            return self._ids
+        return BlockHasher.block_ids(self, tokens, start_block, parent)
+
+
+class Claim:
+    """Where a request runs and how much of its prompt is already cached."""
+
+    __slots__ = ("evicted", "reuse", "slot")
+
+    def __init__(self, slot: int, reuse: int, evicted: int) -> None:
+        self.slot, self.reuse, self.evicted = slot, reuse, evicted
+
+
+class SlotCache:
+    """The engine's slot pool for one namespace, mirrored in a real `RadixTree`."""
+
+    __slots__ = ("_clock", "hasher", "last_used", "n_slots", "slots", "tree")
+
+    def __init__(self, n_slots: int, hasher: BlockHasher | None = None) -> None:
+        if n_slots < 1:
+            raise ValueError("n_slots must be >= 1")
+        self.n_slots = n_slots
+        self.hasher = KnownIdsHasher(hasher) if hasher is not None else None
+        self.tree = RadixTree(self.hasher)
+        self.slots: list[tuple[int, ...]] = [() for _ in range(n_slots)]
+        self.last_used = [0.0] * n_slots
+        self._clock = 0.0
+
+    def match(self, tokens: Sequence[int]) -> int:
+        """Tokens of ``tokens`` held by some slot (what the node's router sees)."""
+        return self.tree.match(tokens).length
+
+    def claim(self, tokens: tuple[int, ...]) -> Claim:
+        """Pick the slot for ``tokens`` and cut it back to the reusable prefix.
+
+        Mirrors `Engine._claim_slot`: best = the lowest-numbered slot with the longest
+        common prefix; keep one prompt token to decode; continue in place when the
+        prefix is at least half the slot (or there is one slot), else share the prefix
+        into a free slot or the least recently used other one.
+        """
+        m = self.tree.match(tokens)
+        best = _lowest_slot(m.owners)
+        reuse = min(m.length, len(tokens) - 1)
+        if best is not None and reuse > 0:
+            held = len(self.slots[best])
+            if 2 * reuse >= held or self.n_slots == 1:
+                if reuse < held:
+                    self._set(best, self.slots[best][:reuse])
+                return Claim(best, reuse, 0)
+        target = self._victim(best if reuse > 0 else None)
+        evicted = len(self.slots[target])
+        if best is not None and reuse > 0:
+            self._set(target, self.slots[best][:reuse])
+        else:
+            reuse = 0
+            if evicted:
+                self._set(target, ())
+        return Claim(target, reuse, evicted)
+
+    def finish(
+        self,
+        slot: int,
+        sequence: tuple[int, ...],
+        ids: list[int] | None = None,
+        now: float | None = None,
+    ) -> None:
+        """The slot now holds ``sequence`` (prompt + generated tokens but the last).
+
+        ``now`` stamps the slot's last use (the engine uses the clock); without it a
+        counter keeps the order, which is all the slot choice within one node needs.
+        """
+        if self.hasher is not None and ids is not None:
+            self.hasher.remember(sequence, ids)
+        self._set(slot, sequence)
+        self._clock = max(self._clock + 1e-9, now) if now is not None else self._clock + 1.0
+        self.last_used[slot] = self._clock
+
+    def evicted_tokens(self, tokens: tuple[int, ...]) -> int:
+        """Tokens of other cached content that serving ``tokens`` would overwrite.
+
+        0 when the request continues a slot in place or a slot is free. The oracle
+        charges for it: a greedy router that ignores it evicts a hot prefix to save a
+        few tokens of prefill.
+        """
+        m = self.tree.match(tokens)
+        reuse = min(m.length, len(tokens) - 1)
+        best = _lowest_slot(m.owners) if reuse > 0 else None
+        if best is not None and (2 * reuse >= len(self.slots[best]) or self.n_slots == 1):
+            return 0
+        if any(not s for s in self.slots):
+            return 0
+        return len(self.slots[self._victim(best)])
+
+    def _victim(self, exclude: int | None) -> int:
+        for i, s in enumerate(self.slots):
+            if not s:
+                return i
+        pool = [i for i in range(self.n_slots) if i != exclude] or list(range(self.n_slots))
+        return min(pool, key=self.last_used.__getitem__)
+
+    def _set(self, slot: int, tokens: tuple[int, ...]) -> None:
+        self.slots[slot] = tokens
+        self.tree.set_sequence(slot, tokens)
+
+    def drain_events(self) -> BlockEvents:
+        return self.tree.drain_events()
+
+
+class TokenCache:
+    """A radix cache of unowned sequences under ``max_tokens``, LRU leaves evicted first."""
+
+    __slots__ = ("hasher", "max_tokens", "tree")
+
+    def __init__(self, max_tokens: int, hasher: BlockHasher | None = None) -> None:
+        self.max_tokens = max_tokens
+        self.hasher = KnownIdsHasher(hasher) if hasher is not None else None
+        self.tree = RadixTree(self.hasher)
+
+    def match(self, tokens: Sequence[int]) -> int:
+        return self.tree.match(tokens).length
+
+    def evicted_tokens(self, tokens: tuple[int, ...]) -> int:
+        return 0  # LRU leaves go under the token budget; not modelled for the oracle
+
+    def claim(self, tokens: tuple[int, ...]) -> Claim:
+        reuse = min(self.tree.match(tokens, touch=True).length, len(tokens) - 1)
+        return Claim(0, max(reuse, 0), 0)
+
+    def finish(
+        self,
+        slot: int,
+        sequence: tuple[int, ...],
+        ids: list[int] | None = None,
+        now: float | None = None,
+    ) -> None:
+        if self.hasher is not None and ids is not None:
+            self.hasher.remember(sequence, ids)
+        self.tree.insert(sequence)
+        self.tree.evict(self.max_tokens)
+
+    def drain_events(self) -> BlockEvents:
+        return self.tree.drain_events()
+
+
+def _lowest_slot(owners: frozenset[object]) -> int | None:
+    """The lowest-numbered slot among a match's owners (this cache's owners are slots)."""
+    return min(cast(frozenset[int], owners)) if owners else None
