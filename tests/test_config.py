@@ -16,6 +16,7 @@ from zmesh.config import (
     GossipConfig,
     NodeConfig,
     RoutingConfig,
+    SecurityConfig,
     Seed,
     apply_env_overrides,
     check_address,
@@ -68,7 +69,7 @@ def test_example_config_loads_and_documents_every_key() -> None:
     # The example spells out the defaults, so it equals a minimal config.
     assert cfg == config_from_dict(base())
     text = EXAMPLE.read_text()
-    for cls in (NodeConfig, EngineConfig, GossipConfig, RoutingConfig, Seed):
+    for cls in (NodeConfig, EngineConfig, GossipConfig, RoutingConfig, Seed, SecurityConfig):
         for name in cls.__struct_fields__:
             assert f"{name} =" in text or f"[{name}]" in text or f"[[{name}]]" in text, name
 

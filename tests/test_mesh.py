@@ -155,6 +155,19 @@ def test_dropped_gossip_is_repaired_by_anti_entropy() -> None:
         lab.stop()
 
 
+def test_nodes_that_join_through_a_seed_are_heard_by_it() -> None:
+    """Star: node-a has no seeds and subscribes to nobody until the others announce
+    themselves in their pings; then all three see each other."""
+    lab = Lab(n_nodes=3, engine=ENGINE, topology="star")
+    lab.start()
+    try:
+        converge(lab, timeout=90)
+        announced = {r["peer"] for r in log_events(lab.nodes[0].log_path, "peer.announced")}
+        assert announced == {lab.nodes[1].name, lab.nodes[2].name}
+    finally:
+        lab.stop()
+
+
 def test_malformed_frames_on_every_socket_do_not_disturb_the_node() -> None:
     """Pose as a peer (ROUTER + PUB the node connects to) and send junk everywhere."""
     serve_port, gossip_port = free_ports(2)

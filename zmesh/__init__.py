@@ -5,6 +5,7 @@ The public client API lives here; nodes run with `zmesh node` / `zmesh lab`.
 
 from zmesh.client import (
     AsyncClient,
+    AuthenticationFailed,
     Client,
     Completion,
     NoEndpointAvailable,
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncClient",
+    "AuthenticationFailed",
     "Chunk",
     "Client",
     "Completion",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from array import array
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 ID_BYTES = 8
 DEFAULT_BLOCK_SIZE = 16
@@ -21,6 +21,16 @@ _BIG_ENDIAN = sys.byteorder == "big"
 
 def _h64(data: bytes, key: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=ID_BYTES, key=key).digest(), "little")
+
+
+# The one namespace of every tenant listed in a node's `tenant_shared`. Empty, so it
+# can never be a tenant's own name (a request's tenant has 1..128 characters).
+SHARED_NAMESPACE = ""
+
+
+def tenant_namespace(tenant: str, shared: Collection[str] = ()) -> str:
+    """Cache namespace of ``tenant``: its own name, or SHARED_NAMESPACE if listed shared."""
+    return SHARED_NAMESPACE if tenant in shared else tenant
 
 
 def namespace_seed(fingerprint: bytes, namespace: str, key: bytes = DEFAULT_KEY) -> int:

@@ -1,4 +1,4 @@
-"""The `zmesh` command: node, lab, ask, status, bench."""
+"""The `zmesh` command: node, lab, ask, status, bench, sim."""
 
 from __future__ import annotations
 
@@ -47,13 +47,35 @@ def _print_done(done: object, as_json: bool) -> None:
     )
 
 
+def _key_kwargs(args: argparse.Namespace, endpoints: list[str]) -> dict[str, object]:
+    """Client options for --client-key / --server-key (one key for all, or one each)."""
+    keys = args.server_key or []
+    if not args.client_key and not keys:
+        return {}
+    if not args.client_key or not keys:
+        raise ValueError("CURVE needs both --client-key and --server-key")
+    if len(keys) == 1:
+        return {"client_key": args.client_key, "server_key": keys[0]}
+    if len(keys) != len(endpoints):
+        raise ValueError(
+            f"give one --server-key for all endpoints or one per --endpoint "
+            f"({len(endpoints)}), got {len(keys)}"
+        )
+    return {"client_key": args.client_key, "server_key": dict(zip(endpoints, keys, strict=True))}
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     from zmesh.client import Client, ZmeshError
     from zmesh.protocol import Chunk, Done
 
     endpoints = args.endpoint or DEFAULT_ENDPOINTS
     try:
-        with Client(endpoints, timeout=args.timeout) as c:
+        keys = _key_kwargs(args, endpoints)
+    except ValueError as exc:
+        _say(f"zmesh ask: {exc}")
+        return 2
+    try:
+        with Client(endpoints, timeout=args.timeout, **keys) as c:
             kw = dict(
                 max_tokens=args.max_tokens,
                 temperature=args.temperature,
@@ -83,8 +105,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     from zmesh.client import Client, ZmeshError
 
     endpoints = args.endpoint or DEFAULT_ENDPOINTS
+    try:
+        keys = _key_kwargs(args, endpoints)
+    except ValueError as exc:
+        _say(f"zmesh status: {exc}")
+        return 2
     rc = 0
-    with Client(endpoints) as c:
+    with Client(endpoints, **keys) as c:
         for ep in endpoints:
             try:
                 st = c.status(ep, timeout=args.timeout)
@@ -119,7 +146,14 @@ def cmd_lab(args: argparse.Namespace) -> int:
     from zmesh.lab import Lab
 
     engine = {"n_slots": args.slots}
-    lab = Lab(n_nodes=args.nodes, base_port=args.base_port, policy=args.policy, engine=engine)
+    lab = Lab(
+        n_nodes=args.nodes,
+        base_port=args.base_port,
+        policy=args.policy,
+        engine=engine,
+        keys=args.keys is not None,
+        keys_dir=args.keys or None,
+    )
     stop = False
 
     def on_signal(*_: object) -> None:
@@ -141,8 +175,15 @@ def cmd_lab(args: argparse.Namespace) -> int:
         _say(f"zmesh lab: {args.nodes} nodes converged in {secs:.1f}s")
         for node in lab.nodes:
             print(f"{node.name}  serve {node.serve}  gossip {node.gossip}  log {node.log_path}")
+        if lab.keys:
+            kw = lab.client_kwargs()
+            flags = " ".join(
+                f"--endpoint {ep} --server-key {key}" for ep, key in kw["server_key"].items()
+            )
+            print(f"keys in {lab.keys_dir}; ask with:")
+            print(f'  zmesh ask --client-key {kw["client_key"]} {flags} "PROMPT"')
         if args.ask:
-            with Client(lab.endpoints) as c:
+            with Client(lab.endpoints, **lab.client_kwargs()) as c:
                 _print_done(c.generate(args.ask, max_tokens=args.max_tokens), False)
         if args.once:
             return 0
@@ -169,7 +210,31 @@ BENCHMARKS = {
     "engine": "zmesh.bench.engine",  # cold vs warm TTFT on one engine
     "mesh": "zmesh.bench.mesh",  # convergence time and forwarding overhead per hop
     "routing": "zmesh.bench.routing",  # routing decision time, 8 peers x 100k blocks
+    "cluster": "zmesh.bench.cluster",  # every policy on a real lab, same requests
 }
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from zmesh.security import SecurityError, generate
+
+    rc = 0
+    for name in args.names:
+        try:
+            role = args.role or ("client" if args.tenant else "node")
+            pub, sec = generate(
+                args.dir, name, role=role, tenants=args.tenant or (), overwrite=args.force
+            )
+        except SecurityError as exc:
+            _say(f"zmesh keys gen: {exc}")
+            rc = 1
+            continue
+        key = next(
+            line.split("=", 1)[1].strip().strip('"')
+            for line in pub.read_text().splitlines()
+            if "public-key" in line
+        )
+        print(f"{name}: public {pub}  secret {sec}  key {key}")
+    return rc
 
 
 def cmd_bench(args: argparse.Namespace, rest: Sequence[str]) -> int:
@@ -177,6 +242,17 @@ def cmd_bench(args: argparse.Namespace, rest: Sequence[str]) -> int:
 
     module = importlib.import_module(BENCHMARKS[args.what])
     return int(module.main(list(rest)))
+
+
+def _add_key_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--client-key", metavar="FILE", help="CurveZMQ: this client's NAME.key_secret")
+    p.add_argument(
+        "--server-key",
+        action="append",
+        metavar="KEY",
+        help="CurveZMQ: the node's public key (Z85 or its NAME.key file); one for all "
+        "endpoints, or one per --endpoint in the same order",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,6 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ask", help="send this prompt once the lab is up and print the answer")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--once", action="store_true", help="stop the lab after --ask")
+    p.add_argument(
+        "--keys",
+        nargs="?",
+        const="",
+        metavar="DIR",
+        help="run with CurveZMQ: a key pair per node and one for the client, written to "
+        "DIR (default: the lab's work dir) or reused from it",
+    )
 
     p = sub.add_parser("ask", help="send one prompt and print the answer with its provenance")
     p.add_argument("prompt")
@@ -227,15 +311,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print the reply as JSON")
+    _add_key_args(p)
 
     p = sub.add_parser("status", help="peer table, cache size and counters of each node")
     p.add_argument("--endpoint", action="append", help="node serve address (repeatable)")
     p.add_argument("--timeout", type=float, default=3.0)
     p.add_argument("--json", action="store_true")
+    _add_key_args(p)
+
+    p = sub.add_parser("keys", help="CurveZMQ keys: `zmesh keys gen NAME...`")
+    keys_sub = p.add_subparsers(dest="keys_cmd", required=True)
+    g = keys_sub.add_parser(
+        "gen", help="write NAME.key (public) and NAME.key_secret (secret) certificates"
+    )
+    g.add_argument("names", nargs="+", metavar="NAME", help="key name(s): node ids, app names")
+    g.add_argument("--dir", default="keys", help="directory to write to (default ./keys)")
+    g.add_argument(
+        "--role",
+        choices=["node", "client"],
+        help="node (default; client with --tenant): a mesh member; "
+        "client: requests and status only, no gossip or snapshots",
+    )
+    g.add_argument(
+        "--tenant",
+        action="append",
+        help="(client keys) a tenant this key may use; repeatable; default any",
+    )
+    g.add_argument("--force", action="store_true", help="overwrite existing key files")
 
     p = sub.add_parser("bench", help="benchmarks: engine, mesh, routing (`zmesh bench X --help`)")
     p.add_argument("what", choices=sorted(BENCHMARKS), help="which benchmark (each has --help)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
+
+    p = sub.add_parser("sim", help="simulator: run, sweep, scale (`zmesh sim X --help`)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="run | sweep | scale, and options")
     return ap
 
 
@@ -244,7 +353,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "bench":
         return cmd_bench(args, args.args)
-    handlers = {"node": cmd_node, "lab": cmd_lab, "ask": cmd_ask, "status": cmd_status}
+    if args.cmd == "sim":
+        from zmesh.sim.cli import main as sim_main
+
+        return sim_main(args.args)
+    handlers = {
+        "node": cmd_node,
+        "lab": cmd_lab,
+        "ask": cmd_ask,
+        "status": cmd_status,
+        "keys": cmd_keys,
+    }
     return handlers[args.cmd](args)
 
 

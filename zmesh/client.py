@@ -7,15 +7,22 @@
 
 `AsyncClient` is the same API for asyncio code. One DEALER socket per endpoint with
 ZMQ_IMMEDIATE, so a request is never queued for a node that is not connected.
+
+A mesh that runs with keys (CurveZMQ) needs the client's key pair and each node's
+public key: `Client(endpoints, client_key="keys/app.key_secret",
+server_key={"tcp://10.0.0.1:5555": "keys/node-a.key", ...})` (one key or file for
+every endpoint also works). A node that does not know the client's key refuses the
+handshake: the client raises `AuthenticationFailed` at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -23,6 +30,7 @@ import zmq
 import zmq.asyncio
 
 from zmesh import protocol as P
+from zmesh.security import KeyPair, SecurityError, client_socket, load_keypair, load_public_key
 
 Completion = P.Done  # the final answer, with its provenance
 
@@ -47,17 +55,47 @@ class NoEndpointAvailable(ZmeshError):
     """None of the endpoints accepted a connection."""
 
 
+class AuthenticationFailed(NoEndpointAvailable):
+    """A node refused this client's key, or the CURVE handshake failed (wrong server key,
+    or keys on one side only). Subclasses NoEndpointAvailable: the request went nowhere."""
+
+
+_HANDSHAKE_EVENTS = (
+    zmq.EVENT_CONNECTED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+
+
 # Errors worth retrying on another node; the rest would fail anywhere.
 _RETRYABLE = {P.OVERLOADED, P.UNAVAILABLE, P.INTERNAL}
 
 
 class _Endpoint:
-    def __init__(self, ctx: zmq.asyncio.Context, address: str) -> None:
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        address: str,
+        keys: KeyPair | None = None,
+        server_key: bytes | None = None,
+    ) -> None:
         self.address = address
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
         self.sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES)
+        self._monitor: zmq.Socket[bytes] | None = None
+        self._connected = self._handshaken = False
+        self.auth_error: str | None = None
+        if keys is not None and server_key is not None:
+            client_socket(self.sock, keys, server_key)
+            # Handshake events say why a CURVE connection never came up.
+            mon = self.sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+            self._monitor = zmq.Socket.shadow(mon.underlying)
+            self._monitor_async = mon
         self.sock.connect(address)
         # Sends go through a sync shadow so that zmq.Again (not connected) is raised
         # at once instead of inside a future.
@@ -76,6 +114,38 @@ class _Endpoint:
             if q is not None:
                 q.put_nowait(msg)
 
+    def _check_handshake(self) -> None:
+        """Raise AuthenticationFailed if the monitor saw the CURVE handshake fail."""
+        if self._monitor is None:
+            return
+        from zmq.utils.monitor import parse_monitor_message
+
+        while self.auth_error is None:
+            try:
+                ev = parse_monitor_message(self._monitor.recv_multipart(flags=zmq.DONTWAIT))
+            except zmq.Again:
+                break
+            kind = ev["event"]
+            if kind == zmq.EVENT_CONNECTED:
+                self._connected = True
+            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshaken = True
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.auth_error = (
+                    f"{self.address} refused this client's key (ZAP status {ev['value']}): "
+                    "is its public key in the node's authorized_dir / authorized_keys?"
+                )
+            elif kind in (
+                zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+            ) or (kind == zmq.EVENT_DISCONNECTED and self._connected and not self._handshaken):
+                self.auth_error = (
+                    f"CURVE handshake with {self.address} failed: wrong server key, "
+                    "or the node runs without keys"
+                )
+        if self.auth_error is not None:
+            raise AuthenticationFailed(self.auth_error)
+
     async def send(self, msg: P.Message, connect_timeout: float) -> bool:
         """Send once connected; False if no connection came up in time."""
         if self.reader is None:
@@ -87,6 +157,7 @@ class _Endpoint:
                 self._sync.send(frame, flags=zmq.DONTWAIT)
                 return True
             except zmq.Again:
+                self._check_handshake()
                 if time.monotonic() >= give_up:
                     return False
                 await asyncio.sleep(0.01)
@@ -94,6 +165,9 @@ class _Endpoint:
     def close(self) -> None:
         if self.reader is not None:
             self.reader.cancel()
+        if self._monitor is not None:
+            self.sock.disable_monitor()
+            self._monitor_async.close(linger=0)
         self.sock.close(linger=0)
 
 
@@ -105,6 +179,8 @@ class AsyncClient:
         timeout: float = 120.0,
         connect_timeout: float = 2.0,
         tenant: str = "default",
+        client_key: str | os.PathLike[str] | KeyPair | None = None,
+        server_key: str | Mapping[str, str] | None = None,
     ) -> None:
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not self.endpoints:
@@ -112,13 +188,42 @@ class AsyncClient:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.tenant = tenant
+        self._keys: KeyPair | None = None
+        self._server_keys: dict[str, bytes] = {}
+        self._default_server_key: bytes | None = None
+        if (client_key is None) != (server_key is None):
+            raise ValueError("CURVE needs both client_key and server_key (or neither)")
+        try:
+            if client_key is not None:
+                self._keys = (
+                    client_key if isinstance(client_key, KeyPair) else load_keypair(client_key)
+                )
+            if isinstance(server_key, str):
+                self._default_server_key = load_public_key(server_key)
+            elif server_key is not None:
+                self._server_keys = {a: load_public_key(k) for a, k in server_key.items()}
+                missing = [a for a in self.endpoints if a not in self._server_keys]
+                if missing:
+                    raise ValueError(f"no server_key for endpoint(s) {missing}")
+        except SecurityError as exc:
+            raise ValueError(str(exc)) from None
         self._ctx = zmq.asyncio.Context()
         self._eps: dict[str, _Endpoint] = {}
 
     def _ep(self, address: str) -> _Endpoint:
         if address not in self._eps:
-            self._eps[address] = _Endpoint(self._ctx, address)
+            server_key = None
+            if self._keys is not None:
+                server_key = self._server_keys.get(address, self._default_server_key)
+                if server_key is None:
+                    raise NoEndpointAvailable(f"no server key known for {address}")
+            self._eps[address] = _Endpoint(self._ctx, address, self._keys, server_key)
         return self._eps[address]
+
+    def _drop(self, address: str) -> None:
+        ep = self._eps.pop(address, None)
+        if ep is not None:
+            ep.close()
 
     async def close(self) -> None:
         for ep in self._eps.values():
@@ -198,8 +303,14 @@ class AsyncClient:
             q: asyncio.Queue[P.Message] = asyncio.Queue()
             ep.waiters[msg.request_id] = q
             try:
-                if not await ep.send(msg, self.connect_timeout):
-                    last_error = NoEndpointAvailable(f"could not connect to {address}")
+                try:
+                    sent = await ep.send(msg, self.connect_timeout)
+                except AuthenticationFailed as exc:
+                    last_error = exc
+                    self._drop(address)  # stop its reconnect attempts
+                    continue
+                if not sent:
+                    last_error = self._unreachable(address)
                     continue
                 while True:
                     left = give_up - time.monotonic()
@@ -226,6 +337,11 @@ class AsyncClient:
                 ep.waiters.pop(msg.request_id, None)
         raise last_error
 
+    def _unreachable(self, address: str) -> NoEndpointAvailable:
+        # A CURVE server silently drops a plain (keyless) handshake: say so.
+        hint = "" if self._keys else " (a mesh with keys also needs client_key and server_key)"
+        return NoEndpointAvailable(f"could not connect to {address}{hint}")
+
     async def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> P.Done:
         """The whole answer with its provenance (served_by, hops, cached_tokens...)."""
         async for event in self.stream(prompt, _stream=False, **kwargs):
@@ -240,10 +356,15 @@ class AsyncClient:
         q: asyncio.Queue[P.Message] = asyncio.Queue()
         ep.waiters[rid] = q
         try:
-            if not await ep.send(
-                P.StatusRequest(request_id=rid), min(timeout, self.connect_timeout)
-            ):
-                raise NoEndpointAvailable(f"could not connect to {ep.address}")
+            try:
+                sent = await ep.send(
+                    P.StatusRequest(request_id=rid), min(timeout, self.connect_timeout)
+                )
+            except AuthenticationFailed:
+                self._drop(ep.address)
+                raise
+            if not sent:
+                raise self._unreachable(ep.address)
             try:
                 reply = await asyncio.wait_for(q.get(), timeout)
             except TimeoutError:

@@ -30,6 +30,7 @@ import msgspec
 
 from zmesh.log import LEVELS
 from zmesh.routing import POLICIES
+from zmesh.security import SecurityError, load_authorized, load_keypair, load_public_key
 
 __all__ = [
     "ENV_PREFIX",
@@ -39,6 +40,7 @@ __all__ = [
     "GossipConfig",
     "NodeConfig",
     "RoutingConfig",
+    "SecurityConfig",
     "Seed",
     "apply_env_overrides",
     "check_address",
@@ -201,10 +203,54 @@ class Seed(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     serve: str
     gossip: str
+    # The peer's CURVE public key (40 Z85 chars, or its certificate file); required
+    # when [security] is on, since a CURVE client must know the server's key.
+    public_key: str | None = None
 
     def __post_init__(self) -> None:
         _check_addr("serve", self.serve, bind=False)
         _check_addr("gossip", self.gossip, bind=False)
+        if self.public_key is not None:
+            try:
+                load_public_key(self.public_key)
+            except SecurityError as exc:
+                _fail("public_key", str(exc))
+
+
+class SecurityConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """CurveZMQ on every socket, when this node has a key pair (see zmesh/security.py)."""
+
+    secret_key_file: str | None = None  # this node's NAME.key_secret; None: no CURVE
+    authorized_dir: str | None = None  # public certificates (*.key) allowed to connect
+    authorized_keys: list[str] = []  # more allowed public keys (Z85), taken as nodes
+
+    def __post_init__(self) -> None:
+        for i, key in enumerate(self.authorized_keys):
+            try:
+                load_authorized(None, [key])
+            except SecurityError:
+                _fail("authorized_keys", f"[{i}] is not a 40-character Z85 CURVE key")
+        if self.secret_key_file is None:
+            if self.authorized_dir is not None or self.authorized_keys:
+                _fail(
+                    "secret_key_file",
+                    "required when authorized_dir or authorized_keys is set "
+                    "(CURVE needs this node's key pair; `zmesh keys gen NAME`)",
+                )
+            return
+        try:
+            load_keypair(self.secret_key_file)
+        except SecurityError as exc:
+            _fail("secret_key_file", str(exc))
+        if self.authorized_dir is not None:
+            try:
+                load_authorized(self.authorized_dir)
+            except SecurityError as exc:
+                _fail("authorized_dir", str(exc))
+
+    @property
+    def enabled(self) -> bool:
+        return self.secret_key_file is not None
 
 
 class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -220,9 +266,11 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tenant_shared: list[str] = []  # tenants whose prefixes share one namespace
     max_queue: int = 64
     log_level: str = "info"
+    metrics_port: int = 0  # Prometheus /metrics HTTP port; 0 = off
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
     gossip: GossipConfig = msgspec.field(default_factory=GossipConfig)
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
+    security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
         if not _NODE_ID_RE.fullmatch(self.node_id):
@@ -237,10 +285,24 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             _check_addr("advertise_gossip", self.advertise_gossip, bind=False)
         if any(not t for t in self.tenant_shared):
             _fail("tenant_shared", "tenant names must be non-empty")
+        if self.security.enabled:
+            for i, seed in enumerate(self.seeds):
+                if seed.public_key is None:
+                    _fail(
+                        "seeds",
+                        f"[{i}] ({seed.serve}) needs public_key: security.secret_key_file "
+                        "is set, and a CURVE client must know its server's key",
+                    )
         if self.max_queue < 1:
             _fail("max_queue", f"must be >= 1, got {self.max_queue}")
         if self.log_level not in LOG_LEVELS:
             _fail("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if not 0 <= self.metrics_port <= 65535:
+            _fail("metrics_port", f"must be in 0..65535 (0 = off), got {self.metrics_port}")
+        if self.metrics_port and any(
+            a.endswith(f":{self.metrics_port}") for a in (self.serve_addr, self.gossip_addr)
+        ):
+            _fail("metrics_port", f"{self.metrics_port} is also the serve or gossip port")
 
     @property
     def serve_endpoint(self) -> str:

@@ -90,11 +90,22 @@ class Lab:
     workdir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     extra_seeds: list[dict[str, str]] = field(default_factory=list)  # {"serve":..,"gossip":..}
+    # "ring": node i is seeded with node i+1; "star": every node with node 0 only, and
+    # node 0 with none, so node 0 hears of the others only when they announce themselves.
+    topology: str = "ring"
+    # CurveZMQ: keys=True writes a key pair per node and one for the lab's client
+    # ("client") into keys_dir (default <workdir>/keys; existing pairs are reused), and
+    # every node allows exactly those keys. `client_kwargs()` are the Client's options.
+    keys: bool = False
+    keys_dir: Path | None = None
+    extra_config: dict[str, Any] = field(default_factory=dict)  # top-level config keys
     nodes: list[LabNode] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.n_nodes < 1:
             raise ValueError("a lab needs at least one node")
+        if self.topology not in ("ring", "star"):
+            raise ValueError(f"topology must be 'ring' or 'star', got {self.topology!r}")
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="zmesh-lab-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -113,25 +124,58 @@ class Lab:
                     log_path=self.workdir / f"{name}.log",
                 )
             )
+        if self.keys:
+            self._make_keys()
         for i, node in enumerate(self.nodes):
             node.config_path.write_text(dump_toml(self.node_config(i)))
 
+    def _make_keys(self) -> None:
+        from zmesh.security import generate
+
+        assert self.workdir is not None
+        self.keys_dir = Path(self.keys_dir or self.workdir / "keys").resolve()
+        for name, role in [*((n.name, "node") for n in self.nodes), ("client", "client")]:
+            if not (self.keys_dir / f"{name}.key_secret").exists():
+                generate(self.keys_dir, name, role=role)
+
+    def public_key(self, i: int) -> str:
+        """Node i's public certificate file (keys=True)."""
+        assert self.keys_dir is not None, "the lab runs without keys"
+        return str(self.keys_dir / f"{self.nodes[i].name}.key")
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Client / AsyncClient options that reach this lab (keys for a keyed lab)."""
+        if not self.keys:
+            return {}
+        assert self.keys_dir is not None
+        return {
+            "client_key": str(self.keys_dir / "client.key_secret"),
+            "server_key": {n.serve: self.public_key(i) for i, n in enumerate(self.nodes)},
+        }
+
     def node_config(self, i: int) -> Any:
         me = self.nodes[i]
-        # Each node is seeded with the next one only: the rest is learned by gossip.
-        seeds = (
+        # One seed per node at most: the rest is learned by gossip.
+        seed = (i + 1) % self.n_nodes if self.topology == "ring" else 0
+        seeds: list[dict[str, str]] = (
             []
-            if self.n_nodes == 1
-            else [
-                {
-                    "serve": self.nodes[(i + 1) % self.n_nodes].serve,
-                    "gossip": self.nodes[(i + 1) % self.n_nodes].gossip,
-                }
-            ]
+            if seed == i
+            else [{"serve": self.nodes[seed].serve, "gossip": self.nodes[seed].gossip}]
         )
+        security: dict[str, Any] = {}
+        if self.keys:
+            assert self.keys_dir is not None
+            for s in seeds:
+                s["public_key"] = self.public_key(seed)
+            security = {
+                "secret_key_file": str(self.keys_dir / f"{me.name}.key_secret"),
+                "authorized_dir": str(self.keys_dir),
+            }
         seeds += self.extra_seeds
         return config_from_dict(
             {
+                **self.extra_config,
+                "security": security,
                 "node_id": me.name,
                 "serve_addr": me.serve,
                 "gossip_addr": me.gossip,
@@ -212,7 +256,9 @@ class Lab:
         self, indices: Sequence[int] | None = None, timeout: float = 2.0
     ) -> list[P.Status]:
         idx = range(self.n_nodes) if indices is None else indices
-        async with AsyncClient(self.endpoints, connect_timeout=timeout) as c:
+        async with AsyncClient(
+            self.endpoints, connect_timeout=timeout, **self.client_kwargs()
+        ) as c:
             return list(
                 await asyncio.gather(*(c.status(self.nodes[i].serve, timeout=timeout) for i in idx))
             )

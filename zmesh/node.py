@@ -18,14 +18,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import zmq
 import zmq.asyncio
 
 from zmesh import protocol as P
+from zmesh.blocks import tenant_namespace
 from zmesh.config import NodeConfig
 from zmesh.engine import Engine, EngineError, GenerationResult
 from zmesh.gossip import LocalAdvert
 from zmesh.log import get_logger
+from zmesh.metrics import NodeMetrics
 from zmesh.peers import NEED_SNAPSHOT, PeerEstimate, PeerState, PeerTable
 from zmesh.routing import (
     Candidate,
@@ -34,6 +37,19 @@ from zmesh.routing import (
     RouteRequest,
     RoutingSettings,
     decide,
+)
+from zmesh.security import (
+    DOMAIN_GOSSIP,
+    DOMAIN_SERVE,
+    AuthorizedKey,
+    Denial,
+    KeyPair,
+    ZapHandler,
+    client_socket,
+    load_authorized,
+    load_keypair,
+    load_public_key,
+    server_socket,
 )
 
 DEFAULT_PREFILL_S_PER_TOKEN = 0.002  # until measured: about what 2 CPU cores do
@@ -92,6 +108,7 @@ class Node:
         self.serve_addr = config.advertise_serve or config.serve_addr
         self.gossip_addr = config.advertise_gossip or config.gossip_addr
         self.counters: dict[str, int] = {}
+        self.metrics = NodeMetrics(self)  # Prometheus; served when metrics_port > 0
         self._fault_rng = random.Random(self.epoch)
         self._last_route: dict[str, Candidate] = {}
         self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=config.max_queue)
@@ -109,21 +126,45 @@ class Node:
         self._stopping = asyncio.Event()
         self.ctx = zmq.asyncio.Context()
         self.ready = asyncio.Event()
+        # CurveZMQ (config [security]): our key pair, the allowlist, peers' keys.
+        sec = config.security
+        key_file = sec.secret_key_file
+        self.keys: KeyPair | None = load_keypair(key_file) if key_file else None
+        self.authorized: dict[bytes, AuthorizedKey] = {}
+        if self.keys is not None:
+            self.authorized = load_authorized(sec.authorized_dir, sec.authorized_keys)
+            self.authorized.setdefault(
+                self.keys.public, AuthorizedKey(public=self.keys.public, name=self.node_id)
+            )
+        self._peer_keys: dict[str, str] = {}  # node id -> its public key (Z85)
+        self._shared_tenants = frozenset(config.tenant_shared)
+        self._zap: ZapHandler | None = None
 
     # ---- lifecycle -------------------------------------------------------
 
     async def run(self) -> None:
         """Bind, join the mesh and serve until `stop()`."""
         self.loop = asyncio.get_running_loop()
+        if self.keys is not None:
+            # The ZAP handler is bound before any CURVE server socket exists.
+            self._zap = ZapHandler(self.ctx, self.authorized, self._on_auth_denied)
+            self._tasks.append(asyncio.create_task(self._zap.run(), name="zap"))
         self.serve = self._socket(zmq.ROUTER)
+        if self.keys is not None:
+            server_socket(self.serve, self.keys, DOMAIN_SERVE)
         self.serve.bind(self.config.serve_addr)
         self.pub = self._socket(zmq.PUB)
+        if self.keys is not None:
+            server_socket(self.pub, self.keys, DOMAIN_GOSSIP)
         self.pub.bind(self.config.gossip_addr)
         self.sub = self._socket(zmq.SUB)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         for seed in self.config.seeds:
-            self._connect_peer(seed.serve, seed.gossip)
-        self._tasks = [
+            key = load_public_key(seed.public_key).decode() if seed.public_key else None
+            self._connect_peer(seed.serve, seed.gossip, key)
+        self.metrics.start(self.loop)
+        # += : the seeds' dealer tasks and the ZAP task are in the list already.
+        self._tasks += [
             asyncio.create_task(coro, name=name)
             for name, coro in [
                 ("serve", self._serve_loop()),
@@ -149,6 +190,9 @@ class Node:
             for t in self._tasks:
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            self.metrics.stop()
+            if self._zap is not None:
+                self._zap.close()
             self.ctx.destroy(linger=0)
             self._executor.shutdown(wait=True, cancel_futures=True)
             self.log.info("node.stopped")
@@ -160,25 +204,60 @@ class Node:
         s = self.ctx.socket(kind)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES)
+        # ZMTP pings: a TCP connection to a peer that vanished without a FIN (partition,
+        # container moved to a new IP) is dropped within seconds and reconnected, with
+        # a fresh DNS lookup, instead of stalling until the kernel gives up (minutes).
+        s.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         return s
 
     def _count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
+        self.metrics.count(name, n)
 
-    def _connect_peer(self, serve_addr: str, gossip_addr: str) -> None:
-        """Open a DEALER to the peer's serve and subscribe to its gossip (once each)."""
+    def _connect_peer(
+        self,
+        serve_addr: str,
+        gossip_addr: str,
+        public_key: str | None = None,
+        node_id: str | None = None,
+    ) -> None:
+        """Open a DEALER to the peer's serve and subscribe to its gossip (once each).
+
+        With keys on, ``public_key`` (the peer's CURVE server key) must be in our
+        allowlist: a member can only point us at other members.
+        """
         if serve_addr == self.serve_addr:
             return
+        server_key = None
+        if self.keys is not None:
+            server_key = public_key.encode() if public_key else None
+            if server_key is None or server_key not in self.authorized:
+                if serve_addr not in self._dealers:
+                    self._count("peers_key_unknown")
+                    self.log.warning(
+                        "auth.peer_key_unknown",
+                        peer=node_id,
+                        serve=serve_addr,
+                        key=public_key,
+                    )
+                return
+            if node_id is not None:
+                self._peer_keys[node_id] = public_key  # type: ignore[assignment]
         if serve_addr not in self._dealers:
             d = self._socket(zmq.DEALER)
             d.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a peer that is not connected
             d.setsockopt(zmq.SNDHWM, 1000)
+            if self.keys is not None and server_key is not None:
+                client_socket(d, self.keys, server_key)
             d.connect(serve_addr)
             self._dealers[serve_addr] = d
             self._tasks.append(
                 asyncio.create_task(self._dealer_loop(d), name=f"dealer {serve_addr}")
             )
         if gossip_addr not in self._subscribed and gossip_addr != self.gossip_addr:
+            if self.keys is not None and server_key is not None:
+                client_socket(self.sub, self.keys, server_key)  # applies to this connect
             self.sub.connect(gossip_addr)
             self._subscribed.add(gossip_addr)
 
@@ -204,7 +283,14 @@ class Node:
 
     async def _serve_loop(self) -> None:
         while True:
-            frames = await self.serve.recv_multipart()
+            caller: AuthorizedKey | None = None
+            if self.keys is None:
+                frames = await self.serve.recv_multipart()
+            else:
+                # With CURVE, the ZAP handler made each connection's User-Id its key.
+                parts = await self.serve.recv_multipart(copy=False)
+                caller = self._caller(parts[-1])
+                frames = [p.bytes for p in parts]
             # One frame per message; a REQ socket adds an empty delimiter we echo back.
             envelope, payload = frames[:-1], frames[-1]
             try:
@@ -218,17 +304,32 @@ class Node:
                         f"expected one frame per message, got {len(frames) - 1}",
                     )
                     continue
-                self._on_serve(envelope, payload)
+                self._on_serve(envelope, payload, caller)
             except Exception as exc:  # a bug must cost one request, not the node
                 self.log.exception("serve.handler_failed", error=repr(exc))
 
-    def _on_serve(self, envelope: list[bytes], payload: bytes) -> None:
+    def _on_serve(
+        self, envelope: list[bytes], payload: bytes, caller: AuthorizedKey | None = None
+    ) -> None:
         try:
             msg = P.decode(payload)
         except P.ProtocolError as exc:
             self._count("frames_malformed")
             self.log.warning("frame.malformed", socket="serve", code=exc.code, error=exc.message)
             self._send(self.serve, envelope, P.error_for(exc, self.node_id))
+            return
+        if self.keys is not None and (why := self._forbidden(caller, msg)) is not None:
+            self._count("requests_forbidden")
+            rid = getattr(msg, "request_id", None)
+            self.log.warning(
+                "auth.forbidden",
+                request_id=rid,
+                key=caller.public.decode() if caller else None,
+                key_name=caller.name if caller else None,
+                type=type(msg).__name__,
+                why=why,
+            )
+            self._reply_error(envelope, rid, P.FORBIDDEN, why)
             return
         if isinstance(msg, P.Generate):
             # Keep a reference: the loop holds tasks only weakly.
@@ -245,6 +346,8 @@ class Node:
                 envelope,
                 P.Pong(request_id=msg.request_id, sent_at=msg.sent_at, node_id=self.node_id),
             )
+            if msg.sender is not None:
+                self._learn_of(msg.sender)
         elif isinstance(msg, P.Cancel):
             job = self._jobs.get(msg.request_id)
             if job is not None:
@@ -261,6 +364,42 @@ class Node:
                     message=f"{type(msg).__name__} is not accepted on the serve socket",
                     node_id=self.node_id,
                 ),
+            )
+
+    def _caller(self, frame: zmq.Frame) -> AuthorizedKey | None:
+        try:
+            user = frame.get("User-Id")
+        except zmq.ZMQError:
+            return None
+        key = user.encode() if isinstance(user, str) else None
+        return self.authorized.get(key) if key else None
+
+    @staticmethod
+    def _forbidden(caller: AuthorizedKey | None, msg: P.Message) -> str | None:
+        """Why ``caller`` may not send ``msg`` (None: it may). Nodes may send anything;
+        client keys may ask, check status and ping, for their own tenants only."""
+        if caller is None:
+            return "unidentified connection"
+        if caller.role == "node":
+            return None
+        if isinstance(msg, P.Generate) and not caller.may_use_tenant(msg.tenant):
+            return f"key {caller.name!r} may not use tenant {msg.tenant!r}"
+        if isinstance(msg, P.SnapshotRequest):
+            return "only mesh nodes may pull cache snapshots"
+        if isinstance(msg, P.Ping) and getattr(msg, "sender", None) is not None:
+            return "only mesh nodes may announce themselves"
+        return None
+
+    def _on_auth_denied(self, d: Denial) -> None:
+        self._count("auth_denied")
+        if d.log:
+            self.log.warning(
+                "auth.denied",
+                key=d.key or None,
+                domain=d.domain,
+                address=d.address,
+                reason=d.reason,
+                repeats=d.repeats,
             )
 
     def _reply_error(self, envelope: list[bytes], rid: str | None, code: str, message: str) -> None:
@@ -320,7 +459,7 @@ class Node:
             reason = "fallback"
         else:
             reason = decision.reason
-        new_tokens = len(tokens) - self.engine.local_match(tokens, msg.tenant)
+        new_tokens = len(tokens) - self.engine.local_match(tokens, self._namespace(msg.tenant))
         job = _Job(
             msg=msg,
             reply_to=envelope,
@@ -333,12 +472,17 @@ class Node:
         )
         self._enqueue(job)
 
+    def _namespace(self, tenant: str) -> str:
+        """The cache namespace of a tenant: its own, or the one the tenant_shared share."""
+        return tenant_namespace(tenant, self._shared_tenants)
+
     def _route(self, msg: P.Generate, tokens: list[int]) -> Decision:
         t0 = time.perf_counter()
-        hasher = self.engine.hasher(msg.tenant)
+        ns = self._namespace(msg.tenant)
+        hasher = self.engine.hasher(ns)
         ids = hasher.block_ids(tokens)
         bs = hasher.block_size
-        local_match = self.engine.local_match(tokens, msg.tenant)
+        local_match = self.engine.local_match(tokens, ns)
         st = self.engine.stats
         prefill = (
             st.prefill_s_per_token
@@ -401,17 +545,7 @@ class Node:
         peer = self.peers.get(decision.target)
         dealer = self._dealer_for(peer) if peer else None
         rid = msg.request_id
-        fwd_msg = P.Generate(
-            request_id=rid,
-            prompt=msg.prompt,
-            tokens=msg.tokens,
-            tenant=msg.tenant,
-            params=msg.params,
-            hops=msg.hops + 1,
-            deadline=msg.deadline,
-            origin=self.node_id,
-            stream=msg.stream,
-        )
+        fwd_msg = msgspec.structs.replace(msg, hops=msg.hops + 1, origin=self.node_id)
         if dealer is None or peer is None or not self._send(dealer, [], fwd_msg):
             self.log.warning(
                 "request.fallback", request_id=rid, target=decision.target, why="peer not connected"
@@ -458,6 +592,7 @@ class Node:
                     reply.route_path = [self.node_id, *reply.route_path[-1:]]
                     self._send(self.serve, envelope, reply)
                     self._count("requests_forwarded_ok")
+                    self.metrics.answered(reply, local=False)
                     return "done"
         finally:
             self._forwards.pop(rid, None)
@@ -578,6 +713,7 @@ class Node:
         )
         self._send(self.serve, job.reply_to, done)
         self._count("requests_served")
+        self.metrics.answered(done, local=True, evicted_tokens=result.evicted_tokens)
         self._count("prompt_tokens", result.prompt_tokens)
         self._count("cached_tokens", result.cached_tokens)
         self.log.info(
@@ -609,7 +745,7 @@ class Node:
         return self.engine.generate(
             tokens=job.tokens,
             params=msg.params,
-            namespace=msg.tenant,
+            namespace=self._namespace(msg.tenant),
             on_text=on_text,
             should_stop=should_stop,
         )
@@ -670,9 +806,15 @@ class Node:
             block_size=self.engine.block_size,
             model_fingerprint=self.engine.fingerprint.hex(),
             peers=[
-                P.PeerInfo(node_id=p.node_id, serve_addr=p.serve_addr, gossip_addr=p.gossip_addr)
+                P.PeerInfo(
+                    node_id=p.node_id,
+                    serve_addr=p.serve_addr,
+                    gossip_addr=p.gossip_addr,
+                    public_key=self._peer_keys.get(p.node_id),
+                )
                 for p in self.peers.alive()
             ],
+            public_key=self.keys.public.decode() if self.keys else None,
         )
 
     async def _gossip_loop(self) -> None:
@@ -724,13 +866,14 @@ class Node:
         ):
             self._count("peers_incompatible")
             return  # another model: its ids can never match ours
+        self.metrics.heartbeat(hb.node_id, hb.sent_at, hb.seq)
         if self.peers.upsert(hb.node_id, hb.serve_addr, hb.gossip_addr, now):
             self.log.info("peer.joined", peer=hb.node_id, serve=hb.serve_addr)
-        self._connect_peer(hb.serve_addr, hb.gossip_addr)
+        self._connect_peer(hb.serve_addr, hb.gossip_addr, hb.public_key, hb.node_id)
         for info in hb.peers:
             if info.node_id != self.node_id and self.peers.get(info.node_id) is None:
                 self.peers.upsert(info.node_id, info.serve_addr, info.gossip_addr, now, heard=False)
-                self._connect_peer(info.serve_addr, info.gossip_addr)
+                self._connect_peer(info.serve_addr, info.gossip_addr, info.public_key, info.node_id)
         peer = self.peers.get(hb.node_id)
         assert peer is not None
         action = peer.on_heartbeat(
@@ -842,13 +985,30 @@ class Node:
             if peer is not None:
                 peer.observe_rtt(time.time() - msg.sent_at)
 
+    def _learn_of(self, info: P.PeerInfo) -> None:
+        """A node we have not heard of pinged us: subscribe to it so its heartbeat comes."""
+        if info.node_id == self.node_id or self.peers.get(info.node_id) is not None:
+            return
+        self.peers.upsert(
+            info.node_id, info.serve_addr, info.gossip_addr, time.monotonic(), heard=False
+        )
+        self._connect_peer(info.serve_addr, info.gossip_addr, info.public_key, info.node_id)
+        self.log.info("peer.announced", peer=info.node_id, serve=info.serve_addr)
+
     async def _ping_loop(self) -> None:
+        me = P.PeerInfo(
+            node_id=self.node_id,
+            serve_addr=self.serve_addr,
+            gossip_addr=self.gossip_addr,
+            public_key=self.keys.public.decode() if self.keys else None,
+        )
         while True:
             await asyncio.sleep(self.config.gossip.ping_interval_s)
             for peer in self.peers.alive():
                 dealer = self._dealer_for(peer)
                 if dealer is not None:
-                    self._send(dealer, [], P.Ping(request_id="ping", sent_at=time.time()))
+                    ping = P.Ping(request_id="ping", sent_at=time.time(), sender=me)
+                    self._send(dealer, [], ping)
 
     # ---- status ------------------------------------------------------------
 

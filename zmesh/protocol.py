@@ -19,6 +19,7 @@ import msgspec
 
 __all__ = [
     "DEADLINE_EXCEEDED",
+    "FORBIDDEN",
     "INTERNAL",
     "INVALID_REQUEST",
     "MALFORMED",
@@ -72,6 +73,7 @@ OVERLOADED: Final = "overloaded"
 DEADLINE_EXCEEDED: Final = "deadline_exceeded"
 INTERNAL: Final = "internal"
 UNAVAILABLE: Final = "unavailable"
+FORBIDDEN: Final = "forbidden"  # an authenticated key asked for what it may not do
 
 # msgspec cannot bound an int above int64 with Meta; msgpack itself stops at 2**64-1.
 U64 = Annotated[int, msgspec.Meta(ge=0)]
@@ -131,6 +133,7 @@ class PeerInfo(msgspec.Struct, kw_only=True):
     node_id: str
     serve_addr: str
     gossip_addr: str
+    public_key: str | None = None  # CURVE public key (Z85) when the mesh runs with keys
 
 
 class PeerStatus(msgspec.Struct, kw_only=True):
@@ -228,6 +231,7 @@ class Heartbeat(_Msg, tag="hb", kw_only=True):
     peers: list[PeerInfo] = []
     block_size: int
     model_fingerprint: str
+    public_key: str | None = None  # the sender's CURVE public key (Z85), with keys on
 
 
 class CacheDelta(_Msg, tag="delta", kw_only=True):
@@ -279,6 +283,9 @@ class Status(_Msg, tag="status", kw_only=True):
 class Ping(_Msg, tag="ping", kw_only=True):
     request_id: str
     sent_at: float
+    # Who pings: a node that joined through a seed is heard by that seed this way
+    # (the seed never subscribed to it); None from a client or an older node.
+    sender: PeerInfo | None = None
 
 
 class Pong(_Msg, tag="pong", kw_only=True):
