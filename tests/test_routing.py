@@ -30,6 +30,7 @@ from zmesh.routing import (
     REASON_LOAD,
     REASON_LOCAL_BEST,
     REASON_NO_PEERS,
+    REASON_PLACEMENT,
     REASON_PREFIX,
     REASON_RANDOM,
     REASON_ROUND_ROBIN,
@@ -46,6 +47,7 @@ from zmesh.routing import (
     estimate_s,
     gain_threshold,
     is_overloaded,
+    placement_rank,
     ring_position,
 )
 
@@ -121,6 +123,8 @@ def test_unknown_policy_lists_known_ones() -> None:
         {"balance_abs": -1},
         {"balance_rel": 0.5},
         {"vnodes": 0},
+        {"place_slack_frac": -0.1},
+        {"place_slack_frac": 1.0},
     ],
 )
 def test_settings_validation(kw: dict[str, object]) -> None:
@@ -133,6 +137,7 @@ def test_constants_are_stable() -> None:
     assert set(REASONS) == {
         "hop_limit",
         "no_peers",
+        "placement",
         "local_best",
         "prefix",
         "load",
@@ -631,7 +636,9 @@ def meshes(draw: st.DrawFn) -> tuple[RouteRequest, list[Candidate]]:
             )
         )
     hops = draw(st.integers(0, 3))
-    return RouteRequest(prompt, hops, draw(st.integers(0, (1 << 64) - 1))), out
+    block_ids = draw(st.lists(st.integers(0, (1 << 64) - 1), max_size=prompt // 16))
+    head = draw(st.integers(0, (1 << 64) - 1))
+    return RouteRequest(prompt, hops, head, block_ids=block_ids, block_size=16), out
 
 
 route_settings = st.builds(
@@ -643,6 +650,7 @@ route_settings = st.builds(
     balance_abs=st.integers(0, 16),
     balance_rel=st.sampled_from([1.0, 1.5, 2.0]),
     vnodes=st.integers(1, 16),
+    place_slack_frac=st.sampled_from([0.0, 0.1, 0.5]),
 )
 
 
@@ -680,9 +688,23 @@ def test_property_zmesh_picks_minimal_eligible_estimate(
     min_q = min(c.queue_depth for c in alive)
     eligible = [c for c in alive if c.is_local or not is_overloaded(c.queue_depth, min_q, s)]
     est = {c.node_id: estimate_s(c, request.prompt_tokens) for c in eligible}
+    if d.reason == REASON_PLACEMENT:
+        # Near the best estimate, holding the longest match among those, top hash rank.
+        assert d.forward and d.target in est
+        lowest = min(est.values())
+        near = [c for c in eligible if est[c.node_id] <= lowest + s.place_slack_frac * lowest]
+        blocks = {
+            c.node_id: min(max(c.matched_tokens, 0), request.prompt_tokens) // 16 for c in near
+        }
+        top = max(blocks.values())
+        tied = [n for n, b in blocks.items() if b == top]
+        assert blocks[d.target] == top and len(tied) >= 2
+        key = request.block_ids[top]
+        assert d.target == max(tied, key=lambda n: (placement_rank(key, n), n))
+        return
     if not d.forward:
         assert d.target == local.node_id
-        if d.reason == REASON_LOCAL_BEST:
+        if d.reason == REASON_LOCAL_BEST and s.place_slack_frac == 0.0:
             peers = [e for n, e in est.items() if n != local.node_id]
             assert not peers or est[local.node_id] - min(peers) <= gain_threshold(
                 est[local.node_id], s
@@ -721,3 +743,83 @@ def test_wait_s_overrides_queue_times_service() -> None:
     assert estimate_s(busy, 100) == pytest.approx(0.2 + 0.1)
     legacy = Candidate("p", False, 0, 3, 0.0, 0.001, 0.5)
     assert estimate_s(legacy, 100) == pytest.approx(1.5 + 0.1)
+
+
+# --------------------------------------------------------------------------- placement
+
+BS = 16
+
+
+def placed(prompt_blocks: list[int], cands: list[Candidate], **kw: object) -> Decision:
+    request = RouteRequest(
+        prompt_tokens=len(prompt_blocks) * BS,
+        hops=0,
+        head_key=0,
+        block_ids=prompt_blocks,
+        block_size=BS,
+    )
+    return run(cands, request=request, **kw)
+
+
+def idle_mesh(local: str, names: tuple[str, ...] = ("a", "b", "c", "d")) -> list[Candidate]:
+    return [cand(n, local=n == local) for n in names]
+
+
+def test_new_prefix_is_placed_on_one_node_whichever_node_it_entered() -> None:
+    prompt = [11, 22, 33, 44]
+    home = max("abcd", key=lambda n: (placement_rank(prompt[0], n), n))
+    for entry in "abcd":
+        d = placed(prompt, idle_mesh(entry))
+        assert d.target == home
+        assert d.reason == (REASON_LOCAL_BEST if entry == home else REASON_PLACEMENT)
+
+
+def test_distinct_new_prefixes_spread_over_every_node() -> None:
+    rng = random.Random(3)
+    homes = Counter(placed([rng.getrandbits(64), 1, 2], idle_mesh("a")).target for _ in range(800))
+    assert set(homes) == set("abcd")
+    assert all(120 < n < 280 for n in homes.values()), homes
+
+
+def test_placement_yields_to_load_beyond_the_slack() -> None:
+    prompt = [5, 6, 7]
+    home = max("abcd", key=lambda n: (placement_rank(prompt[0], n), n))
+    others = [n for n in "abcd" if n != home]
+    busy = [cand(n, local=n == others[0], queue=4 if n == home else 0) for n in "abcd"]
+    d = placed(prompt, busy)
+    assert d.target != home
+    assert d.target == max(others, key=lambda n: (placement_rank(prompt[0], n), n))
+
+
+def test_a_real_prefix_match_beats_placement() -> None:
+    prompt = [5, 6, 7, 8]
+    mesh = [cand("a", local=True), cand("b"), cand("c", matched=3 * BS), cand("d")]
+    d = placed(prompt, mesh)
+    assert (d.target, d.reason) == ("c", REASON_PREFIX)
+
+
+def test_global_prompt_is_not_a_hotspot_key() -> None:
+    """Every node holds the 2-block system prompt: the key is the block after it."""
+    system = [100, 200]
+    mesh = [cand(n, local=n == "a", matched=2 * BS) for n in "abcd"]
+    targets = {placed([*system, rest, 9], mesh).target for rest in range(64)}
+    assert len(targets) == 4
+    again = {placed([*system, 7, rest], mesh).target for rest in range(64)}
+    assert len(again) == 1  # same block past the shared prompt: same node
+
+
+def test_placement_needs_block_ids_a_tie_and_something_new() -> None:
+    prompt = [5, 6, 7]
+    off = placed(prompt, idle_mesh("a"), place_slack_frac=0.0)
+    assert (off.target, off.reason) == ("a", REASON_LOCAL_BEST)
+    no_ids = run(idle_mesh("a"), request=req(prompt=3 * BS))
+    assert (no_ids.target, no_ids.reason) == ("a", REASON_LOCAL_BEST)
+    everywhere = [cand(n, local=n == "a", matched=3 * BS) for n in "abcd"]
+    assert placed(prompt, everywhere).reason == REASON_LOCAL_BEST
+
+
+def test_placement_rank_is_stable_and_mixes() -> None:
+    assert placement_rank(1, "a") == placement_rank(1, "a")
+    assert placement_rank(1, "a") != placement_rank(2, "a")
+    assert placement_rank(1, "a") != placement_rank(1, "b")
+    assert 0 <= placement_rank((1 << 64) - 1, "z") < 1 << 64

@@ -175,6 +175,7 @@ class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_hops: int = 1
     min_gain_s: float = 0.005  # forward only if the peer is expected this much sooner
     min_gain_frac: float = 0.1  # ...and by this fraction of the local estimate
+    place_slack_frac: float = 0.1  # nodes this close to the best are placed by hash
     balance_abs: int = 8
     balance_rel: float = 1.5
     forward_timeout_s: float = 5.0  # to the peer's first reply, then serve locally
@@ -189,6 +190,8 @@ class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             _fail("min_gain_s", f"must be >= 0, got {self.min_gain_s}")
         if not 0.0 <= self.min_gain_frac < 1.0:
             _fail("min_gain_frac", f"must be in [0, 1), got {self.min_gain_frac}")
+        if not 0.0 <= self.place_slack_frac < 1.0:
+            _fail("place_slack_frac", f"must be in [0, 1), got {self.place_slack_frac}")
         if self.balance_abs < 0:
             _fail("balance_abs", f"must be >= 0, got {self.balance_abs}")
         if not (self.balance_rel >= 1.0 and math.isfinite(self.balance_rel)):
@@ -265,6 +268,9 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     seeds: list[Seed] = []
     tenant_shared: list[str] = []  # tenants whose prefixes share one namespace
     max_queue: int = 64
+    # Generate requests one client may have in flight here (0 = no limit); peers'
+    # forwards are not counted. Beyond it: "too_many_requests".
+    max_inflight_per_client: int = 32
     log_level: str = "info"
     metrics_port: int = 0  # Prometheus /metrics HTTP port; 0 = off
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
@@ -295,6 +301,11 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                     )
         if self.max_queue < 1:
             _fail("max_queue", f"must be >= 1, got {self.max_queue}")
+        if self.max_inflight_per_client < 0:
+            _fail(
+                "max_inflight_per_client",
+                f"must be >= 0 (0 = no limit), got {self.max_inflight_per_client}",
+            )
         if self.log_level not in LOG_LEVELS:
             _fail("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if not 0 <= self.metrics_port <= 65535:

@@ -73,6 +73,7 @@ class _Job:
     attempt: int = 0
     chunks: int = 0
     cancelled: bool = False
+    client: bytes | None = None  # counted against max_inflight_per_client (None: a peer)
 
 
 @dataclass(slots=True)
@@ -101,6 +102,7 @@ class Node:
             max_hops=r.max_hops,
             min_gain_s=r.min_gain_s,
             min_gain_frac=r.min_gain_frac,
+            place_slack_frac=r.place_slack_frac,
             balance_abs=r.balance_abs,
             balance_rel=r.balance_rel,
         )
@@ -117,6 +119,8 @@ class Node:
         self._queued_s = 0.0  # predicted seconds of the jobs waiting in _queue
         self._load_changed = False  # send a heartbeat at the next gossip tick
         self._jobs: dict[str, _Job] = {}
+        self._inflight = 0  # Generate requests accepted and not answered yet
+        self._inflight_by_client: dict[bytes, int] = {}  # only clients with some
         self._forwards: dict[str, _Forward] = {}
         self._dealers: dict[str, zmq.asyncio.Socket] = {}  # by peer serve address
         self._subscribed: set[str] = set()
@@ -333,7 +337,7 @@ class Node:
             return
         if isinstance(msg, P.Generate):
             # Keep a reference: the loop holds tasks only weakly.
-            task = asyncio.create_task(self._handle_generate(envelope, msg))
+            task = asyncio.create_task(self._handle_generate(envelope, msg, caller))
             self._request_tasks.add(task)
             task.add_done_callback(self._request_tasks.discard)
         elif isinstance(msg, P.StatusRequest):
@@ -411,7 +415,66 @@ class Node:
 
     # ---- requests --------------------------------------------------------
 
-    async def _handle_generate(self, envelope: list[bytes], msg: P.Generate) -> None:
+    def _client_of(
+        self, envelope: list[bytes], msg: P.Generate, caller: AuthorizedKey | None
+    ) -> bytes | None:
+        """Whom a request counts against for max_inflight_per_client; None for a peer.
+
+        With keys, a client is its CURVE key (all its connections share one budget) and
+        a peer is a node-role key. Without keys a client is its ROUTER identity (one
+        connection), and a request forwarded by a known peer is the peer's: keyless
+        meshes trust whoever reaches them anyway.
+        """
+        if caller is not None:
+            return None if caller.role == "node" else caller.public
+        if self.keys is None and msg.origin and self.peers.get(msg.origin) is not None:
+            return None
+        return envelope[0] if envelope else b""
+
+    def _admit(self, client: bytes | None, envelope: list[bytes], msg: P.Generate) -> bool:
+        """Count the request in flight, unless its client is at its limit (then refuse)."""
+        limit = self.config.max_inflight_per_client
+        if client is not None:
+            n = self._inflight_by_client.get(client, 0)
+            if limit and n >= limit:
+                self._refuse_client(client, envelope, msg, n)
+                return False
+            self._inflight_by_client[client] = n + 1
+        self._inflight += 1
+        return True
+
+    def _refuse_client(self, client: bytes, envelope: list[bytes], msg: P.Generate, n: int) -> None:
+        self._count("requests_client_limited")
+        caller = self.authorized.get(client)
+        self.log.warning(
+            "request.failed",
+            request_id=msg.request_id,
+            code=P.TOO_MANY_REQUESTS,
+            client=caller.name if caller else client.hex(),
+            inflight=n,
+        )
+        self._reply_error(
+            envelope,
+            msg.request_id,
+            P.TOO_MANY_REQUESTS,
+            f"this client has {n} requests in flight on {self.node_id} "
+            f"(max_inflight_per_client); wait for an answer before sending more",
+        )
+
+    def _release(self, client: bytes | None) -> None:
+        """The request that `_admit` counted was answered (or refused later on)."""
+        self._inflight = max(self._inflight - 1, 0)
+        if client is None:
+            return
+        n = self._inflight_by_client.get(client, 0) - 1
+        if n > 0:
+            self._inflight_by_client[client] = n
+        else:
+            self._inflight_by_client.pop(client, None)  # idle clients cost no memory
+
+    async def _handle_generate(
+        self, envelope: list[bytes], msg: P.Generate, caller: AuthorizedKey | None = None
+    ) -> None:
         received = time.time()
         rid = msg.request_id
         try:
@@ -436,6 +499,22 @@ class Node:
                 f"request id {rid} is already in flight on {self.node_id}",
             )
             return
+        client = self._client_of(envelope, msg, caller)
+        if not self._admit(client, envelope, msg):
+            return
+        queued = False
+        try:
+            queued = await self._accept(envelope, msg, received, client)
+        finally:
+            if not queued:  # answered, or failed, before reaching the worker
+                self._release(client)
+
+    async def _accept(
+        self, envelope: list[bytes], msg: P.Generate, received: float, client: bytes | None
+    ) -> bool:
+        """Route and serve or relay an admitted request; True once queued for the worker
+        (which then owns its in-flight count)."""
+        rid = msg.request_id
         self._count("requests_received")
         self.log.info(
             "request.received", request_id=rid, hops=msg.hops, origin=msg.origin, tenant=msg.tenant
@@ -446,14 +525,14 @@ class Node:
             self._count("requests_failed")
             self.log.warning("request.failed", request_id=rid, code=exc.code, error=exc.message)
             self._reply_error(envelope, rid, exc.code, exc.message)
-            return
+            return False
         path = [*((msg.origin and [msg.origin]) or []), self.node_id]
         decision = self._route(msg, tokens)
         attempt = 0
         if decision.forward:
             outcome = await self._forward(envelope, msg, decision, tokens)
             if outcome == "done":
-                return
+                return False
             attempt = 1 if outcome == "partial" else 0
             self._count("forward_fallbacks")
             reason = "fallback"
@@ -469,8 +548,9 @@ class Node:
             route_path=path,
             attempt=attempt,
             predicted_s=self._predict_s(max(new_tokens, 1), msg.params.max_tokens),
+            client=client,
         )
-        self._enqueue(job)
+        return self._enqueue(job)
 
     def _namespace(self, tenant: str) -> str:
         """The cache namespace of a tenant: its own, or the one the tenant_shared share."""
@@ -520,7 +600,9 @@ class Node:
             if ids
             else hash(tuple(tokens[:bs])) & (2**64 - 1)
         )
-        req = RouteRequest(prompt_tokens=len(tokens), hops=msg.hops, head_key=head)
+        req = RouteRequest(
+            prompt_tokens=len(tokens), hops=msg.hops, head_key=head, block_ids=ids, block_size=bs
+        )
         decision = decide(req, cands, self.routing, self.policy_state)
         self._count(f"route_{decision.reason}")
         self._last_route = {c.node_id: c for c in cands}
@@ -634,7 +716,8 @@ class Node:
             if f.target == peer.node_id and f.sent_at > heard
         )
 
-    def _enqueue(self, job: _Job) -> None:
+    def _enqueue(self, job: _Job) -> bool:
+        """Queue a job for the worker; False (and `overloaded` sent) when the queue is full."""
         rid = job.msg.request_id
         try:
             self._queue.put_nowait(job)
@@ -649,8 +732,9 @@ class Node:
                 P.OVERLOADED,
                 f"node {self.node_id} queue is full ({self.config.max_queue})",
             )
-            return
+            return False
         self._jobs[rid] = job
+        return True
 
     async def _worker_loop(self) -> None:
         while True:
@@ -668,6 +752,7 @@ class Node:
                 self._running = None
                 self._load_changed = True
                 self._jobs.pop(job.msg.request_id, None)
+                self._release(job.client)
 
     async def _serve_job(self, job: _Job) -> None:
         msg, rid = job.msg, job.msg.request_id
@@ -1037,6 +1122,8 @@ class Node:
                 for p in self.peers.all()
             ],
             counters=dict(self.counters),
+            inflight=self._inflight,
+            inflight_clients=len(self._inflight_by_client),
         )
 
 

@@ -12,6 +12,12 @@ The `zmesh` policy scores each candidate by its expected time to first token::
 
 A prefix every node already holds (a global system prompt) adds the same saving to
 every estimate, so it cancels out and load decides: no affinity hotspot.
+
+Placement: when several nodes are about equally good (within `place_slack_frac` of
+the best estimate) and hold the same longest match, the request goes to the one
+that wins a rendezvous hash of the first block past that match. So a prefix nobody
+holds yet is cached on one node whichever node it entered by, and distinct new
+prefixes spread over every node's cache instead of piling up where they entered.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ __all__ = [
     "REASON_LOAD",
     "REASON_LOCAL_BEST",
     "REASON_NO_PEERS",
+    "REASON_PLACEMENT",
     "REASON_PREFIX",
     "REASON_RANDOM",
     "REASON_ROUND_ROBIN",
@@ -48,6 +55,7 @@ __all__ = [
     "decide",
     "estimate_s",
     "is_overloaded",
+    "placement_rank",
     "ring_position",
 ]
 
@@ -57,6 +65,7 @@ REASON_NO_PEERS = "no_peers"
 REASON_LOCAL_BEST = "local_best"
 REASON_PREFIX = "prefix"
 REASON_LOAD = "load"
+REASON_PLACEMENT = "placement"
 REASON_RANDOM = "random"
 REASON_ROUND_ROBIN = "round_robin"
 REASON_CONSISTENT_HASH = "consistent_hash"
@@ -67,6 +76,7 @@ REASONS = (
     REASON_LOCAL_BEST,
     REASON_PREFIX,
     REASON_LOAD,
+    REASON_PLACEMENT,
     REASON_RANDOM,
     REASON_ROUND_ROBIN,
     REASON_CONSISTENT_HASH,
@@ -105,6 +115,9 @@ class RouteRequest:
     prompt_tokens: int
     hops: int
     head_key: int  # 64-bit key of the prompt head, for consistent_hash
+    # The prompt's chained block ids (zmesh placement); empty: no placement.
+    block_ids: Sequence[int] = ()
+    block_size: int = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +131,9 @@ class RoutingSettings:
     # two identical nodes whose measured prefill rates differ by a few %) must not
     # pull cold traffic onto whichever node measured fastest.
     min_gain_frac: float = 0.0
+    # Nodes whose estimate is within this fraction of the best one count as equally
+    # good, and among those holding the longest match the placement hash chooses.
+    place_slack_frac: float = 0.1
     balance_abs: int = 8
     balance_rel: float = 1.5
     vnodes: int = 64
@@ -131,6 +147,8 @@ class RoutingSettings:
             raise ValueError(f"min_gain_s must be >= 0, got {self.min_gain_s}")
         if not 0.0 <= self.min_gain_frac < 1.0:
             raise ValueError(f"min_gain_frac must be in [0, 1), got {self.min_gain_frac}")
+        if not 0.0 <= self.place_slack_frac < 1.0:
+            raise ValueError(f"place_slack_frac must be in [0, 1), got {self.place_slack_frac}")
         if self.balance_abs < 0:
             raise ValueError(f"balance_abs must be >= 0, got {self.balance_abs}")
         if self.balance_rel < 1.0:
@@ -190,6 +208,20 @@ def gain_threshold(est_local: float, settings: RoutingSettings) -> float:
 def is_overloaded(queue: int, min_queue: int, settings: RoutingSettings) -> bool:
     """SGLang router's rule: both the absolute and the relative imbalance must be exceeded."""
     return queue - min_queue > settings.balance_abs and queue > settings.balance_rel * min_queue
+
+
+def placement_rank(key: int, node_id: str) -> int:
+    """Rendezvous (highest random weight) score of ``node_id`` for a placement key."""
+    x = (key ^ _node_hash(node_id)) & _MASK64
+    # splitmix64's finalizer: cheap, and every input bit moves every output bit.
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+@lru_cache(maxsize=4096)
+def _node_hash(node_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(node_id.encode(), digest_size=8).digest(), "little")
 
 
 def ring_position(node_id: str, i: int) -> int:
@@ -276,19 +308,37 @@ def _zmesh(
     settings: RoutingSettings,
     state: PolicyState,
 ) -> Decision:
-    """Lowest estimated TTFT wins, if it beats local by min_gain_s and is not a hotspot."""
+    """Lowest estimated TTFT wins, if it beats local by min_gain_s and is not a hotspot;
+    among nodes about as good that hold the longest match, the placement hash chooses."""
     min_queue = min(local.queue_depth, min(p.queue_depth for p in peers))
     est_local = scores[0][1]
     best: Candidate | None = None
     best_est = 0.0
     overloaded: list[str] = []
+    eligible: list[tuple[Candidate, float]] = [(local, est_local)]
     # scores[1:] is aligned with peers.
     for p, (_, est) in zip(peers, scores[1:], strict=True):
         if is_overloaded(p.queue_depth, min_queue, settings):
             overloaded.append(p.node_id)
-        elif best is None or est < best_est or (est == best_est and p.node_id < best.node_id):
+            continue
+        eligible.append((p, est))
+        if best is None or est < best_est or (est == best_est and p.node_id < best.node_id):
             best, best_est = p, est
-    if best is None or not est_local - best_est > gain_threshold(est_local, settings):
+    placed = _place(request, eligible, settings)
+    if placed is not None and placed[0] is not local:
+        target, est_target = placed
+        return Decision(
+            target.node_id,
+            True,
+            REASON_PLACEMENT,
+            tuple(scores),
+            est_local,
+            est_target,
+            tuple(overloaded),
+        )
+    if placed is not None or (
+        best is None or not est_local - best_est > gain_threshold(est_local, settings)
+    ):
         return _local(local, REASON_LOCAL_BEST, scores, est_local, tuple(overloaded))
     prompt = max(request.prompt_tokens, 0)
     gained = min(max(best.matched_tokens, 0), prompt) > min(max(local.matched_tokens, 0), prompt)
@@ -301,6 +351,36 @@ def _zmesh(
         best_est,
         tuple(overloaded),
     )
+
+
+def _place(
+    request: RouteRequest,
+    eligible: list[tuple[Candidate, float]],
+    settings: RoutingSettings,
+) -> tuple[Candidate, float] | None:
+    """The placement choice among ``eligible`` (local first), or None if it has none.
+
+    Near-best: estimate within ``place_slack_frac`` of the lowest. Among those, the ones
+    holding the most whole blocks of the prompt; the key is the first block past that
+    match, so requests that share it meet on one node wherever they entered. None
+    when the prompt has no block there or fewer than two nodes qualify.
+    """
+    ids, bs = request.block_ids, request.block_size
+    if settings.place_slack_frac <= 0.0 or not ids or bs < 1:
+        return None
+    lowest = min(est for _, est in eligible)
+    bar = lowest + settings.place_slack_frac * lowest
+    near = [(c, est) for c, est in eligible if est <= bar]
+    prompt = max(request.prompt_tokens, 0)
+    blocks = [min(max(c.matched_tokens, 0), prompt) // bs for c, _ in near]
+    top = max(blocks)
+    if top >= len(ids):
+        return None  # the whole prompt is cached there: nothing new to place
+    tied = [ce for ce, b in zip(near, blocks, strict=True) if b == top]
+    if len(tied) < 2:
+        return None
+    key = ids[top]
+    return max(tied, key=lambda ce: (placement_rank(key, ce[0].node_id), ce[0].node_id))
 
 
 def _pool(local: Candidate, peers: list[Candidate]) -> list[str]:

@@ -43,6 +43,7 @@ from typing import Any
 
 from zmesh.bench.workloads import Arrivals, Workload
 from zmesh.blocks import BlockHasher
+from zmesh.config import RoutingConfig
 from zmesh.gossip import DEFAULT_SNAPSHOT_PART_BLOCKS, LocalAdvert
 from zmesh.peers import NEED_SNAPSHOT, OK, PeerEstimate, PeerState, PeerTable
 from zmesh.routing import (
@@ -52,6 +53,7 @@ from zmesh.routing import (
     RouteRequest,
     RoutingSettings,
     decide,
+    estimate_s,
     is_overloaded,
 )
 from zmesh.sim.cache import SlotCache, TokenCache
@@ -261,6 +263,13 @@ class _View:
         self.static_key: tuple[int, ...] = ()
 
 
+_NODE_ROUTING_DEFAULTS = {
+    name: getattr(RoutingConfig(), name)
+    for name in RoutingSettings.__dataclass_fields__
+    if name in RoutingConfig.__struct_fields__ and name != "policy"
+}
+
+
 def _ewma(old: float, new: float, alpha: float = 0.2) -> float:
     return new if old == 0.0 else (1 - alpha) * old + alpha * new
 
@@ -286,9 +295,11 @@ class Simulator:
         self.by_name = {n: i for i, n in enumerate(self.names)}
         self.policy = cfg.policy
         base_policy = "zmesh" if cfg.policy in (PAPER, ORACLE) else cfg.policy
-        overrides = dict(cfg.routing)
+        # A real node's routing defaults (its config's), then this run's overrides.
+        overrides = {**_NODE_ROUTING_DEFAULTS, **cfg.routing}
         if cfg.policy in (PAPER, ORACLE):
-            overrides.update(min_gain_s=0.0, balance_abs=_NO_BALANCE)
+            # Neither the paper's design nor the oracle places by hash.
+            overrides.update(min_gain_s=0.0, balance_abs=_NO_BALANCE, place_slack_frac=0.0)
             if "min_gain_frac" in RoutingSettings.__dataclass_fields__:
                 overrides["min_gain_frac"] = 0.0
         self.settings = RoutingSettings(policy=base_policy, **overrides)
@@ -551,7 +562,9 @@ class Simulator:
             cands = [local, *(c for c in self._static_candidates(view) if c.node_id != node.name)]
         bs = self.cfg.block_size
         head = ids[min(len(ids), max(1, self.cfg.hash_prefix_tokens // bs)) - 1] if ids else 0
-        req = RouteRequest(prompt_tokens=len(tokens), hops=0, head_key=head)
+        req = RouteRequest(
+            prompt_tokens=len(tokens), hops=0, head_key=head, block_ids=ids, block_size=bs
+        )
         if self.cfg.verify:
             self._verify(node, view, job, local, req, cands)
         d = decide(req, cands, self.settings, node.policy_state)
@@ -683,6 +696,14 @@ class Simulator:
         keep = {row[4]: row for row in best.values()}
         if least is not None:
             keep.setdefault(least[4], least)
+        slack = settings.place_slack_frac
+        if slack > 0.0 and not paper and best:
+            # Placement chooses among every node near the best estimate: keep them all.
+            lowest = min(estimate_s(local, prompt), *(row[2] for row in best.values()))
+            bar = lowest + slack * lowest
+            for row in rows:
+                if row[2] <= bar and not is_overloaded(row[1], min_q, settings):
+                    keep.setdefault(row[4], row)
         cands = [local]
         service = local.service_s
         for m, q, _, name, _, est, wait, link, pf in keep.values():
