@@ -258,6 +258,7 @@ def test_range_checks(tmp_path: Path, table: str, key: str, value: str, fragment
     [
         ('node_id = "has space"', "node_id"),
         ("max_queue = 0", "max_queue"),
+        ("max_inflight_per_client = -1", "max_inflight_per_client"),
         ('log_level = "loud"', "log_level"),
         ('tenant_shared = ["a", ""]', "tenant_shared"),
     ],

@@ -46,6 +46,7 @@ _FAILED = {
     "requests_failed": "engine_error",
     "requests_overloaded": "overloaded",
     "requests_deadline": "deadline_exceeded",
+    "requests_client_limited": "too_many_requests",
 }
 _ROUTE_RE = re.compile(r"route_(?P<reason>\w+)")
 _TCP_HOST_RE = re.compile(r"tcp://(?P<host>\[[^\]]*\]|[^:/]+):[0-9]+")

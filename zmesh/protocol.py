@@ -29,6 +29,7 @@ __all__ = [
     "PROMPT_TOO_LONG",
     "PROTOCOL_VERSION",
     "SNAPSHOT_PART_BLOCKS",
+    "TOO_MANY_REQUESTS",
     "U64",
     "UNAVAILABLE",
     "UNSUPPORTED_VERSION",
@@ -74,6 +75,9 @@ DEADLINE_EXCEEDED: Final = "deadline_exceeded"
 INTERNAL: Final = "internal"
 UNAVAILABLE: Final = "unavailable"
 FORBIDDEN: Final = "forbidden"  # an authenticated key asked for what it may not do
+# One client has max_inflight_per_client requests in flight on this node already. Not
+# retried on another node by the client library: the caller, not the node, is the cause.
+TOO_MANY_REQUESTS: Final = "too_many_requests"
 
 # msgspec cannot bound an int above int64 with Meta; msgpack itself stops at 2**64-1.
 U64 = Annotated[int, msgspec.Meta(ge=0)]
@@ -278,6 +282,10 @@ class Status(_Msg, tag="status", kw_only=True):
     n_slots: int
     peers: list[PeerStatus] = []
     counters: dict[str, int] = {}
+    # Generate requests accepted and not answered yet (served here or relayed), and
+    # how many distinct clients hold them: both return to 0 when the node is idle.
+    inflight: int = 0
+    inflight_clients: int = 0
 
 
 class Ping(_Msg, tag="ping", kw_only=True):

@@ -1,0 +1,176 @@
+"""Helpers shared by the hardening tests: an in-process node, a raw reply counter,
+log and /proc readers. Real sockets and the real model throughout; no mocks."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+import zmq.asyncio
+
+from zmesh import protocol as P
+from zmesh.config import NodeConfig
+from zmesh.engine import Engine
+from zmesh.node import Node
+
+
+class RunningNode:
+    """A Node on its own event-loop thread, as `zmesh node` runs it, minus the process."""
+
+    def __init__(self, cfg: NodeConfig, engine: Engine) -> None:
+        self.node = Node(cfg, engine=engine)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self.loop.run_until_complete, args=(self.node.run(),), daemon=True
+        )
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.node.ready.is_set():
+            assert self.thread.is_alive(), "node exited during start"
+            assert time.monotonic() < deadline, "node did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.node.stop)
+        self.thread.join(timeout=30)
+        self.loop.close()
+
+
+def log_events(path: Path, event: str) -> list[dict]:
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # llama.cpp may print plain lines too
+        if rec.get("event") == event:
+            out.append(rec)
+    return out
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process, from /proc/PID/status (VmRSS, in kB)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+@dataclass
+class Tally:
+    """Every final reply (Done or Error) seen per request id, with its latency."""
+
+    sent: dict[str, float] = field(default_factory=dict)  # rid -> monotonic send time
+    finals: dict[str, list[P.Done | P.Error]] = field(default_factory=lambda: defaultdict(list))
+    latency_s: dict[str, float] = field(default_factory=dict)  # to the first final
+    chunks: Counter[str] = field(default_factory=Counter)
+
+    def record(self, msg: P.Message) -> None:
+        rid = getattr(msg, "request_id", None) or ""
+        if rid not in self.sent:
+            return
+        if isinstance(msg, P.Chunk):
+            self.chunks[rid] += 1
+        elif isinstance(msg, P.Done | P.Error):
+            if not self.finals[rid]:
+                self.latency_s[rid] = time.monotonic() - self.sent[rid]
+            self.finals[rid].append(msg)
+
+    @property
+    def lost(self) -> list[str]:
+        return [rid for rid in self.sent if not self.finals.get(rid)]
+
+    @property
+    def twice(self) -> list[str]:
+        return [rid for rid, f in self.finals.items() if len(f) > 1]
+
+    def first(self, rid: str) -> P.Done | P.Error | None:
+        f = self.finals.get(rid)
+        return f[0] if f else None
+
+    def errors(self) -> Counter[str]:
+        return Counter(f[0].code for f in self.finals.values() if isinstance(f[0], P.Error))
+
+    def done(self) -> list[P.Done]:
+        return [f[0] for f in self.finals.values() if isinstance(f[0], P.Done)]
+
+
+class RawClient:
+    """One DEALER per endpoint; counts every reply frame by request id, so a request
+    answered twice is seen (the library client drops replies it no longer waits for)."""
+
+    _ids = itertools.count()
+
+    def __init__(self, endpoints: Iterable[str]) -> None:
+        self.ctx = zmq.asyncio.Context()
+        self.tally = Tally()
+        self.socks: dict[str, zmq.asyncio.Socket] = {}
+        for ep in endpoints:
+            s = self.ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(ep)
+            self.socks[ep] = s
+        self._done: dict[str, asyncio.Event] = {}
+        self._readers: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._readers = [asyncio.create_task(self._read(s)) for s in self.socks.values()]
+
+    async def _read(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            msg = P.decode(await sock.recv())
+            self.tally.record(msg)
+            ev = self._done.get(getattr(msg, "request_id", "") or "")
+            if ev is not None and isinstance(msg, P.Done | P.Error):
+                ev.set()
+
+    def new_id(self, prefix: str = "r") -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    async def send(self, endpoint: str, msg: P.Generate) -> asyncio.Event:
+        self.tally.sent[msg.request_id] = time.monotonic()
+        ev = self._done[msg.request_id] = asyncio.Event()
+        await self.socks[endpoint].send(P.encode(msg))
+        return ev
+
+    async def ask(self, endpoint: str, msg: P.Generate, wait_s: float) -> P.Done | P.Error | None:
+        """Send and wait for the first final reply (None if none came in `wait_s`)."""
+        ev = await self.send(endpoint, msg)
+        try:
+            await asyncio.wait_for(ev.wait(), wait_s)
+        except TimeoutError:
+            return None
+        return self.tally.first(msg.request_id)
+
+    async def drain(self, seconds: float) -> None:
+        """Keep reading for a while, so a late second answer would be counted."""
+        await asyncio.sleep(seconds)
+
+    async def close(self) -> None:
+        for t in self._readers:
+            t.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+        self.ctx.destroy(linger=0)
+
+
+def generate(rid: str, prompt: str, max_tokens: int, deadline_s: float | None = None) -> P.Generate:
+    return P.Generate(
+        request_id=rid,
+        prompt=prompt,
+        params=P.SamplingParams(max_tokens=max_tokens),
+        deadline=None if deadline_s is None else time.time() + deadline_s,
+        stream=False,
+    )

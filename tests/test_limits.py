@@ -1,0 +1,179 @@
+"""max_inflight_per_client: a node on real sockets with the real model, in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+import zmq
+from meshkit import RawClient, RunningNode, generate
+
+from zmesh import protocol as P
+from zmesh.client import AsyncClient, Client, RequestError
+from zmesh.config import EngineConfig, config_from_dict
+from zmesh.engine import Engine
+from zmesh.lab import free_ports
+from zmesh.node import Node
+from zmesh.security import AuthorizedKey
+
+LIMIT = 2
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Engine]:
+    # An engine of its own (nodes drain cache events the shared fixtures expect); one
+    # thread: llama.cpp threads spin badly when the 2 cores are shared.
+    eng = Engine(EngineConfig(n_slots=2, slot_ctx=512, n_threads=1))
+    yield eng
+    eng.close()
+
+
+def config(ports: list[int], **kw: object):
+    return config_from_dict(
+        {
+            "node_id": "lim",
+            "serve_addr": f"tcp://127.0.0.1:{ports[0]}",
+            "gossip_addr": f"tcp://127.0.0.1:{ports[1]}",
+            "max_inflight_per_client": LIMIT,
+            **kw,
+        }
+    )
+
+
+def test_who_counts_as_a_client(engine: Engine) -> None:
+    node = Node(config(free_ports(2)), engine=engine)
+    try:
+        node.peers.upsert("peer-x", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2", time.monotonic())
+        env = [b"\x00ident"]
+        assert node._client_of(env, P.Generate(request_id="r", prompt="x"), None) == b"\x00ident"
+        # Keyless: a forward from a known peer is the peer's, not a client's.
+        fwd = P.Generate(request_id="r", prompt="x", hops=1, origin="peer-x")
+        assert node._client_of(env, fwd, None) is None
+        stranger = P.Generate(request_id="r", prompt="x", hops=1, origin="nobody")
+        assert node._client_of(env, stranger, None) == b"\x00ident"
+        # Keyed: the CURVE key decides, whatever the message claims.
+        app = AuthorizedKey(public=b"k" * 40, name="app", role="client")
+        peer = AuthorizedKey(public=b"n" * 40, name="node-b", role="node")
+        assert node._client_of(env, fwd, app) == b"k" * 40
+        assert node._client_of(env, P.Generate(request_id="r", prompt="x"), peer) is None
+    finally:
+        node.ctx.destroy(linger=0)
+
+
+def test_a_client_over_its_limit_gets_a_clear_error_and_others_are_served(
+    engine: Engine,
+) -> None:
+    ports = free_ports(2)
+    running = RunningNode(config(ports), engine)
+    ep = f"tcp://127.0.0.1:{ports[0]}"
+
+    async def main() -> None:
+        greedy, polite = RawClient([ep]), RawClient([ep])
+        greedy.start()
+        polite.start()
+        try:
+            # A burst of 5 from one connection: 2 admitted, 3 refused at once.
+            events = [
+                await greedy.send(ep, generate(f"g{i}", f"Story {i}: once upon a", 24))
+                for i in range(5)
+            ]
+            other = await polite.ask(ep, generate("p0", "Another client asks.", 4), 60)
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 60)
+            assert isinstance(other, P.Done) and other.completion_tokens >= 1
+            t = greedy.tally
+            assert t.lost == [] and t.twice == []
+            assert len(t.done()) == LIMIT
+            assert t.errors() == {P.TOO_MANY_REQUESTS: 5 - LIMIT}
+            refused = [f for f in t.finals.values() if isinstance(f[0], P.Error)]
+            assert "max_inflight_per_client" in refused[0][0].message
+            # Answers free the budget: the same connection is admitted again.
+            again = await greedy.ask(ep, generate("g-again", "Once more:", 2), 60)
+            assert isinstance(again, P.Done)
+        finally:
+            await greedy.close()
+            await polite.close()
+
+    async def library() -> list[P.Done | BaseException]:
+        # The library client raises the code as a RequestError and does not retry it.
+        async with AsyncClient([ep], timeout=60) as c:
+            return await asyncio.gather(
+                *(c.generate(f"Library {i}:", max_tokens=24) for i in range(4)),
+                return_exceptions=True,
+            )
+
+    try:
+        asyncio.run(main())
+        results = asyncio.run(library())
+        refused = [r for r in results if isinstance(r, RequestError)]
+        assert [r.code for r in refused] == [P.TOO_MANY_REQUESTS] * (4 - LIMIT), results
+        assert sum(isinstance(r, P.Done) for r in results) == LIMIT
+        with Client([ep], timeout=30) as c:
+            st = c.status()
+        assert st.counters.get("requests_client_limited") == 5 - LIMIT + 4 - LIMIT
+        assert (st.inflight, st.inflight_clients, st.queue_depth) == (0, 0, 0)
+    finally:
+        running.stop()
+
+
+def test_forwards_from_a_known_peer_are_not_limited(engine: Engine) -> None:
+    """Pose as a peer (a PUB the node subscribes to) and send it forwarded requests."""
+    ports, fake = free_ports(2), free_ports(2)
+    fake_serve, fake_gossip = (f"tcp://127.0.0.1:{p}" for p in fake)
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind(fake_gossip)
+    running = RunningNode(
+        config(ports, seeds=[{"serve": fake_serve, "gossip": fake_gossip}]), engine
+    )
+    ep = f"tcp://127.0.0.1:{ports[0]}"
+    hb = P.Heartbeat(
+        node_id="fake-peer",
+        epoch=1,
+        seq=0,
+        sent_at=time.time(),
+        serve_addr=fake_serve,
+        gossip_addr=fake_gossip,
+        queue_depth=0,
+        busy_slots=0,
+        n_slots=1,
+        n_blocks=0,
+        digest=0,
+        prefill_s_per_token=0.0,
+        service_s=0.0,
+        block_size=engine.block_size,
+        model_fingerprint=engine.fingerprint.hex(),
+    )
+    try:
+        with Client([ep], timeout=30) as c:
+            give_up = time.monotonic() + 15
+            while not any(p.node_id == "fake-peer" for p in c.status().peers):
+                assert time.monotonic() < give_up, "the node never heard the fake peer"
+                pub.send(P.encode(hb))
+                time.sleep(0.1)
+
+        async def main() -> None:
+            peer = RawClient([ep])
+            peer.start()
+            try:
+                events = []
+                for i in range(LIMIT + 2):
+                    msg = generate(f"f{i}", f"Forwarded {i}:", 8)
+                    msg.hops, msg.origin = 1, "fake-peer"
+                    events.append(await peer.send(ep, msg))
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 60)
+                assert peer.tally.lost == [] and peer.tally.twice == []
+                assert len(peer.tally.done()) == LIMIT + 2, peer.tally.errors()
+            finally:
+                await peer.close()
+
+        asyncio.run(main())
+        with Client([ep], timeout=30) as c:
+            st = c.status()
+        assert st.counters.get("requests_client_limited", 0) == 0
+        assert (st.inflight, st.inflight_clients) == (0, 0)
+    finally:
+        running.stop()
+        ctx.destroy(linger=0)
