@@ -56,6 +56,9 @@ DEFAULT_PREFILL_S_PER_TOKEN = 0.002  # until measured: about what 2 CPU cores do
 DEFAULT_SERVICE_S = 0.5
 DEFAULT_LINK_DELAY_S = 0.001
 DEFAULT_DECODE_S_PER_TOKEN = 0.015
+# A forwarder waits this long past a request's deadline for the peer's own
+# deadline_exceeded (which says where the time went) before answering it itself.
+DEADLINE_GRACE_S = 0.25
 _FALLBACK = object()  # sentinel pushed into a forward's queue when its peer fails
 
 
@@ -519,6 +522,9 @@ class Node:
         self.log.info(
             "request.received", request_id=rid, hops=msg.hops, origin=msg.origin, tenant=msg.tenant
         )
+        if _expired(msg):
+            self._deadline_error(envelope, rid, "deadline passed before the request arrived")
+            return False
         try:
             tokens = self.engine.prompt_tokens(msg.prompt, msg.tokens)
         except EngineError as exc:
@@ -646,15 +652,24 @@ class Node:
             "request.forwarded", request_id=rid, target=peer.node_id, reason=decision.reason
         )
         relayed = False
-        timeout = self.config.routing.forward_timeout_s
         try:
             while True:
                 try:
-                    reply = await asyncio.wait_for(fwd.replies.get(), timeout)
+                    reply = await asyncio.wait_for(fwd.replies.get(), self._forward_wait_s(msg))
                 except TimeoutError:
                     reply, why = _FALLBACK, "timeout"
                 else:
                     why = "peer failed"
+                if _expired(msg) and (reply is _FALLBACK or isinstance(reply, P.Error)):
+                    # Too late to start over here: answer once, with the peer's own
+                    # deadline error when it sent one, and stop the peer's work.
+                    if isinstance(reply, P.Error) and reply.code == P.DEADLINE_EXCEEDED:
+                        self._send(self.serve, envelope, reply)
+                        self.log.info("request.deadline_relayed", request_id=rid, peer=peer.node_id)
+                    else:
+                        self._send(dealer, [], P.Cancel(request_id=rid))
+                        self._deadline_error(envelope, rid, f"deadline passed at {peer.node_id}")
+                    return "done"
                 if reply is _FALLBACK or isinstance(reply, P.Error):
                     detail = reply.message if isinstance(reply, P.Error) else why
                     self.log.warning(
@@ -679,6 +694,19 @@ class Node:
         finally:
             self._forwards.pop(rid, None)
             peer.inflight = max(0, peer.inflight - 1)
+
+    def _forward_wait_s(self, msg: P.Generate) -> float:
+        """How long to wait for a peer's next reply: forward_timeout_s, cut short by the
+        request's deadline (plus a grace for the peer's own deadline error)."""
+        wait = self.config.routing.forward_timeout_s
+        if msg.deadline is not None:
+            wait = min(wait, max(msg.deadline - time.time(), 0.0) + DEADLINE_GRACE_S)
+        return wait
+
+    def _deadline_error(self, envelope: list[bytes], rid: str, why: str) -> None:
+        self._count("requests_deadline")
+        self.log.warning("request.failed", request_id=rid, code=P.DEADLINE_EXCEEDED, error=why)
+        self._reply_error(envelope, rid, P.DEADLINE_EXCEEDED, why)
 
     def _fail_forwards_to(self, node_id: str) -> None:
         for fwd in self._forwards.values():
@@ -756,13 +784,9 @@ class Node:
 
     async def _serve_job(self, job: _Job) -> None:
         msg, rid = job.msg, job.msg.request_id
-        if msg.deadline is not None and time.time() > msg.deadline:
-            self._count("requests_deadline")
-            self._reply_error(
-                job.reply_to,
-                rid,
-                P.DEADLINE_EXCEEDED,
-                "deadline passed while the request was queued",
+        if _expired(msg):
+            self._deadline_error(
+                job.reply_to, rid, f"deadline passed while the request was queued on {self.node_id}"
             )
             return
         if job.cancelled:
@@ -778,6 +802,14 @@ class Node:
         # Publish what this request cached before answering, so peers can know of it
         # by the time the client sends its next request.
         self._flush_deltas()
+        if result.finish_reason == "cancelled" and not job.cancelled and _expired(msg):
+            # Stopped by the deadline, not by a Cancel: an error, like a queued expiry.
+            self._deadline_error(
+                job.reply_to,
+                rid,
+                f"deadline passed on {self.node_id} after {result.completion_tokens} tokens",
+            )
+            return
         if result.evicted_tokens:
             self.log.info("cache.evicted", request_id=rid, tokens=result.evicted_tokens)
         done = P.Done(
@@ -1125,6 +1157,11 @@ class Node:
             inflight=self._inflight,
             inflight_clients=len(self._inflight_by_client),
         )
+
+
+def _expired(msg: P.Generate) -> bool:
+    """Whether the request's absolute deadline (unix time, carried across hops) passed."""
+    return msg.deadline is not None and time.time() > msg.deadline
 
 
 def run_node(config: NodeConfig, on_ready: Callable[[Node], None] | None = None) -> None:
