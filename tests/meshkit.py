@@ -174,3 +174,32 @@ def generate(rid: str, prompt: str, max_tokens: int, deadline_s: float | None = 
         deadline=None if deadline_s is None else time.time() + deadline_s,
         stream=False,
     )
+
+
+async def keep_busy(
+    rc: RawClient,
+    endpoints: Sequence[str],
+    prompts: Sequence[str],
+    stop: asyncio.Event,
+    *,
+    concurrency: int = 6,
+    max_tokens: int = 4,
+    deadline_s: float = 10.0,
+    prefix: str = "flow",
+) -> int:
+    """Keep ``concurrency`` requests in flight over the endpoints and prompts until
+    ``stop`` is set; each waits at most its deadline plus 5 s. Returns how many were sent."""
+    sent = 0
+
+    async def worker(w: int) -> None:
+        nonlocal sent
+        i = w
+        while not stop.is_set():
+            ep, prompt = endpoints[i % len(endpoints)], prompts[i % len(prompts)]
+            sent += 1
+            msg = generate(rc.new_id(prefix), prompt, max_tokens, deadline_s)
+            await rc.ask(ep, msg, deadline_s + 5)
+            i += concurrency
+
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return sent

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from zmesh.config import (
     ConfigError,
     EngineConfig,
+    FaultsConfig,
     GossipConfig,
     NodeConfig,
     RoutingConfig,
@@ -69,7 +70,8 @@ def test_example_config_loads_and_documents_every_key() -> None:
     # The example spells out the defaults, so it equals a minimal config.
     assert cfg == config_from_dict(base())
     text = EXAMPLE.read_text()
-    for cls in (NodeConfig, EngineConfig, GossipConfig, RoutingConfig, Seed, SecurityConfig):
+    tables = (NodeConfig, EngineConfig, GossipConfig, RoutingConfig, Seed, SecurityConfig)
+    for cls in (*tables, FaultsConfig):
         for name in cls.__struct_fields__:
             assert f"{name} =" in text or f"[{name}]" in text or f"[[{name}]]" in text, name
 
@@ -245,6 +247,10 @@ def test_suspect_must_come_before_dead(tmp_path: Path, suspect: float, dead: flo
         ("routing", "balance_rel", "0.5", ">= 1.0"),
         ("routing", "forward_timeout_s", "0", "> 0"),
         ("routing", "hash_prefix_tokens", "0", ">= 1"),
+        ("faults", "delay_ms", "-1", "0..60000"),
+        ("faults", "delay_ms", "inf", "0..60000"),
+        ("faults", "partition", '["has space"]', "node id"),
+        ("faults", "control_file", '""', "path"),
     ],
 )
 def test_range_checks(tmp_path: Path, table: str, key: str, value: str, fragment: str) -> None:

@@ -28,7 +28,9 @@ from typing import Any, NoReturn, Union, get_args, get_origin
 
 import msgspec
 
+from zmesh.faults import fault_problem
 from zmesh.log import LEVELS
+from zmesh.protocol import FaultSettings
 from zmesh.routing import POLICIES
 from zmesh.security import SecurityError, load_authorized, load_keypair, load_public_key
 
@@ -37,6 +39,7 @@ __all__ = [
     "LOG_LEVELS",
     "ConfigError",
     "EngineConfig",
+    "FaultsConfig",
     "GossipConfig",
     "NodeConfig",
     "RoutingConfig",
@@ -201,6 +204,21 @@ class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             _fail("hash_prefix_tokens", f"must be >= 1, got {self.hash_prefix_tokens}")
 
 
+class FaultsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Fault injection for labs and tests (zmesh/faults.py); leave it off in production."""
+
+    delay_ms: float = 0.0  # added to every message this node sends to a peer
+    partition: list[str] = []  # peer node ids cut off both ways
+    control_file: str | None = None  # JSON file checked every heartbeat: run-time changes
+
+    def __post_init__(self) -> None:
+        problem = fault_problem(FaultSettings(delay_ms=self.delay_ms, partition=self.partition))
+        if problem is not None:
+            _fail(*problem)
+        if self.control_file is not None and not self.control_file:
+            _fail("control_file", "must be a path or left out")
+
+
 class Seed(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A peer to contact at start; the rest of the mesh is learned by gossip."""
 
@@ -277,6 +295,7 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     gossip: GossipConfig = msgspec.field(default_factory=GossipConfig)
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
+    faults: FaultsConfig = msgspec.field(default_factory=FaultsConfig)
 
     def __post_init__(self) -> None:
         if not _NODE_ID_RE.fullmatch(self.node_id):

@@ -2,12 +2,18 @@
 
 Used by `zmesh lab`, by the multi-node tests and by the benchmarks. Each node runs
 `python -m zmesh node --config <file>` with JSON logs to `<workdir>/<node>.log`.
+
+Faults can be injected at run time without restarting a node (zmesh/faults.py):
+`partition(i)` / `heal(i)` cut node i off from every other node and back,
+`set_delay(i, ms)` slows every message node i sends to its peers, `set_faults(i, ...)`
+sets any of them (and `drop_deltas`); `wait_faults()` returns once the nodes apply them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -23,6 +29,7 @@ from typing import Any
 from zmesh import protocol as P
 from zmesh.client import AsyncClient, ZmeshError
 from zmesh.config import config_from_dict, dump_toml
+from zmesh.faults import parse_faults
 
 NODE_NAMES = "abcdefghijklmnopqrstuvwxyz"
 
@@ -100,6 +107,8 @@ class Lab:
     keys_dir: Path | None = None
     extra_config: dict[str, Any] = field(default_factory=dict)  # top-level config keys
     nodes: list[LabNode] = field(default_factory=list)
+    # Run-time faults written to each node's control file, by node index.
+    faults: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.n_nodes < 1:
@@ -172,9 +181,11 @@ class Lab:
                 "authorized_dir": str(self.keys_dir),
             }
         seeds += self.extra_seeds
+        faults = {**self.extra_config.get("faults", {}), "control_file": str(self.faults_path(i))}
         return config_from_dict(
             {
                 **self.extra_config,
+                "faults": faults,
                 "security": security,
                 "node_id": me.name,
                 "serve_addr": me.serve,
@@ -250,6 +261,75 @@ class Lab:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    # ---- fault injection (zmesh/faults.py) -------------------------------------
+
+    def faults_path(self, i: int) -> Path:
+        """Node i's fault control file (JSON), checked by the node every heartbeat."""
+        assert self.workdir is not None
+        return self.workdir.resolve() / f"{self.nodes[i].name}.faults.json"
+
+    def set_faults(self, i: int, **changes: Any) -> P.FaultSettings:
+        """Change node i's faults at run time: any of delay_ms, partition (peer node
+        ids), drop_deltas. Returns what node i will apply (see `wait_faults`)."""
+        wanted = {**self.faults.get(i, {}), **changes}
+        data = json.dumps(wanted).encode()
+        settings = parse_faults(data, self._base_faults(i))  # refuse bad values here
+        path = self.faults_path(i)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # atomic: the node never reads half a file
+        self.faults[i] = wanted
+        return settings
+
+    def set_delay(self, i: int, ms: float) -> None:
+        """Add ``ms`` to every message node i sends to its peers."""
+        self.set_faults(i, delay_ms=ms)
+
+    def partition(self, i: int) -> None:
+        """Cut node i off from every other node, both ways (gossip, forwards, pings)."""
+        self._cut(i, add=True)
+
+    def heal(self, i: int) -> None:
+        """Undo `partition(i)`."""
+        self._cut(i, add=False)
+
+    def _cut(self, i: int, add: bool) -> None:
+        me = self.nodes[i].name
+        for j, other in enumerate(self.nodes):
+            if j == i:
+                continue
+            for a, b in ((i, other.name), (j, me)):
+                cut = set(self.faults.get(a, {}).get("partition", []))
+                self.set_faults(a, partition=sorted(cut | {b} if add else cut - {b}))
+
+    def _base_faults(self, i: int) -> P.FaultSettings:
+        cfg = self.node_config(i)
+        return P.FaultSettings(
+            delay_ms=cfg.faults.delay_ms,
+            partition=list(cfg.faults.partition),
+            drop_deltas=cfg.gossip.drop_deltas,
+        )
+
+    def expected_faults(self, i: int) -> P.FaultSettings:
+        """What node i should report in `Status.faults` once it read its control file."""
+        return parse_faults(json.dumps(self.faults.get(i, {})).encode(), self._base_faults(i))
+
+    async def wait_faults(self, timeout: float = 10.0) -> float:
+        """Seconds until every running node reports the faults the lab wrote for it."""
+        t0 = time.monotonic()
+        idx = [i for i, n in enumerate(self.nodes) if n.alive]
+        while True:
+            with contextlib.suppress(ZmeshError):
+                sts = await self.statuses(idx, timeout=1.0)
+                if all(
+                    _same_faults(st.faults, self.expected_faults(i))
+                    for i, st in zip(idx, sts, strict=True)
+                ):
+                    return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"nodes did not apply their faults within {timeout}s")
+            await asyncio.sleep(0.05)
+
     # ---- convergence ---------------------------------------------------------
 
     async def statuses(
@@ -295,3 +375,11 @@ class Lab:
                     f"lab did not converge within {timeout}s; logs in {self.workdir}"
                 )
             await asyncio.sleep(0.1)
+
+
+def _same_faults(a: P.FaultSettings, b: P.FaultSettings) -> bool:
+    return (a.delay_ms, sorted(a.partition), a.drop_deltas) == (
+        b.delay_ms,
+        sorted(b.partition),
+        b.drop_deltas,
+    )

@@ -26,6 +26,7 @@ from zmesh import protocol as P
 from zmesh.blocks import tenant_namespace
 from zmesh.config import NodeConfig
 from zmesh.engine import Engine, EngineError, GenerationResult
+from zmesh.faults import DelayLine, FaultControl, FaultError
 from zmesh.gossip import LocalAdvert
 from zmesh.log import get_logger
 from zmesh.metrics import NodeMetrics
@@ -144,6 +145,24 @@ class Node:
                 self.keys.public, AuthorizedKey(public=self.keys.public, name=self.node_id)
             )
         self._peer_keys: dict[str, str] = {}  # node id -> its public key (Z85)
+        # Fault injection (config [faults], zmesh/faults.py); off: one bool test per send.
+        self.faults = FaultControl(
+            P.FaultSettings(
+                delay_ms=config.faults.delay_ms,
+                partition=list(config.faults.partition),
+                drop_deltas=config.gossip.drop_deltas,
+            ),
+            config.faults.control_file,
+        )
+        self._delayed = DelayLine(self._send_frames)
+        self._faults_on = False
+        self._delay_s = 0.0
+        self._partition: frozenset[str] = frozenset()
+        # Which ROUTER identity is which peer (learned from its forwards, pings and
+        # snapshot requests), so replies to peers can be delayed or cut too.
+        self._peer_idents: dict[bytes, str] = {}
+        self._ident_of_peer: dict[str, bytes] = {}
+        self._dealer_addrs: dict[int, str] = {}  # id(dealer) -> the peer's serve address
         self._shared_tenants = frozenset(config.tenant_shared)
         self._zap: ZapHandler | None = None
 
@@ -170,6 +189,8 @@ class Node:
             key = load_public_key(seed.public_key).decode() if seed.public_key else None
             self._connect_peer(seed.serve, seed.gossip, key)
         self.metrics.start(self.loop)
+        self._apply_faults(self.faults.current, "config")
+        self._poll_faults()  # a lab's control file may be there before we start
         # += : the seeds' dealer tasks and the ZAP task are in the list already.
         self._tasks += [
             asyncio.create_task(coro, name=name)
@@ -179,6 +200,7 @@ class Node:
                 ("worker", self._worker_loop()),
                 ("gossip", self._gossip_loop()),
                 ("ping", self._ping_loop()),
+                ("delay", self._delayed.run()),
             ]
         ]
         self.log.info(
@@ -259,8 +281,9 @@ class Node:
                 client_socket(d, self.keys, server_key)
             d.connect(serve_addr)
             self._dealers[serve_addr] = d
+            self._dealer_addrs[id(d)] = serve_addr
             self._tasks.append(
-                asyncio.create_task(self._dealer_loop(d), name=f"dealer {serve_addr}")
+                asyncio.create_task(self._dealer_loop(d, serve_addr), name=f"dealer {serve_addr}")
             )
         if gossip_addr not in self._subscribed and gossip_addr != self.gossip_addr:
             if self.keys is not None and server_key is not None:
@@ -270,12 +293,16 @@ class Node:
 
     def _send(self, sock: zmq.asyncio.Socket, envelope: list[bytes], msg: P.Message) -> bool:
         """Send without waiting; False when it cannot go out now (peer not connected)."""
+        frames = [*envelope, P.encode(msg)]
+        if self._faults_on and (peer := self._peer_of(sock, envelope)) is not None:
+            return self._send_faulty(sock, frames, peer)
+        return self._send_frames(sock, frames)
+
+    def _send_frames(self, sock: zmq.asyncio.Socket, frames: list[bytes]) -> bool:
         try:
             # A sync shadow raises zmq.Again here and now; the asyncio socket would
             # hide it in a future.
-            zmq.Socket.shadow(sock.underlying).send_multipart(
-                [*envelope, P.encode(msg)], flags=zmq.DONTWAIT
-            )
+            zmq.Socket.shadow(sock.underlying).send_multipart(frames, flags=zmq.DONTWAIT)
             return True
         except zmq.Again:
             return False
@@ -285,6 +312,88 @@ class Node:
 
     def _dealer_for(self, peer: PeerEstimate) -> zmq.asyncio.Socket | None:
         return self._dealers.get(peer.serve_addr)
+
+    # ---- fault injection (config [faults], zmesh/faults.py) -----------------
+
+    def _poll_faults(self) -> None:
+        try:
+            changed = self.faults.poll()
+        except FaultError as exc:
+            self._count("faults_invalid")
+            self.log.warning("fault.invalid", error=str(exc))
+            return
+        if changed is not None:
+            self._apply_faults(*changed)
+
+    def _apply_faults(self, f: P.FaultSettings, source: str) -> None:
+        self._delay_s = f.delay_ms / 1000
+        self._partition = frozenset(f.partition)
+        # The delay line stays in the path until it drains, so nothing overtakes.
+        self._faults_on = bool(self._delay_s or self._partition or len(self._delayed))
+        if self._faults_on or f.drop_deltas or source != "config":
+            self._count("faults_changed")
+            self.log.warning(
+                "fault.changed",
+                source=source,
+                delay_ms=f.delay_ms,
+                partition=sorted(f.partition),
+                drop_deltas=f.drop_deltas,
+            )
+
+    def _peer_of(self, sock: zmq.asyncio.Socket, envelope: list[bytes]) -> str | None:
+        """The peer a send goes to: "" for gossip (every peer), None for a client."""
+        if sock is self.pub:
+            return ""
+        if sock is self.serve:
+            return self._peer_idents.get(envelope[0]) if envelope else None
+        addr = self._dealer_addrs.get(id(sock), "")
+        return self._peer_at(addr) or addr
+
+    def _peer_at(self, serve_addr: str) -> str | None:
+        return next((p.node_id for p in self.peers.all() if p.serve_addr == serve_addr), None)
+
+    def _send_faulty(self, sock: zmq.asyncio.Socket, frames: list[bytes], peer: str) -> bool:
+        """A send to a peer while faults are on: cut by a partition, or delayed."""
+        if peer in self._partition:
+            self._count("fault_dropped_out")
+            return True  # lost on the way, as on a cut link: the sender cannot tell
+        if self._delay_s > 0 or len(self._delayed):
+            if self._delayed.push(sock, frames, self._delay_s):
+                return True
+            self._count("fault_delay_overflow")
+            return False
+        return self._send_frames(sock, frames)
+
+    def _cut_off(self, peer: str | None) -> bool:
+        """Whether a message from ``peer`` is ignored because of an injected partition."""
+        if peer is None or peer not in self._partition:
+            return False
+        self._count("fault_dropped_in")
+        return True
+
+    def _peer_sender(
+        self, envelope: list[bytes], msg: P.Message, caller: AuthorizedKey | None
+    ) -> str | None:
+        """The peer that sent ``msg`` to the serve socket (None: a client), remembered
+        by ROUTER identity so that replies to it count as peer traffic."""
+        if caller is not None and caller.role != "node":
+            return None
+        ident = envelope[0] if envelope else b""
+        node: str | None = None
+        if isinstance(msg, P.Generate):
+            node = msg.origin
+        elif isinstance(msg, P.Ping) and msg.sender is not None:
+            node = msg.sender.node_id
+        elif isinstance(msg, P.SnapshotRequest):
+            node = msg.node_id
+        if node is None or self.peers.get(node) is None:
+            return self._peer_idents.get(ident)  # a Cancel from a peer, or a client
+        old = self._ident_of_peer.get(node)
+        if old != ident:  # a reconnect: one identity per peer, so this stays small
+            self._peer_idents.pop(old or b"", None)
+            self._peer_idents[ident] = node
+            self._ident_of_peer[node] = ident
+        return node
 
     # ---- serve socket ----------------------------------------------------
 
@@ -337,6 +446,8 @@ class Node:
                 why=why,
             )
             self._reply_error(envelope, rid, P.FORBIDDEN, why)
+            return
+        if self._cut_off(self._peer_sender(envelope, msg, caller)):
             return
         if isinstance(msg, P.Generate):
             # Keep a reference: the loop holds tasks only weakly.
@@ -886,7 +997,7 @@ class Node:
 
     def _flush_deltas(self) -> None:
         self._publish_cache_events()
-        drop = self.config.gossip.drop_deltas
+        drop = self.faults.current.drop_deltas
         while (batch := self.advert.flush()) is not None:
             if drop and self._fault_rng.random() < drop:
                 self._count("deltas_dropped_on_purpose")
@@ -948,6 +1059,7 @@ class Node:
             if now >= next_hb:
                 next_hb = now + g.heartbeat_interval_s
                 self._tick_peers(now)
+                self._poll_faults()
             await asyncio.sleep(g.delta_interval_s)
 
     def _tick_peers(self, now: float) -> None:
@@ -961,6 +1073,8 @@ class Node:
             payload = await self.sub.recv()
             try:
                 msg = P.decode(payload)
+                if self._cut_off(getattr(msg, "node_id", None)):
+                    continue
                 if isinstance(msg, P.Heartbeat):
                     self._on_heartbeat(msg)
                 elif isinstance(msg, P.CacheDelta):
@@ -1058,9 +1172,11 @@ class Node:
 
     # ---- peer replies (DEALER) ---------------------------------------------
 
-    async def _dealer_loop(self, dealer: zmq.asyncio.Socket) -> None:
+    async def _dealer_loop(self, dealer: zmq.asyncio.Socket, serve_addr: str) -> None:
         while True:
             payload = await dealer.recv()
+            if self._partition and self._cut_off(self._peer_at(serve_addr)):
+                continue
             try:
                 self._on_peer_reply(P.decode(payload))
             except P.ProtocolError as exc:
@@ -1156,6 +1272,7 @@ class Node:
             counters=dict(self.counters),
             inflight=self._inflight,
             inflight_clients=len(self._inflight_by_client),
+            faults=self.faults.current,
         )
 
 

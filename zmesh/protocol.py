@@ -38,6 +38,7 @@ __all__ = [
     "Chunk",
     "Done",
     "Error",
+    "FaultSettings",
     "Generate",
     "Heartbeat",
     "Message",
@@ -138,6 +139,14 @@ class PeerInfo(msgspec.Struct, kw_only=True):
     serve_addr: str
     gossip_addr: str
     public_key: str | None = None  # CURVE public key (Z85) when the mesh runs with keys
+
+
+class FaultSettings(msgspec.Struct, kw_only=True):
+    """Faults injected on a node (config [faults], its control file; zmesh/faults.py)."""
+
+    delay_ms: float = 0.0  # added to every message the node sends to its peers
+    partition: list[str] = []  # peer node ids cut off both ways
+    drop_deltas: float = 0.0  # fraction of outgoing cache deltas dropped
 
 
 class PeerStatus(msgspec.Struct, kw_only=True):
@@ -286,6 +295,7 @@ class Status(_Msg, tag="status", kw_only=True):
     # how many distinct clients hold them: both return to 0 when the node is idle.
     inflight: int = 0
     inflight_clients: int = 0
+    faults: FaultSettings = msgspec.field(default_factory=FaultSettings)  # in effect now
 
 
 class Ping(_Msg, tag="ping", kw_only=True):
