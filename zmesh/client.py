@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -97,9 +97,6 @@ class _Endpoint:
             self._monitor = zmq.Socket.shadow(mon.underlying)
             self._monitor_async = mon
         self.sock.connect(address)
-        # Sends go through a sync shadow so that zmq.Again (not connected) is raised
-        # at once instead of inside a future.
-        self._sync: zmq.Socket[bytes] = zmq.Socket.shadow(self.sock.underlying)
         self.waiters: dict[str, asyncio.Queue[P.Message]] = {}
         self.reader: asyncio.Task[None] | None = None
 
@@ -153,14 +150,19 @@ class _Endpoint:
         frame = P.encode(msg)
         give_up = time.monotonic() + connect_timeout
         while True:
-            try:
-                self._sync.send(frame, flags=zmq.DONTWAIT)
+            # DONTWAIT: done at once, zmq.Again inside while not connected. Through the
+            # asyncio socket (not a sync shadow), so the reader waiting on the same
+            # socket is woken if the send consumed the edge of its zmq FD.
+            fut = cast("asyncio.Future[Any]", self.sock.send(frame, flags=zmq.DONTWAIT))
+            exc = fut.exception() if fut.done() else None
+            if exc is None:
                 return True
-            except zmq.Again:
-                self._check_handshake()
-                if time.monotonic() >= give_up:
-                    return False
-                await asyncio.sleep(0.01)
+            if not isinstance(exc, zmq.Again):
+                raise exc
+            self._check_handshake()
+            if time.monotonic() >= give_up:
+                return False
+            await asyncio.sleep(0.01)
 
     def close(self) -> None:
         if self.reader is not None:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import zmq
@@ -24,7 +24,7 @@ import zmq.asyncio
 
 from zmesh import protocol as P
 from zmesh.blocks import tenant_namespace
-from zmesh.config import NodeConfig
+from zmesh.config import NodeConfig, check_address
 from zmesh.engine import Engine, EngineError, GenerationResult
 from zmesh.faults import DelayLine, FaultControl, FaultError
 from zmesh.gossip import LocalAdvert
@@ -299,16 +299,21 @@ class Node:
         return self._send_frames(sock, frames)
 
     def _send_frames(self, sock: zmq.asyncio.Socket, frames: list[bytes]) -> bool:
-        try:
-            # A sync shadow raises zmq.Again here and now; the asyncio socket would
-            # hide it in a future.
-            zmq.Socket.shadow(sock.underlying).send_multipart(frames, flags=zmq.DONTWAIT)
+        # Through the asyncio socket, not a sync shadow of it: with DONTWAIT the future
+        # is done at once (zmq.Again inside when the peer is not connected), and the
+        # socket then re-checks for incoming messages. The zmq FD is edge-triggered and
+        # a send can consume the edge that announced one: sent through a shadow, the
+        # recv waiting on this socket slept until some other event (found by fuzzing:
+        # a node stopped reading its serve socket after answering a request).
+        fut = cast("asyncio.Future[Any]", sock.send_multipart(frames, flags=zmq.DONTWAIT))
+        if not fut.done():  # queued behind an earlier send: it will go out
             return True
-        except zmq.Again:
-            return False
-        except zmq.ZMQError as exc:
+        exc = fut.exception()
+        if exc is None:
+            return True
+        if not isinstance(exc, zmq.Again):
             self.log.warning("send.failed", error=str(exc))
-            return False
+        return False
 
     def _dealer_for(self, peer: PeerEstimate) -> zmq.asyncio.Socket | None:
         return self._dealers.get(peer.serve_addr)
@@ -1097,12 +1102,18 @@ class Node:
         ):
             self._count("peers_incompatible")
             return  # another model: its ids can never match ours
+        if self._bad_peer_address(hb.node_id, hb.serve_addr, hb.gossip_addr):
+            return
         self.metrics.heartbeat(hb.node_id, hb.sent_at, hb.seq)
         if self.peers.upsert(hb.node_id, hb.serve_addr, hb.gossip_addr, now):
             self.log.info("peer.joined", peer=hb.node_id, serve=hb.serve_addr)
         self._connect_peer(hb.serve_addr, hb.gossip_addr, hb.public_key, hb.node_id)
         for info in hb.peers:
-            if info.node_id != self.node_id and self.peers.get(info.node_id) is None:
+            if (
+                info.node_id != self.node_id
+                and self.peers.get(info.node_id) is None
+                and not self._bad_peer_address(info.node_id, info.serve_addr, info.gossip_addr)
+            ):
                 self.peers.upsert(info.node_id, info.serve_addr, info.gossip_addr, now, heard=False)
                 self._connect_peer(info.serve_addr, info.gossip_addr, info.public_key, info.node_id)
         peer = self.peers.get(hb.node_id)
@@ -1218,9 +1229,21 @@ class Node:
             if peer is not None:
                 peer.observe_rtt(time.time() - msg.sent_at)
 
+    def _bad_peer_address(self, node_id: str, serve: str, gossip: str) -> bool:
+        """Whether a peer's advertised addresses are unusable (then it is not learned:
+        zmq would refuse to connect to them anyway)."""
+        why = check_address(serve, bind=False) or check_address(gossip, bind=False)
+        if why is None:
+            return False
+        self._count("peers_bad_address")
+        self.log.warning("peer.bad_address", peer=node_id, error=why)
+        return True
+
     def _learn_of(self, info: P.PeerInfo) -> None:
         """A node we have not heard of pinged us: subscribe to it so its heartbeat comes."""
         if info.node_id == self.node_id or self.peers.get(info.node_id) is not None:
+            return
+        if self._bad_peer_address(info.node_id, info.serve_addr, info.gossip_addr):
             return
         self.peers.upsert(
             info.node_id, info.serve_addr, info.gossip_addr, time.monotonic(), heard=False
