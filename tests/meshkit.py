@@ -114,9 +114,9 @@ class RawClient:
 
     _ids = itertools.count()
 
-    def __init__(self, endpoints: Iterable[str]) -> None:
+    def __init__(self, endpoints: Iterable[str], tally: Tally | None = None) -> None:
         self.ctx = zmq.asyncio.Context()
-        self.tally = Tally()
+        self.tally = Tally() if tally is None else tally  # clients may share one
         self.socks: dict[str, zmq.asyncio.Socket] = {}
         for ep in endpoints:
             s = self.ctx.socket(zmq.DEALER)
