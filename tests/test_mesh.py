@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from pathlib import Path
 
 import msgspec
 import pytest
 import zmq
-from meshkit import RawClient, generate
+from meshkit import RawClient, generate, log_events
 
 from zmesh import protocol as P
 from zmesh.client import Client
@@ -31,18 +29,6 @@ FEW_SHOT = (
 # when they cannot each have a core.
 ENGINE = {"n_slots": 3, "slot_ctx": 1024, "n_threads": 1}
 PINNED = {"place_slack_frac": 0.0}
-
-
-def log_events(path: Path, event: str) -> list[dict]:
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # llama.cpp or Python may print plain lines too
-        if rec.get("event") == event:
-            out.append(rec)
-    return out
 
 
 def converge(lab: Lab, timeout: float = 60.0) -> float:

@@ -3,14 +3,13 @@ prometheus_client's own text parser."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
+from meshkit import RunningNode
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -20,7 +19,6 @@ from zmesh.config import ConfigError, EngineConfig, NodeConfig, config_from_dict
 from zmesh.engine import Engine
 from zmesh.lab import free_ports
 from zmesh.metrics import NodeMetrics, metrics_bind_host
-from zmesh.node import Node
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 SHARED = "Metrics test. " + "Shared preamble about rivers and their deltas. " * 12
@@ -46,28 +44,6 @@ def scrape(port: int) -> Samples:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/plain")
         return parse(resp.read().decode())
-
-
-class RunningNode:
-    """A Node on its own event loop thread, as `zmesh node` runs it, minus the process."""
-
-    def __init__(self, cfg: NodeConfig, engine: Engine) -> None:
-        self.node = Node(cfg, engine=engine)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(
-            target=self.loop.run_until_complete, args=(self.node.run(),), daemon=True
-        )
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.node.ready.is_set():
-            assert self.thread.is_alive(), "node exited during start"
-            assert time.monotonic() < deadline, "node did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.node.stop)
-        self.thread.join(timeout=30)
-        self.loop.close()
 
 
 def node_config(
