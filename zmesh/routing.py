@@ -325,8 +325,10 @@ def _zmesh(
         if best is None or est < best_est or (est == best_est and p.node_id < best.node_id):
             best, best_est = p, est
     placed = _place(request, eligible, settings)
-    if placed is not None and placed[0] is not local:
+    if placed is not None:
         target, est_target = placed
+        if target is local:
+            return _local(local, REASON_LOCAL_BEST, scores, est_local, tuple(overloaded))
         return Decision(
             target.node_id,
             True,
@@ -336,9 +338,7 @@ def _zmesh(
             est_target,
             tuple(overloaded),
         )
-    if placed is not None or (
-        best is None or not est_local - best_est > gain_threshold(est_local, settings)
-    ):
+    if best is None or not est_local - best_est > gain_threshold(est_local, settings):
         return _local(local, REASON_LOCAL_BEST, scores, est_local, tuple(overloaded))
     prompt = max(request.prompt_tokens, 0)
     gained = min(max(best.matched_tokens, 0), prompt) > min(max(local.matched_tokens, 0), prompt)
