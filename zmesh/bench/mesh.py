@@ -36,9 +36,13 @@ def _pct(xs: list[float], q: float) -> float:
 
 async def _measure(lab: Lab, pairs: int) -> dict[str, float]:
     startup = await lab.wait_converged(timeout=180)
-    a, b = lab.nodes[0], lab.nodes[1]
     async with AsyncClient(lab.endpoints, timeout=60) as client:
-        await client.generate(PREFIX + "Question: prime\nAnswer:", max_tokens=1, endpoint=b.serve)
+        # Placement may put a new prefix on any node: the one that served it holds it.
+        first = await client.generate(
+            PREFIX + "Question: prime\nAnswer:", max_tokens=1, endpoint=lab.nodes[0].serve
+        )
+        b = next(n for n in lab.nodes if n.name == first.served_by)
+        a = next(n for n in lab.nodes if n.name != first.served_by)
         served = time.monotonic()
         await lab.wait_converged(timeout=30)
         update = time.monotonic() - served
