@@ -323,6 +323,26 @@ def test_negative_block_id_is_malformed() -> None:
     assert "added" in ei.value.message
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("backlog_s", math.nan),
+        ("service_s", math.inf),
+        ("prefill_s_per_token", -0.001),
+        ("sent_at", math.nan),
+        ("queue_depth", -1),
+        ("n_slots", 2**40),
+    ],
+)
+def test_heartbeat_figures_out_of_range_are_malformed(field: str, value: float) -> None:
+    hb = next(m for m in ONE_OF_EACH if isinstance(m, P.Heartbeat))
+    frame = P.encode(msgspec.structs.replace(hb, **{field: value}))
+    with pytest.raises(P.ProtocolError) as ei:
+        P.decode(frame)
+    assert ei.value.code == P.MALFORMED
+    assert field in ei.value.message
+
+
 def test_ids_beyond_u64_cannot_be_encoded() -> None:
     with pytest.raises(OverflowError):
         P.encode(P.CacheDelta(node_id="n", epoch=1, seq=1, added=[(2**64, 0)], removed=[]))

@@ -82,6 +82,11 @@ TOO_MANY_REQUESTS: Final = "too_many_requests"
 
 # msgspec cannot bound an int above int64 with Meta; msgpack itself stops at 2**64-1.
 U64 = Annotated[int, msgspec.Meta(ge=0)]
+# Figures a peer reports about itself feed routing arithmetic: a NaN or infinite one
+# would poison every comparison, so such a frame is malformed (NaN fails both bounds).
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**31)]
+Seconds = Annotated[float, msgspec.Meta(ge=0.0, le=1e6)]
+UnixTime = Annotated[float, msgspec.Meta(ge=0.0, le=1e11)]
 
 _MAX_TOKENS = 8192
 _MAX_TEMPERATURE = 5.0
@@ -228,19 +233,19 @@ class Heartbeat(_Msg, tag="hb", kw_only=True):
     node_id: str
     epoch: int
     seq: int
-    sent_at: float
+    sent_at: UnixTime
     serve_addr: str
     gossip_addr: str
-    queue_depth: int
-    busy_slots: int
-    n_slots: int
-    n_blocks: int
+    queue_depth: Count
+    busy_slots: Count
+    n_slots: Count
+    n_blocks: Count
     digest: U64
-    prefill_s_per_token: float
-    service_s: float
+    prefill_s_per_token: Seconds
+    service_s: Seconds
     # Predicted seconds of work queued and running: a better wait estimate than
     # queue_depth x service_s when requests differ in size (cold vs cached prompts).
-    backlog_s: float = 0.0
+    backlog_s: Seconds = 0.0
     peers: list[PeerInfo] = []
     block_size: int
     model_fingerprint: str
