@@ -6,13 +6,14 @@ import asyncio
 import time
 from collections.abc import Iterator
 
+import msgspec
 import pytest
 import zmq
 from meshkit import RawClient, RunningNode, generate
 
 from zmesh import protocol as P
 from zmesh.client import AsyncClient, Client, RequestError
-from zmesh.config import EngineConfig, config_from_dict
+from zmesh.config import ConfigError, EngineConfig, config_from_dict
 from zmesh.engine import Engine
 from zmesh.lab import free_ports
 from zmesh.node import Node
@@ -177,3 +178,67 @@ def test_forwards_from_a_known_peer_are_not_limited(engine: Engine) -> None:
     finally:
         running.stop()
         ctx.destroy(linger=0)
+
+
+def _heartbeat(node: Node, sender: str, port: int, listed: list[str]) -> P.Heartbeat:
+    return P.Heartbeat(
+        node_id=sender,
+        epoch=1,
+        seq=0,
+        sent_at=time.time(),
+        serve_addr=f"tcp://127.0.0.1:{port}",
+        gossip_addr=f"tcp://127.0.0.1:{port + 1}",
+        queue_depth=0,
+        busy_slots=0,
+        n_slots=1,
+        n_blocks=0,
+        digest=0,
+        prefill_s_per_token=0.0,
+        service_s=0.0,
+        block_size=node.engine.block_size,
+        model_fingerprint=node.engine.fingerprint.hex(),
+        peers=[
+            P.PeerInfo(
+                node_id=name,
+                serve_addr=f"tcp://127.0.0.1:{port + 2 + 2 * i}",
+                gossip_addr=f"tcp://127.0.0.1:{port + 3 + 2 * i}",
+            )
+            for i, name in enumerate(listed)
+        ],
+    )
+
+
+def test_learned_peers_are_capped_and_refusals_counted(engine: Engine) -> None:
+    ports = free_ports(4)
+    talker_serve, talker_gossip = (f"tcp://127.0.0.1:{p}" for p in ports[2:])
+    cfg = config(
+        ports[:2],
+        gossip={"max_peers": 3},
+        seeds=[{"serve": talker_serve, "gossip": talker_gossip}],
+    )
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind(talker_gossip)
+    running = RunningNode(cfg, engine)
+    try:
+        client = Client([f"tcp://127.0.0.1:{ports[0]}"], timeout=5)
+        # A peer whose heartbeats list six made-up peers: it and two of them fit.
+        hb = _heartbeat(running.node, "talker", ports[2], [f"ghost-{i}" for i in range(6)])
+        hb = msgspec.structs.replace(hb, serve_addr=talker_serve, gossip_addr=talker_gossip)
+        give_up = time.monotonic() + 15
+        while (status := client.status()).counters.get("peers_refused_full", 0) < 8:
+            assert time.monotonic() < give_up, f"refusals not counted: {status.counters}"
+            pub.send(P.encode(hb))
+            time.sleep(0.1)
+        # Every heartbeat listing them refuses the four again; the table stays at 3.
+        assert sorted(p.node_id for p in status.peers) == ["ghost-0", "ghost-1", "talker"]
+        client.close()
+    finally:
+        running.stop()
+        ctx.destroy(linger=0)
+
+
+def test_max_peers_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="max_peers"):
+        config(free_ports(2), gossip={"max_peers": 0})

@@ -143,6 +143,10 @@ class GossipConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     dead_after_s: float = 3.0  # silent this long: estimate dropped
     snapshot_timeout_s: float = 2.0
     ping_interval_s: float = 1.0
+    # Peers this node keeps at most. Peers are learned from other peers' heartbeats,
+    # so without a bound one bad (or buggy) peer could make a keyless node hold and
+    # connect to any number of made-up ones.
+    max_peers: int = 1024
     # Fault injection (tests and labs): drop this fraction of outgoing cache deltas,
     # so anti-entropy (gap detection + snapshots) has something to repair.
     drop_deltas: float = 0.0
@@ -159,6 +163,8 @@ class GossipConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             "snapshot_timeout_s",
             "ping_interval_s",
         )
+        if self.max_peers < 1:
+            _fail("max_peers", f"must be at least 1, got {self.max_peers}")
         if self.suspect_after_s >= self.dead_after_s:
             _fail(
                 "suspect_after_s",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import random
 import time
@@ -100,6 +101,7 @@ class Node:
         self.peers = PeerTable(
             self.node_id, g.suspect_after_s, g.dead_after_s, g.snapshot_timeout_s
         )
+        self._peer_refused_logged_at = -math.inf
         r = config.routing
         self.routing = RoutingSettings(
             policy=r.policy,
@@ -1104,6 +1106,8 @@ class Node:
             return  # another model: its ids can never match ours
         if self._bad_peer_address(hb.node_id, hb.serve_addr, hb.gossip_addr):
             return
+        if not self._room_for(hb.node_id):
+            return
         self.metrics.heartbeat(hb.node_id, hb.sent_at, hb.seq)
         if self.peers.upsert(hb.node_id, hb.serve_addr, hb.gossip_addr, now):
             self.log.info("peer.joined", peer=hb.node_id, serve=hb.serve_addr)
@@ -1113,6 +1117,7 @@ class Node:
                 info.node_id != self.node_id
                 and self.peers.get(info.node_id) is None
                 and not self._bad_peer_address(info.node_id, info.serve_addr, info.gossip_addr)
+                and self._room_for(info.node_id)
             ):
                 self.peers.upsert(info.node_id, info.serve_addr, info.gossip_addr, now, heard=False)
                 self._connect_peer(info.serve_addr, info.gossip_addr, info.public_key, info.node_id)
@@ -1239,11 +1244,31 @@ class Node:
         self.log.warning("peer.bad_address", peer=node_id, error=why)
         return True
 
+    def _room_for(self, node_id: str) -> bool:
+        """Whether a peer may be kept: a known one always, a new one while the table is
+        below gossip.max_peers. Refusals are counted; logged at most every 10 s, since
+        every heartbeat that lists the refused peers would repeat them."""
+        if node_id in self.peers or len(self.peers) < self.config.gossip.max_peers:
+            return True
+        self._count("peers_refused_full")
+        now = time.monotonic()
+        if now - self._peer_refused_logged_at >= 10.0:
+            self._peer_refused_logged_at = now
+            self.log.warning(
+                "peer.refused",
+                peer=node_id,
+                max_peers=self.config.gossip.max_peers,
+                refused_so_far=self.counters["peers_refused_full"],
+            )
+        return False
+
     def _learn_of(self, info: P.PeerInfo) -> None:
         """A node we have not heard of pinged us: subscribe to it so its heartbeat comes."""
         if info.node_id == self.node_id or self.peers.get(info.node_id) is not None:
             return
         if self._bad_peer_address(info.node_id, info.serve_addr, info.gossip_addr):
+            return
+        if not self._room_for(info.node_id):
             return
         self.peers.upsert(
             info.node_id, info.serve_addr, info.gossip_addr, time.monotonic(), heard=False
