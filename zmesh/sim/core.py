@@ -70,7 +70,7 @@ _NO_BALANCE = 10**9  # balance_abs that never triggers (paper policy)
 
 # Event kinds (ints: heap tuples compare them only on time ties).
 _ARRIVE, _FWD, _DONE, _FLUSH, _HB, _DELIVER, _SNAPREQ, _SNAPPARTS = range(8)
-_TICK, _FAIL, _RECOVER, _FWD_TIMEOUT, _STREAM = range(8, 13)
+_TICK, _FAIL, _RECOVER, _FWD_TIMEOUT, _STREAM, _OPEN = range(8, 14)
 
 # Job states.
 _WAIT, _QUEUED, _RUNNING, _FINISHED, _DROPPED = range(5)
@@ -361,6 +361,8 @@ class Simulator:
         self._streams = workload.streams()
         self._stream_pos = [0] * len(self._streams)
         self._next_stream = 0
+        self._open_rng = random.Random(0)  # Poisson starts (see _open_next)
+        self._open_at = 0.0
         self._fail_plan: list[int] = []
         if cfg.failures:
             step = n / (cfg.failures + 1)
@@ -433,6 +435,7 @@ class Simulator:
             self._on_recover,
             self._on_fwd_timeout,
             self._on_stream,
+            self._on_open,
         ]
         heap = self._heap
         pop = heapq.heappop
@@ -462,12 +465,25 @@ class Simulator:
             for _ in range(min(arr.concurrency, len(self._streams))):
                 self._launch_stream(0.0)
         else:
-            rng = random.Random(self.cfg.seed ^ 0xA441)
-            t = 0.0
-            for s in range(len(self._streams)):
-                t += rng.expovariate(arr.rate)
-                self._push(t, _STREAM, s)
-            self._next_stream = len(self._streams)
+            self._open_rng = random.Random(self.cfg.seed ^ 0xA441)
+            self._open_at = 0.0
+            self._open_next()
+
+    def _open_next(self) -> None:
+        """Poisson: schedule the next stream's start, one at a time.
+
+        Drawn from the same generator in the same order as scheduling them all up
+        front, but the heap stays small (a million pending starts made every push and
+        pop of the run pay for them).
+        """
+        if self._next_stream < len(self._streams):
+            self._open_at += self._open_rng.expovariate(self.arrivals.rate)
+            self._push(self._open_at, _OPEN, self._next_stream)
+            self._next_stream += 1
+
+    def _on_open(self, s: int, _: Any) -> None:
+        self._open_next()
+        self._on_stream(s, None)
 
     def _launch_stream(self, t: float) -> None:
         if self._next_stream < len(self._streams):
