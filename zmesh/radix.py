@@ -59,12 +59,20 @@ class _Node:
 def _common_length(a: Sequence[int], b: Sequence[int], b_offset: int = 0) -> int:
     """Length of the common prefix of a and b[b_offset:]."""
     n = min(len(a), len(b) - b_offset)
-    if tuple(b[b_offset : b_offset + n]) == tuple(a[:n]):
+    x, y = tuple(a[:n]), tuple(b[b_offset : b_offset + n])
+    if x == y:
         return n
-    i = 0
-    while i < n and a[i] == b[b_offset + i]:
-        i += 1
-    return i
+    # Bisect on slice equality: C-speed compares instead of a Python step per token
+    # (prompts share hundreds of tokens before they differ). x[:lo] == y[:lo] and
+    # x[:hi] != y[:hi] throughout.
+    lo, hi = 0, n
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if x[lo:mid] == y[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 class RadixTree:

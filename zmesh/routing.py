@@ -370,13 +370,20 @@ def _place(
         return None
     lowest = min(est for _, est in eligible)
     bar = lowest + settings.place_slack_frac * lowest
-    near = [(c, est) for c, est in eligible if est <= bar]
     prompt = max(request.prompt_tokens, 0)
-    blocks = [min(max(c.matched_tokens, 0), prompt) // bs for c, _ in near]
-    top = max(blocks)
+    # One pass over the near-best (in order): those holding the most whole blocks.
+    top = -1
+    tied: list[tuple[Candidate, float]] = []
+    for ce in eligible:
+        if ce[1] > bar:
+            continue
+        b = min(max(ce[0].matched_tokens, 0), prompt) // bs
+        if b > top:
+            top, tied = b, [ce]
+        elif b == top:
+            tied.append(ce)
     if top >= len(ids):
         return None  # the whole prompt is cached there: nothing new to place
-    tied = [ce for ce, b in zip(near, blocks, strict=True) if b == top]
     if len(tied) < 2:
         return None
     key = ids[top]
