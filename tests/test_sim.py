@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import json
 import random
 import subprocess
@@ -133,6 +134,20 @@ def test_simulation_is_deterministic() -> None:
         assert a[k] == b[k]
     c = _run("zmesh", loss=0.05, seed=2)
     assert (c["ttft_mean_s"], c["per_node"]) != (a["ttft_mean_s"], a["per_node"])
+
+
+def test_poisson_starts_are_drawn_one_at_a_time_as_if_all_up_front() -> None:
+    wl = shared_prefix_workload(50, groups=4, seed=1)
+    sim = Simulator(SimConfig(nodes=2, seed=5), wl, Arrivals("poisson", rate=3.0))
+    sim._start_arrivals()
+    assert len(sim._heap) == 1  # one pending start, not fifty
+    rng, t = random.Random(5 ^ 0xA441), 0.0
+    for s in range(50):
+        t += rng.expovariate(3.0)
+        at, _, _, stream, _ = heapq.heappop(sim._heap)
+        assert (at, stream) == (t, s)
+        sim._open_next()
+    assert not sim._heap
 
 
 @pytest.mark.parametrize("policy", ["zmesh", "paper", "least_loaded"])
