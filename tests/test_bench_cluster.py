@@ -1,4 +1,4 @@
-"""Cluster benchmark: the oracle's mirror and the figures (pure), and one tiny real run (slow)."""
+"""Cluster and mesh benchmarks: the figures and the oracle (pure), tiny real runs (slow)."""
 
 from __future__ import annotations
 
@@ -155,3 +155,23 @@ def test_cluster_benchmark_on_a_real_lab(tmp_path) -> None:
     assert "zmesh_over_oracle" in res["ratios"]
     assert list(tmp_path.glob("cluster-*.json"))
     assert list(tmp_path.glob("cluster-*.png"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_mesh_benchmark_measures_a_hop_on_a_real_lab() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "zmesh", "bench", "mesh", "--nodes", "2", "--pairs", "4", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.splitlines()[-1])
+    assert res["nodes"] == 2
+    assert 0 < res["startup_convergence_s"] < 120
+    assert 0 < res["update_convergence_ms"] < 30_000
+    # Both paths were served by the holder of the prefix (the bench checks served_by).
+    assert 0 < res["direct_ms_p50"] <= res["direct_ms_p99"]
+    assert 0 < res["forwarded_ms_p50"] <= res["forwarded_ms_p99"]
+    assert res["hop_overhead_ms_p50"] <= res["hop_overhead_ms_p99"]
