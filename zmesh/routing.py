@@ -13,11 +13,13 @@ The `zmesh` policy scores each candidate by its expected time to first token::
 A prefix every node already holds (a global system prompt) adds the same saving to
 every estimate, so it cancels out and load decides: no affinity hotspot.
 
-Placement: when several nodes are about equally good (within `place_slack_frac` of
-the best estimate) and hold the same longest match, the request goes to the one
-that wins a rendezvous hash of the first block past that match. So a prefix nobody
-holds yet is cached on one node whichever node it entered by, and distinct new
-prefixes spread over every node's cache instead of piling up where they entered.
+Placement: when no node is known to hold a block of the prompt and several are
+about equally good (within `place_slack_frac` of the best estimate), the request goes
+to the one that wins a rendezvous hash of its first block. So a prefix nobody holds
+yet is cached on one node whichever node it entered by, and distinct new prefixes
+spread over every node's cache instead of piling up where they entered. A prompt that
+is partly held anywhere is left to the estimates: spreading held prefixes by hash as
+well made copies that evicted other prefixes (docs/evaluation.md, "Placement").
 """
 
 from __future__ import annotations
@@ -131,8 +133,8 @@ class RoutingSettings:
     # two identical nodes whose measured prefill rates differ by a few %) must not
     # pull cold traffic onto whichever node measured fastest.
     min_gain_frac: float = 0.0
-    # Nodes whose estimate is within this fraction of the best one count as equally
-    # good, and among those holding the longest match the placement hash chooses.
+    # For a prompt no node holds a block of: nodes whose estimate is within this
+    # fraction of the best one count as equally good, and the placement hash chooses.
     place_slack_frac: float = 0.1
     balance_abs: int = 8
     balance_rel: float = 1.5
@@ -309,7 +311,7 @@ def _zmesh(
     state: PolicyState,
 ) -> Decision:
     """Lowest estimated TTFT wins, if it beats local by min_gain_s and is not a hotspot;
-    among nodes about as good that hold the longest match, the placement hash chooses."""
+    a prompt nobody holds goes where the placement hash chooses among nodes about as good."""
     min_queue = min(local.queue_depth, min(p.queue_depth for p in peers))
     est_local = scores[0][1]
     best: Candidate | None = None
@@ -360,34 +362,25 @@ def _place(
 ) -> tuple[Candidate, float] | None:
     """The placement choice among ``eligible`` (local first), or None if it has none.
 
-    Near-best: estimate within ``place_slack_frac`` of the lowest. Among those, the ones
-    holding the most whole blocks of the prompt; the key is the first block past that
-    match, so requests that share it meet on one node wherever they entered. None
-    when the prompt has no block there or fewer than two nodes qualify.
+    Only for a prompt of which no eligible node holds a whole block: among the nodes
+    whose estimate is within ``place_slack_frac`` of the lowest, the top rendezvous
+    rank for the prompt's first block id, so requests that share it meet on one node
+    wherever they entered. None when the prompt has no block ids, some node holds a
+    block of it, or fewer than two nodes are near the best.
     """
     ids, bs = request.block_ids, request.block_size
     if settings.place_slack_frac <= 0.0 or not ids or bs < 1:
         return None
+    prompt = max(request.prompt_tokens, 0)
+    if any(min(max(c.matched_tokens, 0), prompt) >= bs for c, _ in eligible):
+        return None  # held somewhere: the estimates decide
     lowest = min(est for _, est in eligible)
     bar = lowest + settings.place_slack_frac * lowest
-    prompt = max(request.prompt_tokens, 0)
-    # One pass over the near-best (in order): those holding the most whole blocks.
-    top = -1
-    tied: list[tuple[Candidate, float]] = []
-    for ce in eligible:
-        if ce[1] > bar:
-            continue
-        b = min(max(ce[0].matched_tokens, 0), prompt) // bs
-        if b > top:
-            top, tied = b, [ce]
-        elif b == top:
-            tied.append(ce)
-    if top >= len(ids):
-        return None  # the whole prompt is cached there: nothing new to place
-    if len(tied) < 2:
+    near = [ce for ce in eligible if ce[1] <= bar]
+    if len(near) < 2:
         return None
-    key = ids[top]
-    return max(tied, key=lambda ce: (placement_rank(key, ce[0].node_id), ce[0].node_id))
+    key = ids[0]
+    return max(near, key=lambda ce: (placement_rank(key, ce[0].node_id), ce[0].node_id))
 
 
 def _pool(local: Candidate, peers: list[Candidate]) -> list[str]:
