@@ -184,7 +184,7 @@ class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_hops: int = 1
     min_gain_s: float = 0.005  # forward only if the peer is expected this much sooner
     min_gain_frac: float = 0.1  # ...and by this fraction of the local estimate
-    place_slack_frac: float = 0.1  # a new prefix: nodes this close to the best, by hash
+    place_slack_frac: float = 0.1  # nodes this close to the best are placed by hash
     balance_abs: int = 8
     balance_rel: float = 1.5
     forward_timeout_s: float = 5.0  # to the peer's first reply, then serve locally

@@ -13,13 +13,13 @@ The `zmesh` policy scores each candidate by its expected time to first token::
 A prefix every node already holds (a global system prompt) adds the same saving to
 every estimate, so it cancels out and load decides: no affinity hotspot.
 
-Placement: when no node is known to hold a block of the prompt and several are
-about equally good (within `place_slack_frac` of the best estimate), the request goes
-to the one that wins a rendezvous hash of its first block. So a prefix nobody holds
-yet is cached on one node whichever node it entered by, and distinct new prefixes
-spread over every node's cache instead of piling up where they entered. A prompt that
-is partly held anywhere is left to the estimates: spreading held prefixes by hash as
-well made copies that evicted other prefixes (docs/evaluation.md, "Placement").
+Placement: when several of the nodes holding the longest match are about equally
+good (within `place_slack_frac` of the best estimate), the request goes to the one
+that wins a rendezvous hash of the first block past that match. So a prefix nobody
+holds yet is cached on one node whichever node it entered by, distinct new prefixes
+spread over every node's cache instead of piling up where they entered, and requests
+for a prefix several nodes hold spread over those copies. When the longest holders
+are all busy, the estimates decide (docs/evaluation.md, "Placement").
 """
 
 from __future__ import annotations
@@ -133,8 +133,8 @@ class RoutingSettings:
     # two identical nodes whose measured prefill rates differ by a few %) must not
     # pull cold traffic onto whichever node measured fastest.
     min_gain_frac: float = 0.0
-    # For a prompt no node holds a block of: nodes whose estimate is within this
-    # fraction of the best one count as equally good, and the placement hash chooses.
+    # Nodes whose estimate is within this fraction of the best one count as equally
+    # good; among those holding the longest match the placement hash chooses.
     place_slack_frac: float = 0.1
     balance_abs: int = 8
     balance_rel: float = 1.5
@@ -311,7 +311,7 @@ def _zmesh(
     state: PolicyState,
 ) -> Decision:
     """Lowest estimated TTFT wins, if it beats local by min_gain_s and is not a hotspot;
-    a prompt nobody holds goes where the placement hash chooses among nodes about as good."""
+    among the longest holders about as good as the best, the placement hash chooses."""
     min_queue = min(local.queue_depth, min(p.queue_depth for p in peers))
     est_local = scores[0][1]
     best: Candidate | None = None
@@ -362,25 +362,28 @@ def _place(
 ) -> tuple[Candidate, float] | None:
     """The placement choice among ``eligible`` (local first), or None if it has none.
 
-    Only for a prompt of which no eligible node holds a whole block: among the nodes
-    whose estimate is within ``place_slack_frac`` of the lowest, the top rendezvous
-    rank for the prompt's first block id, so requests that share it meet on one node
-    wherever they entered. None when the prompt has no block ids, some node holds a
-    block of it, or fewer than two nodes are near the best.
+    The nodes holding the most whole blocks of the prompt (of all eligible ones) whose
+    estimate is within ``place_slack_frac`` of the lowest: if two or more, the top
+    rendezvous rank for the first block past that match, so requests that share it
+    meet on one node wherever they entered. None when the prompt has no block there,
+    or fewer than two of the longest holders are near the best: then the estimates
+    decide (a busy holder must not make the hash copy its prefix onto another node).
     """
     ids, bs = request.block_ids, request.block_size
     if settings.place_slack_frac <= 0.0 or not ids or bs < 1:
         return None
     prompt = max(request.prompt_tokens, 0)
-    if any(min(max(c.matched_tokens, 0), prompt) >= bs for c, _ in eligible):
-        return None  # held somewhere: the estimates decide
+    blocks = [min(max(c.matched_tokens, 0), prompt) // bs for c, _ in eligible]
+    longest = max(blocks)
+    if longest >= len(ids):
+        return None  # the whole prompt is cached there: nothing new to place
     lowest = min(est for _, est in eligible)
     bar = lowest + settings.place_slack_frac * lowest
-    near = [ce for ce in eligible if ce[1] <= bar]
-    if len(near) < 2:
+    tied = [ce for ce, b in zip(eligible, blocks, strict=True) if b == longest and ce[1] <= bar]
+    if len(tied) < 2:
         return None
-    key = ids[0]
-    return max(near, key=lambda ce: (placement_rank(key, ce[0].node_id), ce[0].node_id))
+    key = ids[longest]
+    return max(tied, key=lambda ce: (placement_rank(key, ce[0].node_id), ce[0].node_id))
 
 
 def _pool(local: Candidate, peers: list[Candidate]) -> list[str]:
