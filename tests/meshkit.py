@@ -44,6 +44,35 @@ class RunningNode:
         self.loop.close()
 
 
+def idle_heartbeat(
+    node_id: str,
+    serve: str,
+    gossip: str,
+    block_size: int,
+    fingerprint: str,
+    peers: Sequence[P.PeerInfo] = (),
+) -> P.Heartbeat:
+    """A valid heartbeat of an idle peer with nothing cached (epoch 1, seq 0)."""
+    return P.Heartbeat(
+        node_id=node_id,
+        epoch=1,
+        seq=0,
+        sent_at=time.time(),
+        serve_addr=serve,
+        gossip_addr=gossip,
+        queue_depth=0,
+        busy_slots=0,
+        n_slots=1,
+        n_blocks=0,
+        digest=0,
+        prefill_s_per_token=0.0,
+        service_s=0.0,
+        block_size=block_size,
+        model_fingerprint=fingerprint,
+        peers=list(peers),
+    )
+
+
 def log_events(path: Path, event: str) -> list[dict]:
     out = []
     for line in path.read_text().splitlines():

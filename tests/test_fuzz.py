@@ -23,7 +23,7 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from meshkit import log_events
+from meshkit import idle_heartbeat, log_events
 
 from zmesh import protocol as P
 from zmesh.client import Client
@@ -221,23 +221,7 @@ class FakePeer:
 
     def heartbeat(self) -> None:
         """A valid heartbeat, so the node keeps the fake peer alive and talks to it."""
-        hb = P.Heartbeat(
-            node_id=FAKE,
-            epoch=1,
-            seq=0,
-            sent_at=time.time(),
-            serve_addr=self.serve,
-            gossip_addr=self.gossip,
-            queue_depth=0,
-            busy_slots=0,
-            n_slots=1,
-            n_blocks=0,
-            digest=0,
-            prefill_s_per_token=0.0,
-            service_s=0.0,
-            block_size=16,
-            model_fingerprint=self.fingerprint,
-        )
+        hb = idle_heartbeat(FAKE, self.serve, self.gossip, 16, self.fingerprint)
         self.pub.send(P.encode(hb))
 
     def answer(self) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import msgspec
 import pytest
 import zmq
-from meshkit import RawClient, RunningNode, generate
+from meshkit import RawClient, RunningNode, generate, idle_heartbeat
 
 from zmesh import protocol as P
 from zmesh.client import AsyncClient, Client, RequestError
@@ -130,22 +130,8 @@ def test_forwards_from_a_known_peer_are_not_limited(engine: Engine) -> None:
         config(ports, seeds=[{"serve": fake_serve, "gossip": fake_gossip}]), engine
     )
     ep = f"tcp://127.0.0.1:{ports[0]}"
-    hb = P.Heartbeat(
-        node_id="fake-peer",
-        epoch=1,
-        seq=0,
-        sent_at=time.time(),
-        serve_addr=fake_serve,
-        gossip_addr=fake_gossip,
-        queue_depth=0,
-        busy_slots=0,
-        n_slots=1,
-        n_blocks=0,
-        digest=0,
-        prefill_s_per_token=0.0,
-        service_s=0.0,
-        block_size=engine.block_size,
-        model_fingerprint=engine.fingerprint.hex(),
+    hb = idle_heartbeat(
+        "fake-peer", fake_serve, fake_gossip, engine.block_size, engine.fingerprint.hex()
     )
     try:
         with Client([ep], timeout=30) as c:
@@ -181,30 +167,22 @@ def test_forwards_from_a_known_peer_are_not_limited(engine: Engine) -> None:
 
 
 def _heartbeat(node: Node, sender: str, port: int, listed: list[str]) -> P.Heartbeat:
-    return P.Heartbeat(
-        node_id=sender,
-        epoch=1,
-        seq=0,
-        sent_at=time.time(),
-        serve_addr=f"tcp://127.0.0.1:{port}",
-        gossip_addr=f"tcp://127.0.0.1:{port + 1}",
-        queue_depth=0,
-        busy_slots=0,
-        n_slots=1,
-        n_blocks=0,
-        digest=0,
-        prefill_s_per_token=0.0,
-        service_s=0.0,
-        block_size=node.engine.block_size,
-        model_fingerprint=node.engine.fingerprint.hex(),
-        peers=[
-            P.PeerInfo(
-                node_id=name,
-                serve_addr=f"tcp://127.0.0.1:{port + 2 + 2 * i}",
-                gossip_addr=f"tcp://127.0.0.1:{port + 3 + 2 * i}",
-            )
-            for i, name in enumerate(listed)
-        ],
+    """``sender`` at ``port`` (serve) and ``port + 1`` (gossip), listing made-up peers."""
+    ghosts = [
+        P.PeerInfo(
+            node_id=name,
+            serve_addr=f"tcp://127.0.0.1:{port + 2 + 2 * i}",
+            gossip_addr=f"tcp://127.0.0.1:{port + 3 + 2 * i}",
+        )
+        for i, name in enumerate(listed)
+    ]
+    return idle_heartbeat(
+        sender,
+        f"tcp://127.0.0.1:{port}",
+        f"tcp://127.0.0.1:{port + 1}",
+        node.engine.block_size,
+        node.engine.fingerprint.hex(),
+        ghosts,
     )
 
 

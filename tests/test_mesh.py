@@ -8,7 +8,7 @@ import time
 import msgspec
 import pytest
 import zmq
-from meshkit import RawClient, generate, log_events
+from meshkit import RawClient, generate, idle_heartbeat, log_events
 
 from zmesh import protocol as P
 from zmesh.client import Client
@@ -247,22 +247,9 @@ def test_malformed_frames_on_every_socket_do_not_disturb_the_node() -> None:
         for frame in junk:
             pub.send(frame)
         fp = model_fingerprint(default_model_path()).hex()
-        hb = P.Heartbeat(
-            node_id="fake",
-            epoch=1,
-            seq=5,
-            sent_at=time.time(),
-            serve_addr=fake_serve,
-            gossip_addr=fake_gossip,
-            queue_depth=0,
-            busy_slots=0,
-            n_slots=1,
-            n_blocks=3,
-            digest=7,
-            prefill_s_per_token=0.0,
-            service_s=0.0,
-            block_size=16,
-            model_fingerprint=fp,
+        # Something cached (seq 5, 3 blocks): the node will ask us for a snapshot.
+        hb = msgspec.structs.replace(
+            idle_heartbeat("fake", fake_serve, fake_gossip, 16, fp), seq=5, n_blocks=3, digest=7
         )
         deadline = time.monotonic() + 15
         request = None
