@@ -171,6 +171,8 @@ def run_cells(
 
     if jobs <= 1:
         for i, c in enumerate(cells):
+            if progress_each:
+                _say(f"  running {c.policy}")
             results[i] = run_cell(c, progress_each)
             line(i, results[i])  # type: ignore[arg-type]
     else:
@@ -572,13 +574,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
         f"{cells[0].groups} system prompts (alpha {args.alpha}), policies {','.join(args.policies)}"
     )
     t0 = time.monotonic()
-    if args.jobs <= 1 or len(cells) == 1:
-        results = []
-        for c in cells:
-            _say(f"  running {c.policy}")
-            results.append(run_cell(c, progress=True))
-    else:
-        results = run_cells(cells, args.jobs)
+    results = run_cells(cells, 1 if len(cells) == 1 else args.jobs, progress_each=True)
     policies = {r["cell"]["policy"]: _public(r) for r in results}
     out = {
         "command": "sim scale",
