@@ -42,7 +42,6 @@ from zmesh.routing import (
     PolicyState,
     RouteRequest,
     RoutingSettings,
-    _ring,
     decide,
     estimate_s,
     gain_threshold,
@@ -50,6 +49,7 @@ from zmesh.routing import (
     placement_rank,
     ring_position,
 )
+from zmesh.routing.consistent_hash import _ring
 
 PREFILL = 1 / 1024  # s per token: 1024 unmatched tokens cost exactly 1 s
 SERVICE = 0.25  # s per queued request
@@ -834,3 +834,16 @@ def test_placement_rank_is_stable_and_mixes() -> None:
     assert placement_rank(1, "a") != placement_rank(2, "a")
     assert placement_rank(1, "a") != placement_rank(1, "b")
     assert 0 <= placement_rank((1 << 64) - 1, "z") < 1 << 64
+
+
+def test_every_policy_is_registered_in_a_file_with_a_header() -> None:
+    import importlib
+
+    from zmesh.routing import POLICY_FNS
+
+    assert set(POLICY_FNS) == set(POLICIES)
+    for name, fn in POLICY_FNS.items():
+        module = importlib.import_module(fn.__module__)
+        doc = module.__doc__ or ""
+        assert f"``{name}``" in doc.split("\n", 1)[0], (name, fn.__module__)
+        assert "Algorithm" in doc, fn.__module__

@@ -1,0 +1,74 @@
+"""Routing: which node serves a request. One file per policy, each opening with a header
+that explains its algorithm and parameters (as SGLang's model gateway does):
+
+- `base.py`: candidates, the request, settings, the decision, reason codes, the estimate;
+- `registry.py`: `decide`, the one entry point, and the name -> policy table;
+- `zmesh.py`: lowest expected TTFT with balance thresholds (the default);
+- `placement.py`: cache-affine placement inside the zmesh policy;
+- `random.py`, `round_robin.py`, `consistent_hash.py`, `least_loaded.py`: baselines.
+
+The simulator's ``paper`` and ``oracle`` policies are built on these (zmesh/sim/core.py).
+"""
+
+from zmesh.routing.base import (
+    CONSISTENT_HASH,
+    LEAST_LOADED,
+    POLICIES,
+    RANDOM,
+    REASON_CONSISTENT_HASH,
+    REASON_HOP_LIMIT,
+    REASON_LEAST_LOADED,
+    REASON_LOAD,
+    REASON_LOCAL_BEST,
+    REASON_NO_PEERS,
+    REASON_PLACEMENT,
+    REASON_PREFIX,
+    REASON_RANDOM,
+    REASON_ROUND_ROBIN,
+    REASONS,
+    ROUND_ROBIN,
+    ZMESH,
+    Candidate,
+    Decision,
+    PolicyState,
+    RouteRequest,
+    RoutingSettings,
+    estimate_s,
+    gain_threshold,
+    is_overloaded,
+)
+from zmesh.routing.consistent_hash import ring_position
+from zmesh.routing.placement import placement_rank
+from zmesh.routing.registry import POLICY_FNS, decide
+
+__all__ = [
+    "CONSISTENT_HASH",
+    "LEAST_LOADED",
+    "POLICIES",
+    "POLICY_FNS",
+    "RANDOM",
+    "REASONS",
+    "REASON_CONSISTENT_HASH",
+    "REASON_HOP_LIMIT",
+    "REASON_LEAST_LOADED",
+    "REASON_LOAD",
+    "REASON_LOCAL_BEST",
+    "REASON_NO_PEERS",
+    "REASON_PLACEMENT",
+    "REASON_PREFIX",
+    "REASON_RANDOM",
+    "REASON_ROUND_ROBIN",
+    "ROUND_ROBIN",
+    "ZMESH",
+    "Candidate",
+    "Decision",
+    "PolicyState",
+    "RouteRequest",
+    "RoutingSettings",
+    "decide",
+    "estimate_s",
+    "gain_threshold",
+    "is_overloaded",
+    "placement_rank",
+    "ring_position",
+]

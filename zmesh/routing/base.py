@@ -1,0 +1,200 @@
+"""What every routing policy shares: the inputs, the decision, reason codes, the estimate.
+
+Policies are pure, deterministic functions (one file each in this package). They do no
+I/O and read no clock; the only mutable input is the caller's `PolicyState`
+(round-robin counter and a seeded RNG), so a decision can be replayed in tests and in
+the simulator. Block matching, load and link-delay measurement happen elsewhere:
+candidates arrive with their numbers already estimated.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+# Reason codes: stable strings, they appear in logs and in every reply's provenance.
+REASON_HOP_LIMIT = "hop_limit"
+REASON_NO_PEERS = "no_peers"
+REASON_LOCAL_BEST = "local_best"
+REASON_PREFIX = "prefix"
+REASON_LOAD = "load"
+REASON_PLACEMENT = "placement"
+REASON_RANDOM = "random"
+REASON_ROUND_ROBIN = "round_robin"
+REASON_CONSISTENT_HASH = "consistent_hash"
+REASON_LEAST_LOADED = "least_loaded"
+REASONS = (
+    REASON_HOP_LIMIT,
+    REASON_NO_PEERS,
+    REASON_LOCAL_BEST,
+    REASON_PREFIX,
+    REASON_LOAD,
+    REASON_PLACEMENT,
+    REASON_RANDOM,
+    REASON_ROUND_ROBIN,
+    REASON_CONSISTENT_HASH,
+    REASON_LEAST_LOADED,
+)
+
+ZMESH = "zmesh"
+RANDOM = "random"
+ROUND_ROBIN = "round_robin"
+CONSISTENT_HASH = "consistent_hash"
+LEAST_LOADED = "least_loaded"
+POLICIES = (ZMESH, RANDOM, ROUND_ROBIN, CONSISTENT_HASH, LEAST_LOADED)
+
+MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One node that could serve the request, as this node currently sees it."""
+
+    node_id: str
+    is_local: bool
+    matched_tokens: int
+    queue_depth: int
+    link_delay_s: float
+    prefill_s_per_token: float
+    service_s: float
+    alive: bool = True
+    wait_s: float | None = None  # predicted queueing delay; None: queue_depth * service_s
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """What routing needs to know about a request (not its tokens)."""
+
+    prompt_tokens: int
+    hops: int
+    head_key: int  # 64-bit key of the prompt head, for consistent_hash
+    # The prompt's chained block ids (zmesh placement); empty: no placement.
+    block_ids: Sequence[int] = ()
+    block_size: int = 16
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingSettings:
+    """Policy knobs. Validated on construction so a bad config fails at load time."""
+
+    policy: str = ZMESH
+    max_hops: int = 1
+    min_gain_s: float = 0.005
+    # Relative bar too: a gain within measurement noise of the local estimate (e.g.
+    # two identical nodes whose measured prefill rates differ by a few %) must not
+    # pull cold traffic onto whichever node measured fastest.
+    min_gain_frac: float = 0.0
+    # Nodes whose estimate is within this fraction of the best one count as equally
+    # good; among those holding the longest match the placement hash chooses.
+    place_slack_frac: float = 0.1
+    balance_abs: int = 8
+    balance_rel: float = 1.5
+    vnodes: int = 64
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(unknown_policy(self.policy))
+        if self.max_hops < 0:
+            raise ValueError(f"max_hops must be >= 0, got {self.max_hops}")
+        if self.min_gain_s < 0:
+            raise ValueError(f"min_gain_s must be >= 0, got {self.min_gain_s}")
+        if not 0.0 <= self.min_gain_frac < 1.0:
+            raise ValueError(f"min_gain_frac must be in [0, 1), got {self.min_gain_frac}")
+        if not 0.0 <= self.place_slack_frac < 1.0:
+            raise ValueError(f"place_slack_frac must be in [0, 1), got {self.place_slack_frac}")
+        if self.balance_abs < 0:
+            raise ValueError(f"balance_abs must be >= 0, got {self.balance_abs}")
+        if self.balance_rel < 1.0:
+            raise ValueError(f"balance_rel must be >= 1.0, got {self.balance_rel}")
+        if self.vnodes < 1:
+            raise ValueError(f"vnodes must be >= 1, got {self.vnodes}")
+
+
+@dataclass(slots=True)
+class PolicyState:
+    """The only mutable input of `decide`: owned by one node, passed in each call."""
+
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
+    rr_counter: int = 0
+
+    @classmethod
+    def seeded(cls, seed: int) -> PolicyState:
+        return cls(rng=random.Random(seed))
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where the request goes and why; `log_fields()` feeds the "route.decided" line."""
+
+    target: str
+    forward: bool
+    reason: str
+    scores: tuple[tuple[str, float], ...]  # (node_id, estimate_s): local first, then peers
+    est_local_s: float
+    est_target_s: float
+    overloaded: tuple[str, ...] = ()  # peers excluded by the balance thresholds (zmesh)
+
+    def log_fields(self) -> dict[str, object]:
+        return {
+            "target": self.target,
+            "forward": self.forward,
+            "reason": self.reason,
+            "est_local_s": round(self.est_local_s, 6),
+            "est_target_s": round(self.est_target_s, 6),
+            "scores": {node: round(est, 6) for node, est in self.scores},
+            "overloaded": list(self.overloaded),
+        }
+
+
+def estimate_s(c: Candidate, prompt_tokens: int) -> float:
+    """Expected time to first token on `c`; matches are clamped to [0, prompt_tokens]."""
+    matched = min(max(c.matched_tokens, 0), prompt_tokens)
+    wait = max(c.queue_depth, 0) * c.service_s if c.wait_s is None else max(c.wait_s, 0.0)
+    return c.link_delay_s + wait + (prompt_tokens - matched) * c.prefill_s_per_token
+
+
+def gain_threshold(est_local: float, settings: RoutingSettings) -> float:
+    """How much sooner a peer must be expected to answer before we forward to it."""
+    return max(settings.min_gain_s, settings.min_gain_frac * est_local)
+
+
+def is_overloaded(queue: int, min_queue: int, settings: RoutingSettings) -> bool:
+    """SGLang router's rule: both the absolute and the relative imbalance must be exceeded."""
+    return queue - min_queue > settings.balance_abs and queue > settings.balance_rel * min_queue
+
+
+def unknown_policy(policy: str) -> str:
+    return f"unknown routing policy {policy!r}; known: {', '.join(POLICIES)}"
+
+
+def pool_ids(local: Candidate, peers: list[Candidate]) -> list[str]:
+    """Local + alive peers, sorted so the caller's ordering never changes the outcome."""
+    return sorted([local.node_id, *(p.node_id for p in peers)])
+
+
+def serve_local(
+    local: Candidate,
+    reason: str,
+    scores: list[tuple[str, float]],
+    est_local: float,
+    overloaded: tuple[str, ...] = (),
+) -> Decision:
+    """Serve on the local node for ``reason``."""
+    return Decision(local.node_id, False, reason, tuple(scores), est_local, est_local, overloaded)
+
+
+def baseline_decision(
+    target: str, reason: str, local: Candidate, scores: list[tuple[str, float]]
+) -> Decision:
+    """A baseline policy's choice: no threshold, the target as given."""
+    est_target = next(est for node, est in scores if node == target)
+    return Decision(
+        target, target != local.node_id, reason, tuple(scores), scores[0][1], est_target
+    )
+
+
+Scores = list[tuple[str, float]]
+PolicyFn = Callable[
+    [RouteRequest, Candidate, list[Candidate], Scores, RoutingSettings, PolicyState], Decision
+]

@@ -1,0 +1,99 @@
+"""The ``zmesh`` policy: lowest expected time to first token, with placement and balance.
+
+Algorithm: every candidate (this node and each alive peer) gets an estimate::
+
+    est = link_delay_s + wait_s + (prompt_tokens - matched_tokens) * prefill_s_per_token
+
+where ``wait_s`` is the node's predicted backlog (``queue_depth * service_s`` when the
+candidate has none). A prefix every node already holds (a global system prompt) adds
+the same saving to every estimate, so it cancels out and load decides: no affinity
+hotspot. Peers whose queue passes the balance thresholds (SGLang router's rule: both
+the absolute and the relative imbalance over the least-loaded node) are excluded.
+Then placement (`placement.py`) may choose among near-equal longest holders; otherwise
+the best peer wins if it beats the local estimate by the gain threshold, else the
+request is served here.
+
+Parameters (`RoutingSettings`):
+- ``min_gain_s`` (0.005 s) and ``min_gain_frac`` (0.0): a peer must be expected to
+  answer this much sooner (absolute, and as a fraction of the local estimate) to be
+  worth a forward; the fraction keeps measurement noise between identical nodes from
+  pulling cold traffic onto whichever measured fastest.
+- ``balance_abs`` (8) and ``balance_rel`` (1.5): a peer is overloaded when its queue
+  exceeds the least-loaded node's by more than ``balance_abs`` and is more than
+  ``balance_rel`` times it.
+- ``place_slack_frac`` (0.1): see `placement.py`.
+
+Reasons: ``local_best``, ``prefix`` (the peer holds more of the prompt), ``load`` (same
+match, shorter wait), ``placement``.
+"""
+
+from __future__ import annotations
+
+from zmesh.routing.base import (
+    REASON_LOAD,
+    REASON_LOCAL_BEST,
+    REASON_PLACEMENT,
+    REASON_PREFIX,
+    Candidate,
+    Decision,
+    PolicyState,
+    RouteRequest,
+    RoutingSettings,
+    gain_threshold,
+    is_overloaded,
+    serve_local,
+)
+from zmesh.routing.placement import place
+
+
+def decide_zmesh(
+    request: RouteRequest,
+    local: Candidate,
+    peers: list[Candidate],
+    scores: list[tuple[str, float]],
+    settings: RoutingSettings,
+    state: PolicyState,
+) -> Decision:
+    """Lowest estimated TTFT wins, if it beats local by min_gain_s and is not a hotspot;
+    among the longest holders about as good as the best, the placement hash chooses."""
+    min_queue = min(local.queue_depth, min(p.queue_depth for p in peers))
+    est_local = scores[0][1]
+    best: Candidate | None = None
+    best_est = 0.0
+    overloaded: list[str] = []
+    eligible: list[tuple[Candidate, float]] = [(local, est_local)]
+    # scores[1:] is aligned with peers.
+    for p, (_, est) in zip(peers, scores[1:], strict=True):
+        if is_overloaded(p.queue_depth, min_queue, settings):
+            overloaded.append(p.node_id)
+            continue
+        eligible.append((p, est))
+        if best is None or est < best_est or (est == best_est and p.node_id < best.node_id):
+            best, best_est = p, est
+    placed = place(request, eligible, settings)
+    if placed is not None:
+        target, est_target = placed
+        if target is local:
+            return serve_local(local, REASON_LOCAL_BEST, scores, est_local, tuple(overloaded))
+        return Decision(
+            target.node_id,
+            True,
+            REASON_PLACEMENT,
+            tuple(scores),
+            est_local,
+            est_target,
+            tuple(overloaded),
+        )
+    if best is None or not est_local - best_est > gain_threshold(est_local, settings):
+        return serve_local(local, REASON_LOCAL_BEST, scores, est_local, tuple(overloaded))
+    prompt = max(request.prompt_tokens, 0)
+    gained = min(max(best.matched_tokens, 0), prompt) > min(max(local.matched_tokens, 0), prompt)
+    return Decision(
+        best.node_id,
+        True,
+        REASON_PREFIX if gained else REASON_LOAD,
+        tuple(scores),
+        est_local,
+        best_est,
+        tuple(overloaded),
+    )
