@@ -154,6 +154,7 @@ class RawClient:
             self.socks[ep] = s
         self._done: dict[str, asyncio.Event] = {}
         self._readers: list[asyncio.Task[None]] = []
+        self._statuses: dict[str, asyncio.Future[P.Status]] = {}
 
     def start(self) -> None:
         self._readers = [asyncio.create_task(self._read(s)) for s in self.socks.values()]
@@ -161,6 +162,11 @@ class RawClient:
     async def _read(self, sock: zmq.asyncio.Socket) -> None:
         while True:
             msg = P.decode(await sock.recv())
+            if isinstance(msg, P.Status):
+                waiter = self._statuses.pop(msg.request_id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(msg)
+                continue
             self.tally.record(msg)
             ev = self._done.get(getattr(msg, "request_id", "") or "")
             if ev is not None and isinstance(msg, P.Done | P.Error):
@@ -184,9 +190,27 @@ class RawClient:
             return None
         return self.tally.first(msg.request_id)
 
-    async def drain(self, seconds: float) -> None:
-        """Keep reading for a while, so a late second answer would be counted."""
-        await asyncio.sleep(seconds)
+    async def drain(self, budget_s: float = 60.0, answer_s: float = 5.0) -> None:
+        """Return once no node we talk to has a request in flight, so a late second
+        answer would already be counted. Asked over our own sockets: ZeroMQ keeps order
+        per connection, so every reply a node sent us before its Status has been read
+        when that Status arrives. A node that does not answer in ``answer_s`` (killed,
+        frozen) can send nothing more and is not waited for."""
+        give_up = time.monotonic() + budget_s
+        while True:
+            busy = 0
+            for ep, sock in self.socks.items():
+                rid = self.new_id(f"drain-{ep}")
+                waiter = self._statuses[rid] = asyncio.get_running_loop().create_future()
+                await sock.send(P.encode(P.StatusRequest(request_id=rid)))
+                try:
+                    busy += (await asyncio.wait_for(waiter, answer_s)).inflight
+                except TimeoutError:
+                    self._statuses.pop(rid, None)
+            if busy == 0:
+                return
+            assert time.monotonic() < give_up, f"{busy} requests still in flight after drain"
+            await asyncio.sleep(0.05)
 
     async def close(self) -> None:
         for t in self._readers:

@@ -96,7 +96,8 @@ async def drive(lab: Lab, requests: list[tuple[str, int]]) -> tuple[Tally, float
     try:
         await asyncio.gather(*(one(i, p, m) for i, (p, m) in enumerate(requests)))
         wall = time.monotonic() - t0
-        await asyncio.sleep(1.0)  # a second answer to anything would land here
+        for rc in clients:
+            await rc.drain()  # a second answer to anything is counted by now
     finally:
         for rc in clients:
             await rc.close()
