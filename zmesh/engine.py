@@ -30,6 +30,7 @@ import llama_cpp as ll
 
 from zmesh.blocks import DEFAULT_KEY, BlockHasher
 from zmesh.config import EngineConfig
+from zmesh.kvstate import KvLayout, KvRefused, KvState, make_state, verify
 from zmesh.model import model_fingerprint, resolve_model_path
 from zmesh.protocol import INVALID_REQUEST, PROMPT_TOO_LONG, SamplingParams
 from zmesh.radix import BlockEvents, RadixTree
@@ -145,6 +146,7 @@ class Engine:
         self._lock = threading.Lock()  # guards slots' trees against routing reads
         self._trees: dict[str, RadixTree] = {}
         self._slots = [_Slot(seq=i) for i in range(cfg.n_slots)]
+        self._scratch_seq = cfg.n_slots
         self._load(cfg)
 
     # ---- setup ---------------------------------------------------------------
@@ -166,7 +168,8 @@ class Engine:
         cparams.n_ctx = cfg.n_slots * cfg.slot_ctx
         cparams.n_batch = cfg.n_batch
         cparams.n_ubatch = min(cfg.n_batch, 512)
-        cparams.n_seq_max = cfg.n_slots
+        # One sequence per slot, plus a scratch one that exports a slot's prefix.
+        cparams.n_seq_max = cfg.n_slots + 1
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.kv_unified = True  # one cell pool: seq_cp shares cells between slots
@@ -289,6 +292,17 @@ class Engine:
 
     def slot_state_bytes(self, slot: int) -> int:
         return int(ll.llama_state_seq_get_size(self._ctx, slot))
+
+    @property
+    def kv_layout(self) -> KvLayout:
+        """What a shipped KV state must agree with to be imported here."""
+        return KvLayout(
+            fingerprint=self.fingerprint.hex(),
+            llama_version=ll.__version__,
+            slot_ctx=self.slot_ctx,
+            kv_type="f16",  # llama.cpp's default cell type; zmesh does not change it
+            swa_full=True,
+        )
 
     def check_consistency(self) -> list[str]:
         """Differences between llama.cpp's memory, the slots and the trees (empty = ok)."""
@@ -545,3 +559,71 @@ class Engine:
         seed = p.seed if p.seed is not None else ll.LLAMA_DEFAULT_SEED
         ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
+
+    # ---- KV shipping (call on the engine's thread, between requests) -------------
+
+    def export_prefix(self, tokens: Sequence[int], namespace: str) -> KvState | None:
+        """The KV state of the longest prefix of ``tokens`` that a slot of ``namespace``
+        holds, or None if none holds a token of it. The slot itself is untouched: its
+        prefix is shared into the scratch sequence (no copy), read out, and dropped."""
+        best, common = None, 0
+        for s in self._slots:
+            if s.namespace == namespace and s.tokens:
+                n = _common_prefix(s.tokens, tokens)
+                if n > common:
+                    best, common = s, n
+        if best is None:
+            return None
+        scratch = self._scratch_seq
+        ll.llama_memory_seq_rm(self._mem, scratch, -1, -1)
+        ll.llama_memory_seq_cp(self._mem, best.seq, scratch, 0, common)
+        try:
+            size = ll.llama_state_seq_get_size(self._ctx, scratch)
+            buf = (ctypes.c_uint8 * size)()
+            written = ll.llama_state_seq_get_data(self._ctx, buf, size, scratch)
+            payload = ctypes.string_at(buf, written)
+        finally:
+            ll.llama_memory_seq_rm(self._mem, scratch, -1, -1)
+        return make_state(self.kv_layout, namespace, list(best.tokens[:common]), payload)
+
+    def import_prefix(self, state: KvState, namespace: str) -> int:
+        """Load a shipped prefix into a slot of ``namespace``; returns the tokens now
+        cached that were not before (0 if a slot already held as much). Raises
+        `KvRefused` for a state that does not fit this engine; then no slot or tree
+        holds any of it."""
+        verify(state, self.kv_layout, namespace, self.max_prompt_tokens)
+        tokens = list(state.header.tokens)
+        bad = next((t for t in tokens if not 0 <= t < self.n_vocab), None)
+        if bad is not None:
+            raise KvRefused("tokens", f"token id {bad} outside 0..{self.n_vocab - 1}")
+        holder, held = None, 0
+        for s in self._slots:
+            if s.namespace == namespace and s.tokens:
+                n = _common_prefix(s.tokens, tokens)
+                if n > held:
+                    holder, held = s, n
+        if held >= len(tokens):
+            return 0
+        target = self._victim(exclude=holder)
+        if target.tokens:
+            self.stats.evictions += 1
+            self.stats.evicted_tokens += len(target.tokens)
+        self._truncate(target, 0)
+        payload = state.payload
+        buf = (ctypes.c_uint8 * len(payload)).from_buffer_copy(payload)
+        read = ll.llama_state_seq_set_data(self._ctx, buf, len(payload), target.seq)
+        pos_min = ll.llama_memory_seq_pos_min(self._mem, target.seq)
+        pos_max = ll.llama_memory_seq_pos_max(self._mem, target.seq)
+        if read == 0 or pos_min != 0 or pos_max + 1 != len(tokens):
+            ll.llama_memory_seq_rm(self._mem, target.seq, -1, -1)
+            raise KvRefused(
+                "rejected",
+                f"llama.cpp did not load the state (read {read} bytes, "
+                f"positions {pos_min}..{pos_max} for {len(tokens)} tokens)",
+            )
+        target.namespace = namespace
+        target.tokens = tokens
+        target.last_used = time.monotonic()
+        with self._lock:
+            self._tree(namespace).set_sequence(target.seq, target.tokens)
+        return len(tokens) - held

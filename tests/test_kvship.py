@@ -1,0 +1,164 @@
+"""KV shipping at the engine: a slot's prefix exported by one engine and imported by
+another answers as a cold prefill would; a state that does not fit is refused, and
+nothing of it is left in a slot or a tree. Real model, real llama.cpp state bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import msgspec
+import pytest
+from test_engine import FEW_SHOT, GREEDY, _kl
+
+from zmesh.config import EngineConfig
+from zmesh.engine import Engine
+from zmesh.protocol import SamplingParams
+from zmesh.kvstate import KvLayout, KvRefused, KvState, checksum, make_state, pack, unpack
+
+CONFIG = EngineConfig(n_slots=4, slot_ctx=1024)
+ONE = SamplingParams(max_tokens=1)
+# The greedy path of this prompt wins each of its 12 steps by >= 3.5 logits
+# (tests/test_engine.py): a different answer after an import is an import bug.
+QUESTION = (
+    "Question 14: Which body is closest to the Earth? A. Sirius B. The Moon "
+    "C. Proxima Centauri D. Vega\nAnswer:"
+)
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Engine]:
+    with Engine(CONFIG) as eng:
+        yield eng
+
+
+def _shipped(holder: Engine, namespace: str = "default") -> KvState:
+    holder.generate(
+        FEW_SHOT + "Question: warm the prefix up\nAnswer:", params=ONE, namespace=namespace
+    )
+    state = holder.export_prefix(holder.tokenize(FEW_SHOT + QUESTION), namespace)
+    assert state is not None and state.n_tokens >= len(holder.tokenize(FEW_SHOT)) - 2
+    return state
+
+
+def _clear(eng: Engine) -> None:
+    for s in range(eng.n_slots):
+        eng._truncate(eng._slots[s], 0)
+    eng.drain_events()
+
+
+def test_an_imported_prefix_answers_like_a_cold_prefill(engine: Engine, receiver: Engine) -> None:
+    _clear(receiver)
+    state = _shipped(engine)
+    header, payload = pack(state)
+    assert receiver.import_prefix(unpack(header, payload), "default") == state.n_tokens
+    assert receiver.check_consistency() == [] and engine.check_consistency() == []
+    assert receiver.local_match(state.header.tokens, "default") == state.n_tokens
+    # The import is advertised like any cached prefix.
+    added = {b for b, _ in receiver.drain_events().added}
+    assert added and added <= receiver.block_ids()
+
+    warm = receiver.generate(FEW_SHOT + QUESTION, params=GREEDY)
+    assert warm.cached_tokens == state.n_tokens
+    with Engine(CONFIG) as cold_engine:
+        cold = cold_engine.generate(FEW_SHOT + QUESTION, params=GREEDY)
+        assert cold.cached_tokens == 0
+        assert warm.text == cold.text
+        # Rounding only: the bound tests/test_engine.py measured for local reuse.
+        prompt = FEW_SHOT + "Question: Which planet is red?\nAnswer:"
+        shipped_logits, reused = receiver.next_token_logits(prompt)
+        cold_logits, _ = cold_engine.next_token_logits(prompt, namespace="cold")
+    assert reused >= state.n_tokens - 2
+    assert _kl(cold_logits, shipped_logits) < 0.05
+    assert receiver.check_consistency() == []
+
+
+def test_importing_what_a_slot_already_holds_changes_nothing(
+    engine: Engine, receiver: Engine
+) -> None:
+    _clear(receiver)
+    state = _shipped(engine)
+    assert receiver.import_prefix(state, "default") == state.n_tokens
+    before = receiver.slot_tokens()
+    assert receiver.import_prefix(state, "default") == 0
+    assert receiver.slot_tokens() == before
+
+
+def _forged(state: KvState, **changes: object) -> KvState:
+    header = msgspec.structs.replace(state.header, **changes)  # type: ignore[arg-type]
+    return KvState(header, state.payload)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda s: _forged(s, namespace="tenant:other"), "namespace"),
+        (
+            lambda s: _forged(s, layout=msgspec.structs.replace(s.header.layout, slot_ctx=512)),
+            "layout",
+        ),
+        (
+            lambda s: _forged(s, layout=msgspec.structs.replace(s.header.layout, fingerprint="00")),
+            "model",
+        ),
+        (
+            lambda s: _forged(
+                s, layout=msgspec.structs.replace(s.header.layout, llama_version="0.0.1")
+            ),
+            "layout",
+        ),
+        (lambda s: _forged(s, format=99), "format"),
+        (lambda s: KvState(s.header, s.payload[: len(s.payload) // 2]), "truncated"),
+        (
+            lambda s: KvState(s.header, s.payload[:100] + b"\x00" + s.payload[101:]),
+            "checksum",
+        ),
+        # Right length and checksum, bytes llama.cpp cannot read as this prefix.
+        (
+            lambda s: make_state(
+                s.header.layout, s.header.namespace, s.header.tokens, bytes(len(s.payload))
+            ),
+            "rejected",
+        ),
+        (
+            lambda s: make_state(
+                s.header.layout, s.header.namespace, [*s.header.tokens, 1], s.payload
+            ),
+            "rejected",
+        ),
+    ],
+)
+def test_a_state_that_does_not_fit_is_refused_and_leaves_nothing(
+    engine: Engine, receiver: Engine, mutate, reason: str
+) -> None:
+    _clear(receiver)
+    state = mutate(_shipped(engine))
+    with pytest.raises(KvRefused) as info:
+        receiver.import_prefix(state, "default")
+    assert info.value.reason == reason
+    assert receiver.check_consistency() == []
+    assert receiver.busy_slots() == 0
+    assert receiver.local_match(state.header.tokens, "default") == 0
+    # The engine still serves, and cold.
+    r = receiver.generate(QUESTION, params=ONE)
+    assert r.cached_tokens == 0 and r.completion_tokens == 1
+
+
+def test_export_of_an_unknown_prefix_or_namespace_is_none(engine: Engine) -> None:
+    engine.generate(FEW_SHOT + "Question: warm\nAnswer:", params=ONE)
+    assert engine.export_prefix(engine.tokenize(FEW_SHOT), "tenant:nobody") is None
+    unrelated = engine.export_prefix(engine.tokenize("Zebras are"), "default")
+    assert unrelated is not None and unrelated.header.tokens == engine.tokenize("")[:1]  # BOS
+    assert engine.check_consistency() == []
+
+
+def test_header_round_trip_and_garbage() -> None:
+    layout = KvLayout(
+        fingerprint="ab", llama_version="1", slot_ctx=64, kv_type="f16", swa_full=True
+    )
+    layout_state = make_state(layout, "default", [1, 2, 3], b"xyz")
+    header, payload = pack(layout_state)
+    assert unpack(header, payload) == layout_state
+    assert layout_state.header.checksum == checksum(b"xyz")
+    with pytest.raises(KvRefused) as info:
+        unpack(b"\x93garbage", payload)
+    assert info.value.reason == "malformed"
