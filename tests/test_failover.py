@@ -15,10 +15,12 @@ import signal
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from meshkit import log_events
 
 from zmesh import protocol as P
 from zmesh.client import AsyncClient, Client, RequestError
@@ -251,18 +253,31 @@ def test_entry_node_killed_under_load_loses_no_request_and_answers_each_once(lab
                 lab.kill_node(0)
                 for f in futures:
                     f.result()
-            counters = dict(c.counters)
-        finals = {rid: [e for e in evs if isinstance(e, P.Done)] for rid, evs in results.items()}
-        lost = n - len(finals) + sum(1 for d in finals.values() if not d)
-        twice = sum(1 for d in finals.values() if len(d) > 1)
-        print(
-            f"\nentry killed with {inflight} of {n} requests in flight on it: lost {lost}, "
-            f"answered twice {twice}, errors {errors[:3]}, served by "
-            f"{sorted({d[0].served_by for d in finals.values() if d})}, {counters}"
-        )
-        assert inflight >= 1, "the entry node held none of the load"
-        assert not errors and lost == 0 and twice == 0
-        assert counters.get("retries", 0) >= 1
+            finals = {
+                rid: [e for e in evs if isinstance(e, P.Done)] for rid, evs in results.items()
+            }
+            lost = n - len(finals) + sum(1 for d in finals.values() if not d)
+            twice = sum(1 for d in finals.values() if len(d) > 1)
+            print(
+                f"\n{n} requests, entry killed with {inflight} in flight on it: lost {lost}, "
+                f"answered twice {twice}, errors {errors[:3]}, served by "
+                f"{sorted({d[0].served_by for d in finals.values() if d})}"
+            )
+            assert inflight >= 1, "the entry node held none of the load"
+            assert not errors and lost == 0 and twice == 0
+            # Work done twice (a copy finished on a node after the client moved on):
+            # not an answer the caller sees, only a cost of failing over.
+            completed = Counter(
+                r["request_id"]
+                for node in lab.nodes
+                for r in log_events(node.log_path, "request.completed")
+                if r.get("request_id", "").startswith("load-")
+            )
+            print(
+                f"client counters: {dict(c.counters)}; completed on two nodes: "
+                f"{sum(k > 1 for k in completed.values())}"
+            )
+            assert c.counters["retries"] >= 1
         for rid, evs in results.items():
             chunks = [e for e in evs if isinstance(e, P.Chunk)]
             assert finals[rid][0].request_id == rid
