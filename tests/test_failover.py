@@ -213,7 +213,6 @@ def test_frozen_entry_node_is_left_within_seconds_and_taken_back_after(lab: Lab)
                     break
                 time.sleep(0.1)
             assert back.route_path[0] == a.name
-            print(f"late replies of the abandoned attempt dropped: {c.counters['late_replies']}")
     finally:
         if frozen:
             a.proc.send_signal(signal.SIGCONT)

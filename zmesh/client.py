@@ -204,6 +204,8 @@ class _Endpoint:
 
     def cancel(self, rid: str) -> None:
         """Best effort: ask the node to stop working on a request nobody waits for."""
+        if self.sock.closed:
+            return
         fut = cast(
             "asyncio.Future[Any]",
             self.sock.send(P.encode(P.Cancel(request_id=rid)), flags=zmq.DONTWAIT),
@@ -316,6 +318,14 @@ class AsyncClient:
                 self._ctx, address, self.counters, self._keys, server_key
             )
         return self._eps[address]
+
+    def _reset(self, ep: _Endpoint) -> None:
+        """A fresh socket for an endpoint whose connection dropped, still marked failed:
+        nothing still on its way over the old one (say, the replies of a copy of a
+        request the node kept running) can reach a later attempt on this endpoint."""
+        if self._eps.get(ep.address) is ep:  # once, for all the requests it failed
+            self._drop(ep.address)
+            self._ep(ep.address).failed = True
 
     def _drop(self, address: str) -> None:
         ep = self._eps.pop(address, None)
@@ -479,7 +489,8 @@ class AsyncClient:
                         ) from None
                     if reply is None:  # the connection dropped: its replies are lost
                         self.counters["connections_lost"] += 1
-                        ep.failed = failed_over = True
+                        failed_over = True
+                        self._reset(ep)
                         last_error = RequestTimeout(f"lost the connection to {address}")
                         break
                     if isinstance(reply, P.Chunk):
