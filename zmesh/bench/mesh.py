@@ -6,7 +6,10 @@
   estimate matches again (gossip delta latency);
 - forwarding overhead: the same cached prompt sent to the node holding it directly
   (hops 0) and through another node that forwards it (hops 1), interleaved; the
-  paired latency difference is what one hop costs on loopback.
+  paired latency difference is what one hop costs on loopback;
+- client failover: the entry node (the client's first endpoint) is killed (kill -9)
+  while it streams an answer; the time from the kill to the next event the caller
+  gets (the retry on another node, past the text already delivered) and to the answer.
 
     python -m zmesh.bench.mesh [--nodes 3] [--pairs 50] [--json]
 """
@@ -20,6 +23,7 @@ import statistics
 import sys
 import time
 
+from zmesh import protocol as P
 from zmesh.client import AsyncClient
 from zmesh.lab import Lab
 
@@ -68,6 +72,7 @@ async def _measure(lab: Lab, pairs: int) -> dict[str, float]:
             diffs.append(forwarded[-1] - direct[-1])
             if (i + 1) % 10 == 0:
                 print(f"  [{i + 1}/{pairs}] pairs measured", file=sys.stderr)
+    next_event_s, answer_s = await _failover(lab)
     return {
         "nodes": lab.n_nodes,
         "startup_convergence_s": round(startup, 2),
@@ -78,7 +83,28 @@ async def _measure(lab: Lab, pairs: int) -> dict[str, float]:
         "forwarded_ms_p99": round(_pct(forwarded, 0.99), 2),
         "hop_overhead_ms_p50": round(statistics.median(diffs), 2),
         "hop_overhead_ms_p99": round(_pct(diffs, 0.99), 2),
+        "failover_next_event_ms": round(next_event_s * 1000, 1),
+        "failover_answer_ms": round(answer_s * 1000, 1),
     }
+
+
+async def _failover(lab: Lab, chunks_before: int = 5) -> tuple[float, float]:
+    """Kill node 0 while it streams through a client that lists every node (last: it
+    leaves the lab a node short). Seconds from the kill to the next event and to Done."""
+    killed_at = next_event = 0.0
+    async with AsyncClient(lab.endpoints, timeout=120) as client:
+        chunks = 0
+        async for ev in client.stream("Count from 1 to 300: 1, 2, 3, 4, 5,", max_tokens=120):
+            now = time.monotonic()
+            if killed_at and not next_event:
+                next_event = now - killed_at
+            chunks += isinstance(ev, P.Chunk)
+            if chunks == chunks_before and not killed_at:
+                lab.kill_node(0)
+                killed_at = time.monotonic()
+        if not killed_at:
+            raise RuntimeError("the answer ended before the entry node was killed")
+        return next_event, time.monotonic() - killed_at
 
 
 def main(argv: list[str] | None = None) -> int:
