@@ -12,8 +12,8 @@ from test_engine import FEW_SHOT, GREEDY, _kl
 
 from zmesh.config import EngineConfig
 from zmesh.engine import Engine
-from zmesh.protocol import SamplingParams
 from zmesh.kvstate import KvLayout, KvRefused, KvState, checksum, make_state, pack, unpack
+from zmesh.protocol import SamplingParams
 
 CONFIG = EngineConfig(n_slots=4, slot_ctx=1024)
 ONE = SamplingParams(max_tokens=1)
