@@ -113,7 +113,6 @@ def test_percentile_and_summarize_edges() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
 def test_cluster_benchmark_on_a_real_lab(tmp_path) -> None:
     out = subprocess.run(
         [
@@ -140,7 +139,7 @@ def test_cluster_benchmark_on_a_real_lab(tmp_path) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=230,
+        timeout=1100,  # hang guard; the bench bounds its own waits
     )
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout)
@@ -158,13 +157,12 @@ def test_cluster_benchmark_on_a_real_lab(tmp_path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
 def test_mesh_benchmark_measures_a_hop_on_a_real_lab() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "zmesh", "bench", "mesh", "--nodes", "2", "--pairs", "4", "--json"],
         capture_output=True,
         text=True,
-        timeout=170,
+        timeout=1100,  # hang guard; the bench bounds its own waits
     )
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.splitlines()[-1])

@@ -149,6 +149,7 @@ def test_bad_input_gets_clear_error_and_engine_keeps_serving(engine: Engine, kwa
     assert engine.check_consistency() == []
 
 
+@pytest.mark.slow  # 300 decodes: minutes on a busy 2-core machine
 def test_random_workload_keeps_tree_and_llama_memory_consistent(small_engine: Engine) -> None:
     """Hundreds of random steps: after each, tree == slots == llama.cpp positions."""
     rng = random.Random(7)
