@@ -86,6 +86,7 @@ class _Forward:
     target: str
     sent_at: float  # monotonic
     cost_s: float  # predicted service time at the target
+    request_id: str = ""  # the caller's id, when the peer knows it by another (see _forward)
     replies: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
 
 
@@ -124,7 +125,9 @@ class Node:
         self._running_since = 0.0
         self._queued_s = 0.0  # predicted seconds of the jobs waiting in _queue
         self._load_changed = False  # send a heartbeat at the next gossip tick
-        self._jobs: dict[str, _Job] = {}
+        # Request ids are scoped to their caller (`_scope`): keyed (scope, request id).
+        self._jobs: dict[tuple[bytes, str], _Job] = {}
+        self._ids_inflight: set[tuple[bytes, str]] = set()  # admitted, not answered yet
         self._inflight = 0  # Generate requests accepted and not answered yet
         self._inflight_by_client: dict[bytes, int] = {}  # only clients with some
         self._forwards: dict[str, _Forward] = {}
@@ -474,7 +477,8 @@ class Node:
             if msg.sender is not None:
                 self._learn_of(msg.sender)
         elif isinstance(msg, P.Cancel):
-            job = self._jobs.get(msg.request_id)
+            # Only the caller's own request: another's id is ignored like an unknown one.
+            job = self._jobs.get((self._scope(envelope, caller), msg.request_id))
             if job is not None:
                 job.cancelled = True
         else:
@@ -490,6 +494,22 @@ class Node:
                     node_id=self.node_id,
                 ),
             )
+
+    @staticmethod
+    def _scope(envelope: list[bytes], caller: AuthorizedKey | None) -> bytes:
+        """Whose request ids these are: a client key (all its connections), else the
+        connection (ROUTER identity): a keyless client, or a peer's DEALER. Ids of two
+        scopes never clash, and a Cancel reaches only requests of its own scope."""
+        if caller is not None and caller.role != "node":
+            return caller.public
+        return envelope[0] if envelope else b""
+
+    @staticmethod
+    def _job_key(job: _Job) -> tuple[bytes, str]:
+        """`_scope` of a job's sender: `_client_of` is the client key or ROUTER identity
+        of a client (None for a peer, whose scope is its connection)."""
+        scope = job.client if job.client is not None else (job.reply_to or [b""])[0]
+        return scope, job.msg.request_id
 
     def _caller(self, frame: zmq.Frame) -> AuthorizedKey | None:
         try:
@@ -605,7 +625,8 @@ class Node:
             self.log.warning("request.failed", request_id=rid, code=exc.code, error=exc.message)
             self._reply_error(envelope, rid, exc.code, exc.message)
             return
-        if rid in self._jobs or rid in self._forwards:
+        key = (self._scope(envelope, caller), rid)
+        if key in self._ids_inflight:  # the same caller's; another's id is no business of it
             self._count("requests_duplicate")
             self.log.warning(
                 "request.failed",
@@ -623,10 +644,13 @@ class Node:
         client = self._client_of(envelope, msg, caller)
         if not self._admit(client, envelope, msg):
             return
+        self._ids_inflight.add(key)
         queued = False
         try:
             queued = await self._accept(envelope, msg, received, client)
         finally:
+            if not queued or key not in self._jobs:  # the worker discards it otherwise
+                self._ids_inflight.discard(key)
             if not queued:  # answered, or failed, before reaching the worker
                 self._release(client)
 
@@ -751,7 +775,12 @@ class Node:
         peer = self.peers.get(decision.target)
         dealer = self._dealer_for(peer) if peer else None
         rid = msg.request_id
-        fwd_msg = msgspec.structs.replace(msg, hops=msg.hops + 1, origin=self.node_id)
+        # Ids are per caller but a peer's replies carry only the id: another caller's
+        # forward of the same id is in flight, so this one gets a fresh id on the wire.
+        wid = rid if rid not in self._forwards else os.urandom(8).hex()
+        fwd_msg = msgspec.structs.replace(
+            msg, request_id=wid, hops=msg.hops + 1, origin=self.node_id
+        )
         if dealer is None or peer is None or not self._send(dealer, [], fwd_msg):
             self.log.warning(
                 "request.fallback", request_id=rid, target=decision.target, why="peer not connected"
@@ -759,10 +788,11 @@ class Node:
             return "none"
         target = self._last_route.get(peer.node_id)
         new_tokens = len(tokens) - (target.matched_tokens if target else 0)
-        fwd = self._forwards[rid] = _Forward(
+        fwd = self._forwards[wid] = _Forward(
             target=peer.node_id,
             sent_at=time.monotonic(),
             cost_s=self._predict_s(max(new_tokens, 1), msg.params.max_tokens),
+            request_id=rid,
         )
         peer.inflight += 1
         self._count("forwards")
@@ -785,7 +815,7 @@ class Node:
                         self._send(self.serve, envelope, reply)
                         self.log.info("request.deadline_relayed", request_id=rid, peer=peer.node_id)
                     else:
-                        self._send(dealer, [], P.Cancel(request_id=rid))
+                        self._send(dealer, [], P.Cancel(request_id=wid))
                         self._deadline_error(envelope, rid, f"deadline passed at {peer.node_id}")
                     return "done"
                 if reply is _FALLBACK or isinstance(reply, P.Error):
@@ -797,7 +827,7 @@ class Node:
                         why=detail,
                         partial=relayed,
                     )
-                    self._send(dealer, [], P.Cancel(request_id=rid))
+                    self._send(dealer, [], P.Cancel(request_id=wid))
                     return "partial" if relayed else "none"
                 if isinstance(reply, P.Chunk):
                     relayed = True
@@ -810,7 +840,7 @@ class Node:
                     self.metrics.answered(reply, local=False)
                     return "done"
         finally:
-            self._forwards.pop(rid, None)
+            self._forwards.pop(wid, None)
             peer.inflight = max(0, peer.inflight - 1)
 
     def _forward_wait_s(self, msg: P.Generate) -> float:
@@ -879,7 +909,7 @@ class Node:
                 f"node {self.node_id} queue is full ({self.config.max_queue})",
             )
             return False
-        self._jobs[rid] = job
+        self._jobs[self._job_key(job)] = job
         return True
 
     async def _worker_loop(self) -> None:
@@ -897,7 +927,8 @@ class Node:
                 self._flush_deltas()  # also after failures: a prefill may have cached
                 self._running = None
                 self._load_changed = True
-                self._jobs.pop(job.msg.request_id, None)
+                self._jobs.pop(self._job_key(job), None)
+                self._ids_inflight.discard(self._job_key(job))
                 self._release(job.client)
 
     async def _serve_job(self, job: _Job) -> None:
@@ -1207,6 +1238,7 @@ class Node:
         if isinstance(msg, P.Chunk | P.Done | P.Error):
             fwd = self._forwards.get(msg.request_id or "")
             if fwd is not None:
+                msg.request_id = fwd.request_id  # relayed under the caller's own id
                 fwd.replies.put_nowait(msg)
         elif isinstance(msg, P.Snapshot):
             peer = self.peers.get(msg.node_id)
