@@ -5,6 +5,7 @@ for request ids, as processes of a lab for membership and refused handshakes."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,15 +14,21 @@ import msgspec
 import pytest
 import zmq
 import zmq.asyncio
-from meshkit import RunningNode, idle_heartbeat
+from meshkit import RunningNode, idle_heartbeat, log_events
 
 from zmesh import protocol as P
 from zmesh.client import Client
 from zmesh.config import EngineConfig, config_from_dict
 from zmesh.engine import Engine
-from zmesh.lab import free_ports
+from zmesh.lab import Lab, free_ports
 from zmesh.node import Node, _Job
-from zmesh.security import AuthorizedKey, client_socket, generate, load_keypair
+from zmesh.security import (
+    AuthorizedKey,
+    client_socket,
+    generate,
+    load_keypair,
+    load_public_key,
+)
 
 # Greedy decoding of this keeps going: the request is still running when others act.
 LONG = "Count from 1 to 200, separated by commas: 1, 2, 3, 4,"
@@ -327,3 +334,59 @@ def test_keyless_ids_are_per_connection_and_forwards_never_mix(engine: Engine) -
                 time.sleep(0.05)
     finally:
         running.stop()
+
+
+# ---- refused handshakes: a bounded log -------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_stranger_with_a_fresh_key_per_connection_cannot_flood_the_log(
+    tmp_path: Path,
+) -> None:
+    """Each of N strangers tries once (reconnect far off). The node counts every
+    refusal, logs at most log_burst of them per window, and sums the rest in one
+    auth.denied_summary line once the window is over: every refusal is accounted for."""
+    n = 300
+    lab = Lab(n_nodes=1, keys=True, engine={"n_slots": 1, "slot_ctx": 256}, workdir=tmp_path)
+    node = lab.nodes[0]
+    server_key = load_public_key(lab.public_key(0))
+    lab.start()
+    ctx = zmq.Context()
+    socks = []
+    try:
+        asyncio.run(lab.wait_converged(timeout=120))
+        t0 = time.monotonic()
+        for _ in range(n):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.RECONNECT_IVL, 600_000)  # one handshake per key
+            public, secret = zmq.curve_keypair()
+            s.curve_publickey, s.curve_secretkey, s.curve_serverkey = public, secret, server_key
+            s.connect(node.serve)
+            socks.append(s)
+        give_up = time.monotonic() + 120
+        while (st := asyncio.run(lab.statuses())[0]).counters.get("auth_denied", 0) < n:
+            assert time.monotonic() < give_up, st.counters
+            time.sleep(0.2)
+        flood_s = time.monotonic() - t0
+        assert st.counters["auth_denied"] == n
+
+        def summed() -> int:
+            return sum(r["more_refused"] for r in log_events(node.log_path, "auth.denied_summary"))
+
+        give_up = time.monotonic() + 60  # the summary comes when the 10 s window ends
+        while len(log_events(node.log_path, "auth.denied")) + summed() < n:
+            assert time.monotonic() < give_up, (
+                len(log_events(node.log_path, "auth.denied")),
+                summed(),
+            )
+            time.sleep(0.2)
+        lines = log_events(node.log_path, "auth.denied")
+        assert len(lines) + summed() == n and all(r["repeats"] == 0 for r in lines)
+        windows = 1 + math.ceil(flood_s / 10)  # ZapHandler's default window and burst
+        assert len(lines) <= 20 * windows, (len(lines), flood_s)
+    finally:
+        for s in socks:
+            s.close(linger=0)
+        ctx.term()
+        lab.stop()

@@ -19,6 +19,7 @@ the ones in use:
     cache.evicted      KV slots gave up cached tokens
     frame.malformed    a frame failed to decode (and was answered with Error if possible)
     auth.denied        (keys on) a CURVE handshake refused: key, ZAP domain, address, reason
+    auth.denied_summary  (keys on) refusals past the log bound in one window (more_refused)
     auth.forbidden     (keys on) a client key asked for what it may not (answered forbidden)
     auth.peer_key_unknown  (keys on) a learned peer's key is not in the allowlist: not joined
     node.started       sockets bound, model loaded

@@ -178,7 +178,12 @@ class Node:
         self.loop = asyncio.get_running_loop()
         if self.keys is not None:
             # The ZAP handler is bound before any CURVE server socket exists.
-            self._zap = ZapHandler(self.ctx, self.authorized, self._on_auth_denied)
+            self._zap = ZapHandler(
+                self.ctx,
+                self.authorized,
+                self._on_auth_denied,
+                on_suppressed=self._on_auth_suppressed,
+            )
             self._tasks.append(asyncio.create_task(self._zap.run(), name="zap"))
         self.serve = self._socket(zmq.ROUTER)
         if self.keys is not None:
@@ -546,6 +551,10 @@ class Node:
                 reason=d.reason,
                 repeats=d.repeats,
             )
+
+    def _on_auth_suppressed(self, n: int, window_s: float) -> None:
+        # The ZAP handler logs a bounded number of refusals per window; this sums the rest.
+        self.log.warning("auth.denied_summary", more_refused=n, window_s=window_s)
 
     def _reply_error(self, envelope: list[bytes], rid: str | None, code: str, message: str) -> None:
         self._send(
