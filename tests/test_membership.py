@@ -5,7 +5,10 @@ for request ids, as processes of a lab for membership and refused handshakes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +21,7 @@ from meshkit import RunningNode, idle_heartbeat, log_events
 
 from zmesh import protocol as P
 from zmesh.client import Client
-from zmesh.config import EngineConfig, config_from_dict
+from zmesh.config import ConfigError, EngineConfig, Seed, config_from_dict, dump_toml
 from zmesh.engine import Engine
 from zmesh.lab import Lab, free_ports
 from zmesh.node import Node, _Job
@@ -390,3 +393,174 @@ def test_a_stranger_with_a_fresh_key_per_connection_cannot_flood_the_log(
             s.close(linger=0)
         ctx.term()
         lab.stop()
+
+
+# ---- membership: dead peers leave, newcomers and returning seeds join --------------------
+
+
+class Dialled:
+    """A plain TCP listener on a dead node's port that counts who dials it (and hangs
+    up at once, as a dead port would): a peer still holding a socket to it redials
+    every 100 ms (zmq's reconnect interval)."""
+
+    def __init__(self, address: str) -> None:
+        host, port = address.removeprefix("tcp://").rsplit(":", 1)
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, int(port)))
+        self.sock.listen(64)
+        self.sock.settimeout(0.05)
+        self.count = 0
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                conn, _ = self.sock.accept()
+                conn.close()
+                self.count += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+
+def wait_until(pred: Callable[[], object], budget_s: float, what: str) -> None:
+    give_up = time.monotonic() + budget_s
+    while not pred():
+        assert time.monotonic() < give_up, f"{what} within {budget_s}s"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_dead_peers_are_forgotten_newcomers_join_and_a_seed_returns(tmp_path: Path) -> None:
+    """max_peers = 3. node-a's seed is node-b (which has no seeds: only node-a's kept
+    seed connection can bring it back); c, d, e join through node-a. b and c die: a
+    forgets both, stops dialling c (not b, its seed), then learns d and e, both new
+    names, and b when it returns."""
+    lab = Lab(
+        n_nodes=5,
+        topology="star",
+        engine={"n_slots": 1, "slot_ctx": 256, "n_threads": 1},
+        gossip={"max_peers": 3, "forget_after_s": 6.0},
+        workdir=tmp_path,
+    )
+    a, b, c = lab.nodes[:3]
+    cfg_a, cfg_b = lab.node_config(0), lab.node_config(1)
+    a.config_path.write_text(
+        dump_toml(msgspec.structs.replace(cfg_a, seeds=[Seed(serve=b.serve, gossip=b.gossip)]))
+    )
+    b.config_path.write_text(dump_toml(msgspec.structs.replace(cfg_b, seeds=[])))
+    dialled: list[Dialled] = []
+
+    def forgotten() -> dict[str, str]:
+        return {r["peer"]: r["why"] for r in log_events(a.log_path, "peer.forgotten")}
+
+    try:
+        for i in range(3):
+            lab.start_node(i)
+        asyncio.run(lab.wait_converged(timeout=120, indices=[0, 1, 2]))
+        lab.kill_node(1)
+        lab.kill_node(2)
+        b_ports = [Dialled(b.serve), Dialled(b.gossip)]
+        c_ports = [Dialled(c.serve), Dialled(c.gossip)]
+        dialled += b_ports + c_ports
+        # 6 s of silence, then forgotten (not to make room: nobody new has come yet).
+        wait_until(lambda: forgotten().keys() >= {"node-b", "node-c"}, 60, "b, c forgotten")
+        assert all(why.startswith("silent") for why in forgotten().values()), forgotten()
+        assert all(d.count > 0 for d in b_ports + c_ports)  # dialled while remembered
+        c_calls, b_calls = [d.count for d in c_ports], [d.count for d in b_ports]
+        time.sleep(2.0)  # 20 reconnect intervals: a socket still open would redial
+        assert [d.count for d in c_ports] == c_calls, "c's DEALER or SUB is still open"
+        assert all(d.count > n for d, n in zip(b_ports, b_calls, strict=True)), "seed dropped"
+        st = asyncio.run(lab.statuses([0]))[0]
+        assert [p.node_id for p in st.peers] == [] and st.counters["peers_forgotten"] == 2
+
+        # Two new names join through node-a, and its seed comes back on its own.
+        lab.start_node(3)
+        lab.start_node(4)
+        asyncio.run(lab.wait_converged(timeout=120, indices=[0, 3, 4]))
+        for d in b_ports:
+            d.close()
+        lab.start_node(1)
+        asyncio.run(lab.wait_converged(timeout=120, indices=[0, 1, 3, 4]))
+        st = asyncio.run(lab.statuses([0]))[0]
+        assert sorted(p.node_id for p in st.peers) == ["node-b", "node-d", "node-e"]
+        assert st.counters.get("peers_refused_full", 0) == 0
+        assert [r["peer"] for r in log_events(a.log_path, "peer.joined")].count("node-b") == 2
+    finally:
+        for d in dialled:
+            d.close()
+        lab.stop()
+
+
+def test_dead_peers_make_room_for_new_ones_when_the_table_is_full(engine: Engine) -> None:
+    """A full table (max_peers = 3) of peers heard of once and then silent: each
+    newcomer takes the place of the longest-dead one (forget_after_s is far off)."""
+    ports, talker = free_ports(2), free_ports(2)
+    talker_serve, talker_gossip = (f"tcp://127.0.0.1:{p}" for p in talker)
+    gossip = {
+        "heartbeat_interval_s": 0.05,
+        "suspect_after_s": 0.2,
+        "dead_after_s": 0.4,
+        "forget_after_s": 600.0,
+        "max_peers": 3,
+    }
+    cfg = node_config(
+        ports, gossip=gossip, seeds=[{"serve": talker_serve, "gossip": talker_gossip}]
+    )
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind(talker_gossip)
+    running = RunningNode(cfg, engine)
+
+    def ghosts(first: int) -> list[P.PeerInfo]:
+        return [
+            P.PeerInfo(
+                node_id=f"ghost-{i}",
+                serve_addr=f"tcp://127.0.0.1:{9 + 2 * i}",
+                gossip_addr=f"tcp://127.0.0.1:{10 + 2 * i}",
+            )
+            for i in range(first, first + 2)
+        ]
+
+    def states(client: Client) -> dict[str, str]:
+        return {p.node_id: p.state for p in client.status().peers}
+
+    try:
+        with Client([f"tcp://127.0.0.1:{ports[0]}"], timeout=5) as client:
+            for first in (0, 2, 4):  # two ghosts at a time; each pair dies, never heard
+                hb = idle_heartbeat(
+                    "talker",
+                    talker_serve,
+                    talker_gossip,
+                    engine.block_size,
+                    engine.fingerprint.hex(),
+                    ghosts(first),
+                )
+                pair = [f"ghost-{first}", f"ghost-{first + 1}"]
+                give_up = time.monotonic() + 30
+                while [states(client).get(g) for g in pair] != ["dead", "dead"]:
+                    assert time.monotonic() < give_up, states(client)
+                    pub.send(P.encode(hb))
+                    time.sleep(0.05)
+                assert sorted(states(client)) == sorted(["talker", *pair])
+            st = client.status()
+            assert st.counters.get("peers_forgotten") == 4
+            assert st.counters.get("peers_refused_full", 0) == 0
+    finally:
+        running.stop()
+        ctx.destroy(linger=0)
+
+
+def test_forget_after_s_follows_dead_after_s_unless_set() -> None:
+    cfg = node_config(free_ports(2), gossip={"dead_after_s": 5.0})
+    assert cfg.gossip.forget_after_s == 0.0 and cfg.gossip.forget_s == 20.0
+    assert node_config(free_ports(2), gossip={"forget_after_s": 7.5}).gossip.forget_s == 7.5
+    for bad in (3.0, 1.0, -1.0, math.nan):  # dead_after_s is 3.0 by default
+        with pytest.raises(ConfigError, match=r"gossip\.forget_after_s"):
+            node_config(free_ports(2), gossip={"forget_after_s": bad})

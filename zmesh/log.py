@@ -15,6 +15,8 @@ the ones in use:
     peer.joined        first heartbeat from a peer
     peer.suspect       a peer went quiet past suspect_after_s (not routed to)
     peer.dead          a peer went quiet past dead_after_s (estimate dropped)
+    peer.forgotten     a peer dropped from the table, its sockets closed (silent past
+                       forget_after_s, or dead and the table full)
     peer.resync        a peer restarted (new epoch) or its digest disagreed
     cache.evicted      KV slots gave up cached tokens
     frame.malformed    a frame failed to decode (and was answered with Error if possible)

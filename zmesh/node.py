@@ -100,7 +100,11 @@ class Node:
         self.advert = LocalAdvert(self.epoch)
         g = config.gossip
         self.peers = PeerTable(
-            self.node_id, g.suspect_after_s, g.dead_after_s, g.snapshot_timeout_s
+            self.node_id,
+            g.suspect_after_s,
+            g.dead_after_s,
+            g.snapshot_timeout_s,
+            forget_after_s=g.forget_s,
         )
         self._peer_refused_logged_at = -math.inf
         r = config.routing
@@ -132,7 +136,11 @@ class Node:
         self._inflight_by_client: dict[bytes, int] = {}  # only clients with some
         self._forwards: dict[str, _Forward] = {}
         self._dealers: dict[str, zmq.asyncio.Socket] = {}  # by peer serve address
+        self._dealer_tasks: dict[str, asyncio.Task[None]] = {}  # their reader tasks
         self._subscribed: set[str] = set()
+        # Seeds' addresses stay connected when their peer is forgotten: a seed that
+        # comes back is heard again, and a mesh cut apart finds itself through them.
+        self._seed_addrs = frozenset(a for sd in config.seeds for a in (sd.serve, sd.gossip))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._tasks: list[asyncio.Task[Any]] = []
         self._request_tasks: set[asyncio.Task[None]] = set()
@@ -292,14 +300,40 @@ class Node:
             d.connect(serve_addr)
             self._dealers[serve_addr] = d
             self._dealer_addrs[id(d)] = serve_addr
-            self._tasks.append(
-                asyncio.create_task(self._dealer_loop(d, serve_addr), name=f"dealer {serve_addr}")
+            task = asyncio.create_task(
+                self._dealer_loop(d, serve_addr), name=f"dealer {serve_addr}"
             )
+            self._dealer_tasks[serve_addr] = task
+            self._tasks.append(task)
         if gossip_addr not in self._subscribed and gossip_addr != self.gossip_addr:
             if self.keys is not None and server_key is not None:
                 client_socket(self.sub, self.keys, server_key)  # applies to this connect
             self.sub.connect(gossip_addr)
             self._subscribed.add(gossip_addr)
+
+    def _forget_peer(self, peer: PeerEstimate, why: str) -> None:
+        """Drop a peer that has been silent past forget_after_s (or a dead one, to make
+        room): close its DEALER and stop subscribing to it, unless a seed or another
+        peer uses the same address. Learned again like a new peer if it comes back."""
+        self.peers.remove(peer.node_id)
+        self._fail_forwards_to(peer.node_id)
+        self._peer_keys.pop(peer.node_id, None)
+        self._peer_idents.pop(self._ident_of_peer.pop(peer.node_id, b""), None)
+        in_use = self._seed_addrs | {
+            a for p in self.peers.all() for a in (p.serve_addr, p.gossip_addr)
+        }
+        if peer.serve_addr not in in_use and (d := self._dealers.pop(peer.serve_addr, None)):
+            task = self._dealer_tasks.pop(peer.serve_addr)
+            task.cancel()
+            self._tasks.remove(task)
+            self._dealer_addrs.pop(id(d), None)
+            d.close(linger=0)
+        if peer.gossip_addr not in in_use and peer.gossip_addr in self._subscribed:
+            self._subscribed.discard(peer.gossip_addr)
+            with contextlib.suppress(zmq.ZMQError):  # never connected (zmq says ENOENT)
+                self.sub.disconnect(peer.gossip_addr)
+        self._count("peers_forgotten")
+        self.log.warning("peer.forgotten", peer=peer.node_id, serve=peer.serve_addr, why=why)
 
     def _send(self, sock: zmq.asyncio.Socket, envelope: list[bytes], msg: P.Message) -> bool:
         """Send without waiting; False when it cannot go out now (peer not connected)."""
@@ -1110,7 +1144,13 @@ class Node:
             await asyncio.sleep(g.delta_interval_s)
 
     def _tick_peers(self, now: float) -> None:
+        before = {p.node_id: p for p in self.peers.all()}
         for event in self.peers.tick(now):
+            if event.kind == "forgotten":  # tick removed it; the sockets go here
+                self._forget_peer(
+                    before[event.node_id], f"silent over {self.peers.forget_after_s}s"
+                )
+                continue
             self.log.warning(f"peer.{event.kind}", peer=event.node_id)
             if event.kind in ("suspect", "dead"):
                 self._fail_forwards_to(event.node_id)
@@ -1290,6 +1330,12 @@ class Node:
         below gossip.max_peers. Refusals are counted; logged at most every 10 s, since
         every heartbeat that lists the refused peers would repeat them."""
         if node_id in self.peers or len(self.peers) < self.config.gossip.max_peers:
+            return True
+        # Full: a dead peer gives way (churn of short-lived names must not lock us).
+        if (victim := self.peers.longest_dead()) is not None:
+            peer = self.peers.get(victim)
+            assert peer is not None
+            self._forget_peer(peer, "table full")
             return True
         self._count("peers_refused_full")
         now = time.monotonic()
