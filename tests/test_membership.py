@@ -309,11 +309,17 @@ def test_keyless_ids_are_per_connection_and_forwards_never_mix(engine: Engine) -
             await peer.send(fwd)
             await a.send(long_request("y", max_tokens=6))
             await b.send(P.Cancel(request_id="y"))
-            # A prompt that is not UTF-8 is refused under its own id.
+            # A prompt that is not UTF-8 is refused under its own id (to the sender).
             bad = P.encode(P.Generate(request_id="bad-utf8", prompt="Say <bad>"))
             await a.send(bad.replace(b"<bad>", b"\xff\xfe\xc3(\x80"))
             err = await a.done("bad-utf8")
             assert isinstance(err, P.Error) and err.code == P.MALFORMED, err
+            # So is a top_k that llama.cpp's int32 would wrap to 0.
+            huge = P.SamplingParams(top_k=2**40)
+            await a.send(P.Generate(request_id="top-k", prompt="Hi", params=huge))
+            err = await a.done("top-k")
+            assert isinstance(err, P.Error) and err.code == P.INVALID_REQUEST, err
+            assert "top_k" in err.message
             for rid in ("busy-1", "busy-2"):  # its owner may cancel: no need to wait
                 await busy.send(P.Cancel(request_id=rid))
             mine, theirs = await a.done("y", 120), await peer.done("y", 120)
