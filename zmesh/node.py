@@ -480,7 +480,13 @@ class Node:
             msg = P.decode(payload)
         except P.ProtocolError as exc:
             self._count("frames_malformed")
-            self.log.warning("frame.malformed", socket="serve", code=exc.code, error=exc.message)
+            self.log.warning(
+                "frame.malformed",
+                socket="serve",
+                code=exc.code,
+                error=exc.message,
+                request_id=exc.request_id,
+            )
             self._send(self.serve, envelope, P.error_for(exc, self.node_id))
             return
         if self.keys is not None and (why := self._forbidden(caller, msg)) is not None:
