@@ -502,6 +502,35 @@ def test_returning_peer_is_resynced() -> None:
 def test_table_rejects_inconsistent_timeouts() -> None:
     with pytest.raises(ValueError):
         PeerTable("me", suspect_after_s=5.0, dead_after_s=1.0)
+    with pytest.raises(ValueError, match="forget_after_s"):
+        PeerTable("me", suspect_after_s=1.0, dead_after_s=5.0, forget_after_s=5.0)
+
+
+def test_silent_peers_are_forgotten_and_learned_anew() -> None:
+    t = PeerTable("me", suspect_after_s=2.0, dead_after_s=8.0, forget_after_s=20.0)
+    t.upsert("b", "sb", "gb", 0.0)
+    t.upsert("c", "sc", "gc", 0.0, heard=False)  # heard of only: forgotten alike
+    t.upsert("d", "sd", "gd", 0.0)
+    assert t.tick(9.0) == [PeerEvent("dead", "b"), PeerEvent("dead", "c"), PeerEvent("dead", "d")]
+    t.upsert("d", "sd", "gd", 19.0)  # d comes back in time
+    assert t.tick(20.0) == [PeerEvent("alive", "d")]  # silent exactly forget_after_s: kept
+    assert t.tick(20.5) == [PeerEvent("forgotten", "b"), PeerEvent("forgotten", "c")]
+    assert len(t) == 1 and "b" not in t and t.tick(100.0)[-1] == PeerEvent("forgotten", "d")
+    assert t.upsert("b", "sb", "gb", 101.0)  # a returning peer is new again
+    assert t.get("b") is not None and t.get("b").state is PeerState.ALIVE  # type: ignore[union-attr]
+
+
+def test_longest_dead_names_the_first_to_make_room_for() -> None:
+    t = table()
+    t.upsert("b", "sb", "gb", 0.0)
+    t.upsert("c", "sc", "gc", 1.0, heard=False)
+    t.upsert("d", "sd", "gd", 5.0)
+    assert t.longest_dead() is None
+    t.tick(12.0)  # b and c dead, d suspect
+    assert t.longest_dead() == "b"
+    t.remove("b")
+    assert t.longest_dead() == "c"
+    assert t.forget_after_s is None and t.tick(1e9)[-1].kind == "dead"  # never forgets
 
 
 # ---- lossy end-to-end property ----------------------------------------------------------

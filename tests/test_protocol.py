@@ -312,6 +312,31 @@ def test_malformed_frames(frame: bytes, request_id: str | None) -> None:
     assert ei.value.request_id == request_id
 
 
+BAD_UTF8 = "<bad>"  # replaced in the frame by as many bytes that are not UTF-8
+
+
+def with_bad_utf8(d: dict[str, object]) -> bytes:
+    return raw(d).replace(BAD_UTF8.encode(), b"\xff\xfe\xc3(\x80")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"prompt": f"Say {BAD_UTF8}"},
+        {"prompt": "x", "params": {"stop": [BAD_UTF8]}},
+        {"prompt": "x", "tenant": BAD_UTF8},
+    ],
+)
+def test_invalid_utf8_in_a_string_keeps_the_request_id(fields: dict[str, object]) -> None:
+    with pytest.raises(P.ProtocolError) as ei:
+        P.decode(with_bad_utf8({"type": "gen", "v": 1, "request_id": "r-utf8", **fields}))
+    assert (ei.value.code, ei.value.request_id) == (P.MALFORMED, "r-utf8")
+    assert "utf-8" in ei.value.message.lower()
+    with pytest.raises(P.ProtocolError) as ei:  # the version is read past them too
+        P.decode(with_bad_utf8({"type": "gen", "v": 9, "request_id": "r-v9", **fields}))
+    assert (ei.value.code, ei.value.request_id) == (P.UNSUPPORTED_VERSION, "r-v9")
+
+
 def test_negative_block_id_is_malformed() -> None:
     frame = raw(
         {"type": "delta", "v": 1, "node_id": "n", "epoch": 1, "seq": 1, "added": [[-1, 0]]}
@@ -394,6 +419,7 @@ def test_valid_requests_pass() -> None:
     P.validate_generate(P.Generate(request_id="r", tokens=[0, 5]))
     P.validate_generate(gen(params=params(max_tokens=8192, temperature=5.0, top_p=1e-9)))
     P.validate_generate(gen(params=params(stop=["x" * 256] * 8, seed=2**32 - 1, top_k=1)))
+    P.validate_generate(gen(params=params(top_k=2**31 - 1)))  # llama.cpp's int32 k
 
 
 @pytest.mark.parametrize(
@@ -419,6 +445,8 @@ def test_valid_requests_pass() -> None:
         (gen(params=params(top_p=1.01)), "top_p"),
         (gen(params=params(top_p=math.nan)), "top_p"),
         (gen(params=params(top_k=-1)), "top_k"),
+        (gen(params=params(top_k=2**31)), "top_k"),
+        (gen(params=params(top_k=2**40)), "top_k"),  # wrapped to 0 by ctypes once
         (gen(params=params(seed=-1)), "seed"),
         (gen(params=params(seed=2**32)), "seed"),
         (gen(params=params(stop=["a"] * 9)), "stop"),

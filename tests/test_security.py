@@ -150,6 +150,39 @@ def test_zap_rules(tmp_path: Path) -> None:
     assert AuthorizedKey(public=b"k", name="n").may_use_tenant("any")
 
 
+def test_zap_bounds_denial_lines_over_all_keys_and_sums_the_rest(tmp_path: Path) -> None:
+    """A stranger with a fresh key per connection: at most log_burst lines per window,
+    every other refusal in that window summed once the window is over."""
+    denials: list[Denial] = []
+    summaries: list[tuple[int, float]] = []
+    ctx = zmq.asyncio.Context()
+    try:
+        zap = ZapHandler(
+            ctx,
+            {},
+            denials.append,
+            log_every_s=10.0,
+            log_burst=3,
+            on_suppressed=lambda n, w: summaries.append((n, w)),
+        )
+        from zmq.utils import z85
+
+        for _ in range(50):
+            key = zmq.curve_keypair()[0]
+            req = [b"1.0", b"1", DOMAIN_SERVE, b"127.0.0.1", b"", b"CURVE", z85.decode(key)]
+            assert zap.handle(req)[2] == b"400"
+        assert [d.log for d in denials].count(True) == 3 and len(denials) == zap.denied == 50
+        zap.flush(time.monotonic())  # the window is not over yet
+        assert summaries == []
+        zap.flush(time.monotonic() + 10.0)
+        assert [n for n, _ in summaries] == [47]
+        zap.flush(time.monotonic() + 30.0)  # reported once
+        assert len(summaries) == 1
+        zap.close()
+    finally:
+        ctx.destroy(linger=0)
+
+
 def test_client_with_unknown_key_gets_a_clear_error_at_once(tmp_path: Path) -> None:
     """A CURVE ROUTER with the ZAP handler: an allowed client is answered, a stranger
     gets AuthenticationFailed within the connect timeout (no waiting for the request

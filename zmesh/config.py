@@ -136,11 +136,17 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             )
 
 
+FORGET_AFTER_DEAD = 4.0  # default gossip.forget_after_s, in units of dead_after_s
+
+
 class GossipConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     heartbeat_interval_s: float = 0.2
     delta_interval_s: float = 0.03
     suspect_after_s: float = 1.0  # silent this long: not routed to
     dead_after_s: float = 3.0  # silent this long: estimate dropped
+    # Silent this long: forgotten (table entry, DEALER and subscription dropped), so
+    # dead names do not fill max_peers. 0: FORGET_AFTER_DEAD times dead_after_s.
+    forget_after_s: float = 0.0
     snapshot_timeout_s: float = 2.0
     ping_interval_s: float = 1.0
     # Peers this node keeps at most. Peers are learned from other peers' heartbeats,
@@ -150,6 +156,11 @@ class GossipConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Fault injection (tests and labs): drop this fraction of outgoing cache deltas,
     # so anti-entropy (gap detection + snapshots) has something to repair.
     drop_deltas: float = 0.0
+
+    @property
+    def forget_s(self) -> float:
+        """forget_after_s in effect (its default follows dead_after_s)."""
+        return self.forget_after_s or FORGET_AFTER_DEAD * self.dead_after_s
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.drop_deltas <= 1.0:
@@ -165,6 +176,12 @@ class GossipConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         )
         if self.max_peers < 1:
             _fail("max_peers", f"must be at least 1, got {self.max_peers}")
+        if self.forget_after_s != 0.0 and not self.forget_after_s > self.dead_after_s:
+            _fail(
+                "forget_after_s",
+                f"must be 0 (= {FORGET_AFTER_DEAD:g} x dead_after_s) or more than "
+                f"dead_after_s ({self.dead_after_s}), got {self.forget_after_s}",
+            )
         if self.suspect_after_s >= self.dead_after_s:
             _fail(
                 "suspect_after_s",

@@ -15,10 +15,13 @@ the ones in use:
     peer.joined        first heartbeat from a peer
     peer.suspect       a peer went quiet past suspect_after_s (not routed to)
     peer.dead          a peer went quiet past dead_after_s (estimate dropped)
+    peer.forgotten     a peer dropped from the table, its sockets closed (silent past
+                       forget_after_s, or dead and the table full)
     peer.resync        a peer restarted (new epoch) or its digest disagreed
     cache.evicted      KV slots gave up cached tokens
     frame.malformed    a frame failed to decode (and was answered with Error if possible)
     auth.denied        (keys on) a CURVE handshake refused: key, ZAP domain, address, reason
+    auth.denied_summary  (keys on) refusals past the log bound in one window (more_refused)
     auth.forbidden     (keys on) a client key asked for what it may not (answered forbidden)
     auth.peer_key_unknown  (keys on) a learned peer's key is not in the allowlist: not joined
     node.started       sockets bound, model loaded

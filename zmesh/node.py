@@ -86,6 +86,7 @@ class _Forward:
     target: str
     sent_at: float  # monotonic
     cost_s: float  # predicted service time at the target
+    request_id: str = ""  # the caller's id, when the peer knows it by another (see _forward)
     replies: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
 
 
@@ -99,7 +100,11 @@ class Node:
         self.advert = LocalAdvert(self.epoch)
         g = config.gossip
         self.peers = PeerTable(
-            self.node_id, g.suspect_after_s, g.dead_after_s, g.snapshot_timeout_s
+            self.node_id,
+            g.suspect_after_s,
+            g.dead_after_s,
+            g.snapshot_timeout_s,
+            forget_after_s=g.forget_s,
         )
         self._peer_refused_logged_at = -math.inf
         r = config.routing
@@ -124,12 +129,18 @@ class Node:
         self._running_since = 0.0
         self._queued_s = 0.0  # predicted seconds of the jobs waiting in _queue
         self._load_changed = False  # send a heartbeat at the next gossip tick
-        self._jobs: dict[str, _Job] = {}
+        # Request ids are scoped to their caller (`_scope`): keyed (scope, request id).
+        self._jobs: dict[tuple[bytes, str], _Job] = {}
+        self._ids_inflight: set[tuple[bytes, str]] = set()  # admitted, not answered yet
         self._inflight = 0  # Generate requests accepted and not answered yet
         self._inflight_by_client: dict[bytes, int] = {}  # only clients with some
         self._forwards: dict[str, _Forward] = {}
         self._dealers: dict[str, zmq.asyncio.Socket] = {}  # by peer serve address
+        self._dealer_tasks: dict[str, asyncio.Task[None]] = {}  # their reader tasks
         self._subscribed: set[str] = set()
+        # Seeds' addresses stay connected when their peer is forgotten: a seed that
+        # comes back is heard again, and a mesh cut apart finds itself through them.
+        self._seed_addrs = frozenset(a for sd in config.seeds for a in (sd.serve, sd.gossip))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._tasks: list[asyncio.Task[Any]] = []
         self._request_tasks: set[asyncio.Task[None]] = set()
@@ -175,7 +186,12 @@ class Node:
         self.loop = asyncio.get_running_loop()
         if self.keys is not None:
             # The ZAP handler is bound before any CURVE server socket exists.
-            self._zap = ZapHandler(self.ctx, self.authorized, self._on_auth_denied)
+            self._zap = ZapHandler(
+                self.ctx,
+                self.authorized,
+                self._on_auth_denied,
+                on_suppressed=self._on_auth_suppressed,
+            )
             self._tasks.append(asyncio.create_task(self._zap.run(), name="zap"))
         self.serve = self._socket(zmq.ROUTER)
         if self.keys is not None:
@@ -284,14 +300,40 @@ class Node:
             d.connect(serve_addr)
             self._dealers[serve_addr] = d
             self._dealer_addrs[id(d)] = serve_addr
-            self._tasks.append(
-                asyncio.create_task(self._dealer_loop(d, serve_addr), name=f"dealer {serve_addr}")
+            task = asyncio.create_task(
+                self._dealer_loop(d, serve_addr), name=f"dealer {serve_addr}"
             )
+            self._dealer_tasks[serve_addr] = task
+            self._tasks.append(task)
         if gossip_addr not in self._subscribed and gossip_addr != self.gossip_addr:
             if self.keys is not None and server_key is not None:
                 client_socket(self.sub, self.keys, server_key)  # applies to this connect
             self.sub.connect(gossip_addr)
             self._subscribed.add(gossip_addr)
+
+    def _forget_peer(self, peer: PeerEstimate, why: str) -> None:
+        """Drop a peer that has been silent past forget_after_s (or a dead one, to make
+        room): close its DEALER and stop subscribing to it, unless a seed or another
+        peer uses the same address. Learned again like a new peer if it comes back."""
+        self.peers.remove(peer.node_id)
+        self._fail_forwards_to(peer.node_id)
+        self._peer_keys.pop(peer.node_id, None)
+        self._peer_idents.pop(self._ident_of_peer.pop(peer.node_id, b""), None)
+        in_use = self._seed_addrs | {
+            a for p in self.peers.all() for a in (p.serve_addr, p.gossip_addr)
+        }
+        if peer.serve_addr not in in_use and (d := self._dealers.pop(peer.serve_addr, None)):
+            task = self._dealer_tasks.pop(peer.serve_addr)
+            task.cancel()
+            self._tasks.remove(task)
+            self._dealer_addrs.pop(id(d), None)
+            d.close(linger=0)
+        if peer.gossip_addr not in in_use and peer.gossip_addr in self._subscribed:
+            self._subscribed.discard(peer.gossip_addr)
+            with contextlib.suppress(zmq.ZMQError):  # never connected (zmq says ENOENT)
+                self.sub.disconnect(peer.gossip_addr)
+        self._count("peers_forgotten")
+        self.log.warning("peer.forgotten", peer=peer.node_id, serve=peer.serve_addr, why=why)
 
     def _send(self, sock: zmq.asyncio.Socket, envelope: list[bytes], msg: P.Message) -> bool:
         """Send without waiting; False when it cannot go out now (peer not connected)."""
@@ -438,7 +480,13 @@ class Node:
             msg = P.decode(payload)
         except P.ProtocolError as exc:
             self._count("frames_malformed")
-            self.log.warning("frame.malformed", socket="serve", code=exc.code, error=exc.message)
+            self.log.warning(
+                "frame.malformed",
+                socket="serve",
+                code=exc.code,
+                error=exc.message,
+                request_id=exc.request_id,
+            )
             self._send(self.serve, envelope, P.error_for(exc, self.node_id))
             return
         if self.keys is not None and (why := self._forbidden(caller, msg)) is not None:
@@ -474,7 +522,8 @@ class Node:
             if msg.sender is not None:
                 self._learn_of(msg.sender)
         elif isinstance(msg, P.Cancel):
-            job = self._jobs.get(msg.request_id)
+            # Only the caller's own request: another's id is ignored like an unknown one.
+            job = self._jobs.get((self._scope(envelope, caller), msg.request_id))
             if job is not None:
                 job.cancelled = True
         else:
@@ -490,6 +539,22 @@ class Node:
                     node_id=self.node_id,
                 ),
             )
+
+    @staticmethod
+    def _scope(envelope: list[bytes], caller: AuthorizedKey | None) -> bytes:
+        """Whose request ids these are: a client key (all its connections), else the
+        connection (ROUTER identity): a keyless client, or a peer's DEALER. Ids of two
+        scopes never clash, and a Cancel reaches only requests of its own scope."""
+        if caller is not None and caller.role != "node":
+            return caller.public
+        return envelope[0] if envelope else b""
+
+    @staticmethod
+    def _job_key(job: _Job) -> tuple[bytes, str]:
+        """`_scope` of a job's sender: `_client_of` is the client key or ROUTER identity
+        of a client (None for a peer, whose scope is its connection)."""
+        scope = job.client if job.client is not None else (job.reply_to or [b""])[0]
+        return scope, job.msg.request_id
 
     def _caller(self, frame: zmq.Frame) -> AuthorizedKey | None:
         try:
@@ -526,6 +591,10 @@ class Node:
                 reason=d.reason,
                 repeats=d.repeats,
             )
+
+    def _on_auth_suppressed(self, n: int, window_s: float) -> None:
+        # The ZAP handler logs a bounded number of refusals per window; this sums the rest.
+        self.log.warning("auth.denied_summary", more_refused=n, window_s=window_s)
 
     def _reply_error(self, envelope: list[bytes], rid: str | None, code: str, message: str) -> None:
         self._send(
@@ -605,7 +674,8 @@ class Node:
             self.log.warning("request.failed", request_id=rid, code=exc.code, error=exc.message)
             self._reply_error(envelope, rid, exc.code, exc.message)
             return
-        if rid in self._jobs or rid in self._forwards:
+        key = (self._scope(envelope, caller), rid)
+        if key in self._ids_inflight:  # the same caller's; another's id is no business of it
             self._count("requests_duplicate")
             self.log.warning(
                 "request.failed",
@@ -623,10 +693,13 @@ class Node:
         client = self._client_of(envelope, msg, caller)
         if not self._admit(client, envelope, msg):
             return
+        self._ids_inflight.add(key)
         queued = False
         try:
             queued = await self._accept(envelope, msg, received, client)
         finally:
+            if not queued or key not in self._jobs:  # the worker discards it otherwise
+                self._ids_inflight.discard(key)
             if not queued:  # answered, or failed, before reaching the worker
                 self._release(client)
 
@@ -751,7 +824,12 @@ class Node:
         peer = self.peers.get(decision.target)
         dealer = self._dealer_for(peer) if peer else None
         rid = msg.request_id
-        fwd_msg = msgspec.structs.replace(msg, hops=msg.hops + 1, origin=self.node_id)
+        # Ids are per caller but a peer's replies carry only the id: another caller's
+        # forward of the same id is in flight, so this one gets a fresh id on the wire.
+        wid = rid if rid not in self._forwards else os.urandom(8).hex()
+        fwd_msg = msgspec.structs.replace(
+            msg, request_id=wid, hops=msg.hops + 1, origin=self.node_id
+        )
         if dealer is None or peer is None or not self._send(dealer, [], fwd_msg):
             self.log.warning(
                 "request.fallback", request_id=rid, target=decision.target, why="peer not connected"
@@ -759,10 +837,11 @@ class Node:
             return "none"
         target = self._last_route.get(peer.node_id)
         new_tokens = len(tokens) - (target.matched_tokens if target else 0)
-        fwd = self._forwards[rid] = _Forward(
+        fwd = self._forwards[wid] = _Forward(
             target=peer.node_id,
             sent_at=time.monotonic(),
             cost_s=self._predict_s(max(new_tokens, 1), msg.params.max_tokens),
+            request_id=rid,
         )
         peer.inflight += 1
         self._count("forwards")
@@ -785,7 +864,7 @@ class Node:
                         self._send(self.serve, envelope, reply)
                         self.log.info("request.deadline_relayed", request_id=rid, peer=peer.node_id)
                     else:
-                        self._send(dealer, [], P.Cancel(request_id=rid))
+                        self._send(dealer, [], P.Cancel(request_id=wid))
                         self._deadline_error(envelope, rid, f"deadline passed at {peer.node_id}")
                     return "done"
                 if reply is _FALLBACK or isinstance(reply, P.Error):
@@ -797,7 +876,7 @@ class Node:
                         why=detail,
                         partial=relayed,
                     )
-                    self._send(dealer, [], P.Cancel(request_id=rid))
+                    self._send(dealer, [], P.Cancel(request_id=wid))
                     return "partial" if relayed else "none"
                 if isinstance(reply, P.Chunk):
                     relayed = True
@@ -810,7 +889,7 @@ class Node:
                     self.metrics.answered(reply, local=False)
                     return "done"
         finally:
-            self._forwards.pop(rid, None)
+            self._forwards.pop(wid, None)
             peer.inflight = max(0, peer.inflight - 1)
 
     def _forward_wait_s(self, msg: P.Generate) -> float:
@@ -879,7 +958,7 @@ class Node:
                 f"node {self.node_id} queue is full ({self.config.max_queue})",
             )
             return False
-        self._jobs[rid] = job
+        self._jobs[self._job_key(job)] = job
         return True
 
     async def _worker_loop(self) -> None:
@@ -897,7 +976,8 @@ class Node:
                 self._flush_deltas()  # also after failures: a prefill may have cached
                 self._running = None
                 self._load_changed = True
-                self._jobs.pop(job.msg.request_id, None)
+                self._jobs.pop(self._job_key(job), None)
+                self._ids_inflight.discard(self._job_key(job))
                 self._release(job.client)
 
     async def _serve_job(self, job: _Job) -> None:
@@ -1070,7 +1150,13 @@ class Node:
             await asyncio.sleep(g.delta_interval_s)
 
     def _tick_peers(self, now: float) -> None:
+        before = {p.node_id: p for p in self.peers.all()}
         for event in self.peers.tick(now):
+            if event.kind == "forgotten":  # tick removed it; the sockets go here
+                self._forget_peer(
+                    before[event.node_id], f"silent over {self.peers.forget_after_s}s"
+                )
+                continue
             self.log.warning(f"peer.{event.kind}", peer=event.node_id)
             if event.kind in ("suspect", "dead"):
                 self._fail_forwards_to(event.node_id)
@@ -1207,6 +1293,7 @@ class Node:
         if isinstance(msg, P.Chunk | P.Done | P.Error):
             fwd = self._forwards.get(msg.request_id or "")
             if fwd is not None:
+                msg.request_id = fwd.request_id  # relayed under the caller's own id
                 fwd.replies.put_nowait(msg)
         elif isinstance(msg, P.Snapshot):
             peer = self.peers.get(msg.node_id)
@@ -1249,6 +1336,12 @@ class Node:
         below gossip.max_peers. Refusals are counted; logged at most every 10 s, since
         every heartbeat that lists the refused peers would repeat them."""
         if node_id in self.peers or len(self.peers) < self.config.gossip.max_peers:
+            return True
+        # Full: a dead peer gives way (churn of short-lived names must not lock us).
+        if (victim := self.peers.longest_dead()) is not None:
+            peer = self.peers.get(victim)
+            assert peer is not None
+            self._forget_peer(peer, "table full")
             return True
         self._count("peers_refused_full")
         now = time.monotonic()

@@ -93,6 +93,7 @@ _MAX_TEMPERATURE = 5.0
 _MAX_STOPS = 8
 _MAX_STOP_CHARS = 256
 _MAX_SEED = 2**32 - 1  # llama.cpp samplers take a uint32 seed
+_MAX_TOP_K = 2**31 - 1  # llama.cpp takes an int32 k: a larger one would wrap (2**40 -> 0)
 
 
 class ProtocolError(Exception):
@@ -126,8 +127,8 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             )
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 <= self.top_k <= _MAX_TOP_K:
+            raise ValueError(f"top_k must be in 0..{_MAX_TOP_K} (0 disables it), got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed <= _MAX_SEED:
             raise ValueError(f"seed must be in 0..{_MAX_SEED}, got {self.seed}")
         if len(self.stop) > _MAX_STOPS:
@@ -338,6 +339,17 @@ _decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
 _raw_decoder = msgspec.msgpack.Decoder()
 
 
+class _Envelope(msgspec.Struct):
+    """What any frame's map says about itself. msgspec skips other fields unread, so
+    bytes that fail a full decode (invalid UTF-8 in a prompt) still give these."""
+
+    request_id: object = None
+    v: object = None
+
+
+_envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
+
+
 def encode(msg: Message) -> bytes:
     """One msgpack frame. Raises OverflowError for ints outside -2**63..2**64-1."""
     return _encoder.encode(msg)
@@ -363,7 +375,11 @@ def _explain_failure(frame: bytes | bytearray | memoryview, exc: Exception) -> P
     try:
         raw = _raw_decoder.decode(frame)
     except Exception:
-        return ProtocolError(MALFORMED, f"undecodable frame: {exc}")
+        try:
+            env = _envelope_decoder.decode(frame)
+        except Exception:
+            return ProtocolError(MALFORMED, f"undecodable frame: {exc}")
+        raw = {"request_id": env.request_id, "v": env.v}
     if not isinstance(raw, dict):
         return ProtocolError(MALFORMED, f"expected a msgpack map, got {type(raw).__name__}")
     rid = raw.get("request_id")

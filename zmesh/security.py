@@ -18,6 +18,7 @@ and `authorized_keys`); everything else is refused and logged as `auth.denied`.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -238,7 +239,10 @@ class ZapHandler:
     to a node (clients never see gossip). The reply's User-Id is the Z85 public key,
     so the serve loop can tell who sent each message (`frame.get("User-Id")`).
     ``on_denied`` is called for every refusal, with ``log`` set at most once per
-    (key, domain) per ``log_every_s`` (a refused peer retries every few 100 ms).
+    (key, domain) per ``log_every_s`` (a refused peer retries every few 100 ms), and
+    for at most ``log_burst`` refusals in all per ``log_every_s`` window (a stranger
+    can draw a fresh key per connection). Refusals past that bound are summed, and
+    ``on_suppressed(n, window_s)`` reports them once the window is over.
     """
 
     def __init__(
@@ -247,13 +251,20 @@ class ZapHandler:
         allowed: Mapping[bytes, AuthorizedKey],
         on_denied: Callable[[Denial], None],
         log_every_s: float = 10.0,
+        log_burst: int = 20,
+        on_suppressed: Callable[[int, float], None] | None = None,
     ) -> None:
         self.allowed = allowed
         self.on_denied = on_denied
+        self.on_suppressed = on_suppressed
         self.log_every_s = log_every_s
+        self.log_burst = log_burst
         self.denied = 0
         self.accepted = 0
         self._last: dict[tuple[str, str], tuple[float, int]] = {}
+        self._window_at = -math.inf  # start of the current window of logged refusals
+        self._window_logged = 0
+        self._suppressed = 0  # refusals over log_burst in the current window
         self.sock = ctx.socket(zmq.REP)
         self.sock.linger = 0
         self.sock.bind(ZAP_ENDPOINT)
@@ -291,9 +302,16 @@ class ZapHandler:
 
     def _report(self, key: str, domain: str, address: str, reason: str) -> None:
         now = time.monotonic()
+        self.flush(now)
         last, repeats = self._last.get((key, domain), (-1e9, 0))
         log = now - last >= self.log_every_s
-        if log:
+        if log and self._window_logged >= self.log_burst:
+            log = False  # counted in the window's summary, not in this key's repeats
+            self._suppressed += 1
+        elif log:
+            if self._window_logged == 0:
+                self._window_at = now
+            self._window_logged += 1
             if len(self._last) > 10_000:  # bounded: a scan of random keys must not grow it
                 self._last.clear()
             self._last[(key, domain)] = (now, 0)
@@ -310,8 +328,22 @@ class ZapHandler:
             )
         )
 
+    def flush(self, now: float) -> None:
+        """End the window of logged refusals once it is over, reporting the suppressed."""
+        if self._window_logged == 0 or now - self._window_at < self.log_every_s:
+            return
+        if self._suppressed and self.on_suppressed is not None:
+            self.on_suppressed(self._suppressed, round(now - self._window_at, 1))
+        self._window_logged = self._suppressed = 0
+
     async def run(self) -> None:
         while True:
+            # Woken when the window ends, so a flood's summary comes when it is over.
+            self.flush(time.monotonic())
+            if self._window_logged:
+                left = self._window_at + self.log_every_s - time.monotonic()
+                if not await self.sock.poll(max(1, math.ceil(left * 1000))):
+                    continue
             frames = await self.sock.recv_multipart()
             try:
                 reply = self.handle(frames)
