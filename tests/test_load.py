@@ -159,5 +159,6 @@ def test_two_thousand_short_requests_none_lost_none_twice(tmp_path: Path) -> Non
     assert set(errors) <= {P.OVERLOADED}, errors
     assert len(done) + errors[P.OVERLOADED] == N_REQUESTS
     assert all(d.completion_tokens >= 1 for d in done)
-    assert polls[0] >= 10 and max(peaks.values()) <= MAX_QUEUE, (peaks, polls)
+    # queue_depth counts the running job too: the bound is the queue plus that one.
+    assert polls[0] >= 10 and max(peaks.values()) <= MAX_QUEUE + 1, (peaks, polls)
     assert max(growth.values()) < RSS_GROWTH_MB, growth
