@@ -34,6 +34,7 @@ from zmesh.kvstate import KvLayout, KvRefused, KvState, make_state, verify
 from zmesh.model import model_fingerprint, resolve_model_path
 from zmesh.protocol import INVALID_REQUEST, PROMPT_TOO_LONG, SamplingParams
 from zmesh.radix import BlockEvents, RadixTree
+from zmesh.stats import ewma
 
 MIN_SLOT_CTX = 64
 _Sampler = Any  # a ctypes pointer to llama_sampler
@@ -104,10 +105,6 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
-
-
-def _ewma(old: float, new: float, alpha: float = 0.2) -> float:
-    return new if old == 0.0 else (1 - alpha) * old + alpha * new
 
 
 _log_callback_ref = None
@@ -460,11 +457,11 @@ class Engine:
         st.cached_tokens += r.cached_tokens
         prefilled = r.prompt_tokens - r.cached_tokens
         if prefilled >= 32:  # tiny prefills are dominated by fixed costs
-            st.prefill_s_per_token = _ewma(st.prefill_s_per_token, r.prefill_s / prefilled)
-        st.service_s = _ewma(st.service_s, time.perf_counter() - t0)
-        st.completion_tokens = _ewma(st.completion_tokens, float(r.completion_tokens))
+            st.prefill_s_per_token = ewma(st.prefill_s_per_token, r.prefill_s / prefilled)
+        st.service_s = ewma(st.service_s, time.perf_counter() - t0)
+        st.completion_tokens = ewma(st.completion_tokens, float(r.completion_tokens))
         if r.completion_tokens > 1:
-            st.decode_s_per_token = _ewma(st.decode_s_per_token, r.decode_s / r.completion_tokens)
+            st.decode_s_per_token = ewma(st.decode_s_per_token, r.decode_s / r.completion_tokens)
 
     def _claim_slot(self, ids: list[int], namespace: str) -> tuple[_Slot, int, int]:
         """Pick the slot to serve ``ids`` and make it hold the reusable prefix.

@@ -22,6 +22,8 @@ __all__ = [
     "FORBIDDEN",
     "INTERNAL",
     "INVALID_REQUEST",
+    "KV_PART_BYTES",
+    "KV_UNAVAILABLE",
     "MALFORMED",
     "MAX_FRAME_BYTES",
     "MAX_ID_CHARS",
@@ -41,6 +43,8 @@ __all__ = [
     "FaultSettings",
     "Generate",
     "Heartbeat",
+    "KvFetch",
+    "KvPart",
     "Message",
     "PeerInfo",
     "PeerStatus",
@@ -63,6 +67,8 @@ PROTOCOL_VERSION: Final = 1
 MAX_FRAME_BYTES: Final = 8 * 1024 * 1024
 # Blocks per Snapshot part: 4096 (id, parent) pairs are ~80 KB of msgpack.
 SNAPSHOT_PART_BLOCKS: Final = 4096
+# Bytes of KV state per KvPart: well under the frame cap, small enough to interleave.
+KV_PART_BYTES: Final = 1024 * 1024
 # Longest request id / tenant name accepted by validate_generate.
 MAX_ID_CHARS: Final = 128
 
@@ -79,6 +85,10 @@ FORBIDDEN: Final = "forbidden"  # an authenticated key asked for what it may not
 # One client has max_inflight_per_client requests in flight on this node already. Not
 # retried on another node by the client library: the caller, not the node, is the cause.
 TOO_MANY_REQUESTS: Final = "too_many_requests"
+# A KvFetch this node will not answer with state: no slot of that tenant holds the
+# prefix, it belongs to another tenant, or the state is over the asker's cap. One code
+# and one message for all, so a fetch learns nothing about other tenants.
+KV_UNAVAILABLE: Final = "kv_unavailable"
 
 # msgspec cannot bound an int above int64 with Meta; msgpack itself stops at 2**64-1.
 U64 = Annotated[int, msgspec.Meta(ge=0)]
@@ -282,6 +292,29 @@ class Snapshot(_Msg, tag="snap", kw_only=True):
     n_blocks: int
 
 
+class KvFetch(_Msg, tag="kvfetch", kw_only=True):
+    """Peer -> holder's serve ROUTER: send me the KV state of the longest prefix of
+    ``tokens`` that you hold for ``tenant`` (at most ``max_bytes``). Answered by
+    KvParts, or one Error (``kv_unavailable``)."""
+
+    request_id: str
+    tenant: str
+    tokens: list[Annotated[int, msgspec.Meta(ge=0)]]
+    max_bytes: Annotated[int, msgspec.Meta(ge=0)]
+    deadline: float | None = None
+
+
+class KvPart(_Msg, tag="kvpart", kw_only=True):
+    """One of ``parts`` replies to a KvFetch; part 0 also carries the state's header
+    (zmesh.kvstate.KvHeader as msgpack), every part a slice of the payload."""
+
+    request_id: str
+    part: int
+    parts: int
+    header: bytes = b""
+    data: bytes = b""
+
+
 class StatusRequest(_Msg, tag="statreq", kw_only=True):
     request_id: str
 
@@ -328,6 +361,8 @@ Message: TypeAlias = (
     | CacheDelta
     | SnapshotRequest
     | Snapshot
+    | KvFetch
+    | KvPart
     | StatusRequest
     | Status
     | Ping

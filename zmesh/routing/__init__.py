@@ -5,6 +5,7 @@ that explains its algorithm and parameters (as SGLang's model gateway does):
 - `registry.py`: `decide`, the one entry point, and the name -> policy table;
 - `zmesh.py`: lowest expected TTFT with balance thresholds (the default);
 - `placement.py`: cache-affine placement inside the zmesh policy;
+- `shipping.py`: pulling a peer's cached KV prefix inside the zmesh policy;
 - `random.py`, `round_robin.py`, `consistent_hash.py`, `least_loaded.py`: baselines.
 
 The simulator's ``paper`` and ``oracle`` policies are built on these (zmesh/sim/core.py).
@@ -25,6 +26,7 @@ from zmesh.routing.base import (
     REASON_PREFIX,
     REASON_RANDOM,
     REASON_ROUND_ROBIN,
+    REASON_SHIPPED,
     REASONS,
     ROUND_ROBIN,
     ZMESH,
@@ -58,6 +60,7 @@ __all__ = [
     "REASON_PREFIX",
     "REASON_RANDOM",
     "REASON_ROUND_ROBIN",
+    "REASON_SHIPPED",
     "ROUND_ROBIN",
     "ZMESH",
     "Candidate",

@@ -24,6 +24,7 @@ REASON_RANDOM = "random"
 REASON_ROUND_ROBIN = "round_robin"
 REASON_CONSISTENT_HASH = "consistent_hash"
 REASON_LEAST_LOADED = "least_loaded"
+REASON_SHIPPED = "shipped"
 REASONS = (
     REASON_HOP_LIMIT,
     REASON_NO_PEERS,
@@ -35,6 +36,7 @@ REASONS = (
     REASON_ROUND_ROBIN,
     REASON_CONSISTENT_HASH,
     REASON_LEAST_LOADED,
+    REASON_SHIPPED,
 )
 
 ZMESH = "zmesh"
@@ -60,6 +62,11 @@ class Candidate:
     service_s: float
     alive: bool = True
     wait_s: float | None = None  # predicted queueing delay; None: queue_depth * service_s
+    # KV shipping (peers only): seconds per token to bring this peer's cached prefix
+    # here and load it (wire + import), and the fixed part (round trip, the holder's
+    # pause between its decode steps). None: this peer's KV cannot be pulled.
+    ship_s_per_token: float | None = None
+    ship_fixed_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +98,10 @@ class RoutingSettings:
     balance_abs: int = 8
     balance_rel: float = 1.5
     vnodes: int = 64
+    # KV shipping (zmesh policy): pull a peer's cached prefix when moving it is
+    # predicted to beat both prefilling here and forwarding; off unless switched on.
+    ship: bool = False
+    ship_min_tokens: int = 64  # smaller gains are not worth a transfer
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -109,6 +120,8 @@ class RoutingSettings:
             raise ValueError(f"balance_rel must be >= 1.0, got {self.balance_rel}")
         if self.vnodes < 1:
             raise ValueError(f"vnodes must be >= 1, got {self.vnodes}")
+        if self.ship_min_tokens < 1:
+            raise ValueError(f"ship_min_tokens must be >= 1, got {self.ship_min_tokens}")
 
 
 @dataclass(slots=True)
@@ -134,9 +147,21 @@ class Decision:
     est_local_s: float
     est_target_s: float
     overloaded: tuple[str, ...] = ()  # peers excluded by the balance thresholds (zmesh)
+    # Reason "shipped": serve here after pulling pull_tokens of KV from pull_from.
+    pull_from: str | None = None
+    pull_tokens: int = 0
+    est_ship_s: float = 0.0  # predicted seconds to move and load that KV
 
     def log_fields(self) -> dict[str, object]:
+        pull = {}
+        if self.pull_from is not None:
+            pull = {
+                "pull_from": self.pull_from,
+                "pull_tokens": self.pull_tokens,
+                "est_ship_s": round(self.est_ship_s, 6),
+            }
         return {
+            **pull,
             "target": self.target,
             "forward": self.forward,
             "reason": self.reason,

@@ -22,9 +22,11 @@ Parameters (`RoutingSettings`):
   exceeds the least-loaded node's by more than ``balance_abs`` and is more than
   ``balance_rel`` times it.
 - ``place_slack_frac`` (0.1): see `placement.py`.
+- ``ship`` (off) and ``ship_min_tokens`` (64): KV shipping, see `shipping.py`; a pull
+  replaces the choice above when predicted sooner by more than the gain threshold.
 
 Reasons: ``local_best``, ``prefix`` (the peer holds more of the prompt), ``load`` (same
-match, shorter wait), ``placement``.
+match, shorter wait), ``placement``, ``shipped``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from zmesh.routing.base import (
     REASON_LOCAL_BEST,
     REASON_PLACEMENT,
     REASON_PREFIX,
+    REASON_SHIPPED,
     Candidate,
     Decision,
     PolicyState,
@@ -44,6 +47,7 @@ from zmesh.routing.base import (
     serve_local,
 )
 from zmesh.routing.placement import place
+from zmesh.routing.shipping import best_pull
 
 
 def decide_zmesh(
@@ -53,6 +57,38 @@ def decide_zmesh(
     scores: list[tuple[str, float]],
     settings: RoutingSettings,
     state: PolicyState,
+) -> Decision:
+    """Serve here or forward (below); with shipping on, pulling a peer's prefix here
+    replaces that choice when it is predicted sooner by more than the gain threshold."""
+    decision = _serve_or_forward(request, local, peers, scores, settings)
+    if not settings.ship:
+        return decision
+    pull = best_pull(request, local, peers, settings)
+    if pull is None:
+        return decision
+    holder, tokens, est_pull, ship_s = pull
+    if not decision.est_target_s - est_pull > gain_threshold(decision.est_target_s, settings):
+        return decision
+    return Decision(
+        local.node_id,
+        False,
+        REASON_SHIPPED,
+        tuple(scores),
+        decision.est_local_s,
+        est_pull,
+        decision.overloaded,
+        pull_from=holder.node_id,
+        pull_tokens=tokens,
+        est_ship_s=ship_s,
+    )
+
+
+def _serve_or_forward(
+    request: RouteRequest,
+    local: Candidate,
+    peers: list[Candidate],
+    scores: list[tuple[str, float]],
+    settings: RoutingSettings,
 ) -> Decision:
     """Lowest estimated TTFT wins, if it beats local by min_gain_s and is not a hotspot;
     among the longest holders about as good as the best, the placement hash chooses."""
