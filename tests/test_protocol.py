@@ -40,6 +40,7 @@ ONE_OF_EACH: list[P.Message] = [
         deadline=1.7e9,
         origin="n2",
         stream=False,
+        progress=True,
     ),
     P.Generate(request_id="r2", tokens=[1, 2, 3]),
     P.Chunk(request_id="r1", index=3, text="wor", attempt=1),
@@ -61,6 +62,7 @@ ONE_OF_EACH: list[P.Message] = [
     ),
     P.Error(request_id=None, code=P.MALFORMED, message="bad", node_id="n1"),
     P.Cancel(request_id="r1"),
+    P.Progress(request_id="r1", node_id="n1", state="queued", queue_depth=3, interval_s=1.0),
     P.Heartbeat(
         node_id="n1",
         epoch=12345,

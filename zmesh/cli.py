@@ -143,7 +143,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
     import signal
 
     from zmesh.client import Client, ZmeshError
-    from zmesh.lab import Lab
+    from zmesh.lab import KEYLESS_NOTE, Lab
 
     engine = {"n_slots": args.slots}
     lab = Lab(
@@ -182,6 +182,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
             )
             print(f"keys in {lab.keys_dir}; ask with:")
             print(f'  zmesh ask --client-key {kw["client_key"]} {flags} "PROMPT"')
+        else:
+            _say(f"zmesh lab: {KEYLESS_NOTE}")
         if args.ask:
             with Client(lab.endpoints, **lab.client_kwargs()) as c:
                 _print_done(c.generate(args.ask, max_tokens=args.max_tokens), False)

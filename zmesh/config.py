@@ -30,7 +30,7 @@ import msgspec
 
 from zmesh.faults import fault_problem
 from zmesh.log import LEVELS
-from zmesh.protocol import FaultSettings
+from zmesh.protocol import MAX_PROGRESS_INTERVAL_S, FaultSettings
 from zmesh.routing import POLICIES
 from zmesh.security import SecurityError, load_authorized, load_keypair, load_public_key
 
@@ -113,6 +113,9 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     n_gpu_layers: int = 0  # -1: all
     block_size: int = 16  # tokens per advertised block
     max_prompt_tokens: int = 0  # 0: slot_ctx - 1
+    # A text prompt longer than this many characters per allowed token is refused
+    # before it is tokenized (tokenizing megabytes takes seconds).
+    prompt_chars_per_token: int = 32
 
     def __post_init__(self) -> None:
         if self.model_path is not None and not self.model_path:
@@ -133,6 +136,10 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             _fail(
                 "max_prompt_tokens",
                 f"must be in 0..slot_ctx-1 ({self.slot_ctx - 1}), got {self.max_prompt_tokens}",
+            )
+        if not 1 <= self.prompt_chars_per_token <= 4096:
+            _fail(
+                "prompt_chars_per_token", f"must be in 1..4096, got {self.prompt_chars_per_token}"
             )
 
 
@@ -204,7 +211,12 @@ class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     place_slack_frac: float = 0.1  # nodes this close to the best are placed by hash
     balance_abs: int = 8
     balance_rel: float = 1.5
-    forward_timeout_s: float = 5.0  # to the peer's first reply, then serve locally
+    # To a peer's first reply (then serve locally); after a Progress frame, as long as
+    # the peer keeps sending them (and stays alive), up to the request's deadline.
+    forward_timeout_s: float = 5.0
+    # Period of the Progress keep-alives this node sends for a forwarded request it
+    # holds (queued or running); at most protocol.MAX_PROGRESS_INTERVAL_S.
+    progress_interval_s: float = 1.0
     hash_prefix_tokens: int = 64  # consistent_hash: tokens of the prompt head hashed
 
     def __post_init__(self) -> None:
@@ -222,7 +234,12 @@ class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             _fail("balance_abs", f"must be >= 0, got {self.balance_abs}")
         if not (self.balance_rel >= 1.0 and math.isfinite(self.balance_rel)):
             _fail("balance_rel", f"must be >= 1.0, got {self.balance_rel}")
-        _check_positive(self, "forward_timeout_s")
+        _check_positive(self, "forward_timeout_s", "progress_interval_s")
+        if self.progress_interval_s > MAX_PROGRESS_INTERVAL_S:
+            _fail(
+                "progress_interval_s",
+                f"must be at most {MAX_PROGRESS_INTERVAL_S}, got {self.progress_interval_s}",
+            )
         if self.hash_prefix_tokens < 1:
             _fail("hash_prefix_tokens", f"must be >= 1, got {self.hash_prefix_tokens}")
 

@@ -139,6 +139,7 @@ class Engine:
         self.n_slots = cfg.n_slots
         self.slot_ctx = cfg.slot_ctx
         self.max_prompt_tokens = min(cfg.max_prompt_tokens or cfg.slot_ctx, cfg.slot_ctx - 1)
+        self.max_prompt_chars = self.max_prompt_tokens * cfg.prompt_chars_per_token
         self.stats = EngineStats()
         self._lock = threading.Lock()  # guards slots' trees against routing reads
         self._trees: dict[str, RadixTree] = {}
@@ -220,7 +221,8 @@ class Engine:
         return b"".join(self._piece(t) for t in tokens).decode("utf-8", errors="replace")
 
     def prompt_tokens(self, prompt: str | bytes | None, tokens: Sequence[int] | None) -> list[int]:
-        """Validate and tokenize a request's prompt (text or token ids)."""
+        """Validate and tokenize a request's prompt (text or token ids). Thread-safe (it
+        only reads the vocabulary), so the node runs it off its event loop."""
         if (prompt is None) == (tokens is None):
             raise EngineError(INVALID_REQUEST, "give exactly one of prompt or tokens")
         if isinstance(prompt, bytes):
@@ -231,20 +233,29 @@ class Engine:
         if prompt is not None:
             if not prompt:
                 raise EngineError(INVALID_REQUEST, "prompt is empty")
+            # Before tokenizing: llama.cpp takes seconds per megabyte of text.
+            if len(prompt) > self.max_prompt_chars:
+                raise EngineError(
+                    PROMPT_TOO_LONG,
+                    f"prompt has {len(prompt)} characters; this node accepts at most "
+                    f"{self.max_prompt_chars} ({self.max_prompt_tokens} tokens)",
+                )
             ids = self.tokenize(prompt)
         else:
             ids = list(tokens or [])
+            if len(ids) > self.max_prompt_tokens:
+                raise EngineError(PROMPT_TOO_LONG, self._too_many_tokens(len(ids)))
             bad = next((t for t in ids if not 0 <= t < self.n_vocab), None)
             if bad is not None:
                 raise EngineError(INVALID_REQUEST, f"token id {bad} outside 0..{self.n_vocab - 1}")
         if not ids:
             raise EngineError(INVALID_REQUEST, "prompt has no tokens")
         if len(ids) > self.max_prompt_tokens:
-            raise EngineError(
-                PROMPT_TOO_LONG,
-                f"prompt has {len(ids)} tokens; this node accepts at most {self.max_prompt_tokens}",
-            )
+            raise EngineError(PROMPT_TOO_LONG, self._too_many_tokens(len(ids)))
         return ids
+
+    def _too_many_tokens(self, n: int) -> str:
+        return f"prompt has {n} tokens; this node accepts at most {self.max_prompt_tokens}"
 
     # ---- cache view (thread-safe) -----------------------------------------
 

@@ -32,6 +32,12 @@ from zmesh.config import config_from_dict, dump_toml
 from zmesh.faults import parse_faults
 
 NODE_NAMES = "abcdefghijklmnopqrstuvwxyz"
+# What `zmesh lab` says when it runs without --keys (docs/security.md, "Turning keys on").
+KEYLESS_NOTE = (
+    "running WITHOUT keys: anyone who can reach these ports (on this host: every local "
+    "user and process) is trusted; they can join the mesh, read its gossip, claim load "
+    "figures and send requests. Use --keys on a shared host."
+)
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:

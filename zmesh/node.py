@@ -61,6 +61,12 @@ DEFAULT_DECODE_S_PER_TOKEN = 0.015
 # A forwarder waits this long past a request's deadline for the peer's own
 # deadline_exceeded (which says where the time went) before answering it itself.
 DEADLINE_GRACE_S = 0.25
+# A forward whose peer sent Progress waits this many of its keep-alive periods for the
+# next frame before serving locally.
+PROGRESS_MISSES = 3
+# Until a node has measured its own rates it borrows its peers' median (of two peers at
+# least), kept within this factor of the start values: one peer's claim must not set it.
+BORROW_FACTOR = 10.0
 _FALLBACK = object()  # sentinel pushed into a forward's queue when its peer fails
 
 
@@ -142,6 +148,11 @@ class Node:
         # comes back is heard again, and a mesh cut apart finds itself through them.
         self._seed_addrs = frozenset(a for sd in config.seeds for a in (sd.serve, sd.gossip))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        # Tokenizing is off the loop (a long prompt takes seconds) and not queued behind
+        # the engine's work: routing needs the tokens before the request is queued.
+        self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        # (caller, request id) -> where to send Progress keep-alives
+        self._progress: dict[tuple[bytes, str], list[bytes]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._request_tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
@@ -218,6 +229,7 @@ class Node:
                 ("worker", self._worker_loop()),
                 ("gossip", self._gossip_loop()),
                 ("ping", self._ping_loop()),
+                ("progress", self._progress_loop()),
                 ("delay", self._delayed.run()),
             ]
         ]
@@ -230,6 +242,13 @@ class Node:
             slots=self.engine.n_slots,
             model=str(self.engine.model_path),
         )
+        if self.keys is None:
+            # Said in every keyless node's log (compose labs included): who is trusted.
+            self.log.warning(
+                "security.off",
+                note="no [security] keys: anyone who can reach the serve and gossip ports "
+                "is trusted as a client and as a peer (docs/security.md)",
+            )
         self.ready.set()
         try:
             await self._stopping.wait()
@@ -242,6 +261,7 @@ class Node:
                 self._zap.close()
             self.ctx.destroy(linger=0)
             self._executor.shutdown(wait=True, cancel_futures=True)
+            self._tokenizer.shutdown(wait=True, cancel_futures=True)
             self.log.info("node.stopped")
 
     def stop(self) -> None:
@@ -694,6 +714,9 @@ class Node:
         if not self._admit(client, envelope, msg):
             return
         self._ids_inflight.add(key)
+        if msg.progress:
+            self._progress[key] = envelope
+            self._send_progress(rid, envelope)  # at once: the forwarder's first reply
         queued = False
         try:
             queued = await self._accept(envelope, msg, received, client)
@@ -702,6 +725,7 @@ class Node:
                 self._ids_inflight.discard(key)
             if not queued:  # answered, or failed, before reaching the worker
                 self._release(client)
+                self._progress.pop(key, None)
 
     async def _accept(
         self, envelope: list[bytes], msg: P.Generate, received: float, client: bytes | None
@@ -717,7 +741,9 @@ class Node:
             self._deadline_error(envelope, rid, "deadline passed before the request arrived")
             return False
         try:
-            tokens = self.engine.prompt_tokens(msg.prompt, msg.tokens)
+            tokens = await self.loop.run_in_executor(
+                self._tokenizer, self.engine.prompt_tokens, msg.prompt, msg.tokens
+            )
         except EngineError as exc:
             self._count("requests_failed")
             self.log.warning("request.failed", request_id=rid, code=exc.code, error=exc.message)
@@ -761,12 +787,10 @@ class Node:
         bs = hasher.block_size
         local_match = self.engine.local_match(tokens, ns)
         st = self.engine.stats
-        prefill = (
-            st.prefill_s_per_token
-            or self._peer_median("prefill_s_per_token")
-            or (DEFAULT_PREFILL_S_PER_TOKEN)
+        prefill = st.prefill_s_per_token or self._peer_median(
+            "prefill_s_per_token", DEFAULT_PREFILL_S_PER_TOKEN
         )
-        service = st.service_s or self._peer_median("service_s") or DEFAULT_SERVICE_S
+        service = st.service_s or self._peer_median("service_s", DEFAULT_SERVICE_S)
         cands = [
             Candidate(
                 node_id=self.node_id,
@@ -828,7 +852,7 @@ class Node:
         # forward of the same id is in flight, so this one gets a fresh id on the wire.
         wid = rid if rid not in self._forwards else os.urandom(8).hex()
         fwd_msg = msgspec.structs.replace(
-            msg, request_id=wid, hops=msg.hops + 1, origin=self.node_id
+            msg, request_id=wid, hops=msg.hops + 1, origin=self.node_id, progress=True
         )
         if dealer is None or peer is None or not self._send(dealer, [], fwd_msg):
             self.log.warning(
@@ -849,14 +873,22 @@ class Node:
             "request.forwarded", request_id=rid, target=peer.node_id, reason=decision.reason
         )
         relayed = False
+        timeout = gap = self.config.routing.forward_timeout_s
         try:
             while True:
                 try:
-                    reply = await asyncio.wait_for(fwd.replies.get(), self._forward_wait_s(msg))
+                    reply = await asyncio.wait_for(
+                        fwd.replies.get(), self._forward_wait_s(msg, gap)
+                    )
                 except TimeoutError:
-                    reply, why = _FALLBACK, "timeout"
+                    reply, why = _FALLBACK, f"no reply for {gap:g}s"
                 else:
                     why = "peer failed"
+                if isinstance(reply, P.Progress):
+                    # The peer holds the request (queued or running): a long answer is
+                    # no failure, so wait while its keep-alives come and it stays alive.
+                    gap = max(timeout, PROGRESS_MISSES * reply.interval_s)
+                    continue
                 if _expired(msg) and (reply is _FALLBACK or isinstance(reply, P.Error)):
                     # Too late to start over here: answer once, with the peer's own
                     # deadline error when it sent one, and stop the peer's work.
@@ -882,8 +914,9 @@ class Node:
                     relayed = True
                     self._send(self.serve, envelope, reply)
                 elif isinstance(reply, P.Done):
+                    self._check_served_by(reply, peer.node_id)
                     reply.route_reason = decision.reason
-                    reply.route_path = [self.node_id, *reply.route_path[-1:]]
+                    reply.route_path = [self.node_id, reply.served_by]
                     self._send(self.serve, envelope, reply)
                     self._count("requests_forwarded_ok")
                     self.metrics.answered(reply, local=False)
@@ -892,10 +925,31 @@ class Node:
             self._forwards.pop(wid, None)
             peer.inflight = max(0, peer.inflight - 1)
 
-    def _forward_wait_s(self, msg: P.Generate) -> float:
-        """How long to wait for a peer's next reply: forward_timeout_s, cut short by the
-        request's deadline (plus a grace for the peer's own deadline error)."""
-        wait = self.config.routing.forward_timeout_s
+    def _check_served_by(self, done: P.Done, target: str) -> None:
+        """A forwarded answer was served by the peer it went to, or by a node we know
+        that the peer says it relayed it to (max_hops > 1). Any other claim is logged
+        and replaced by the peer's id: the peer answers for what it sent."""
+        claimed = done.served_by
+        relayed = (
+            done.route_path == [target, claimed]
+            and claimed != self.node_id
+            and self.peers.get(claimed) is not None
+        )
+        if claimed == target or relayed:
+            return
+        self._count("forwards_served_by_mismatch")
+        self.log.warning(
+            "request.served_by_mismatch",
+            request_id=done.request_id,
+            target=target,
+            claimed=claimed,
+            route_path=done.route_path,
+        )
+        done.served_by = target
+
+    def _forward_wait_s(self, msg: P.Generate, wait: float) -> float:
+        """How long to wait for a peer's next reply: ``wait``, cut short by the request's
+        deadline (plus a grace for the peer's own deadline error)."""
         if msg.deadline is not None:
             wait = min(wait, max(msg.deadline - time.time(), 0.0) + DEADLINE_GRACE_S)
         return wait
@@ -913,11 +967,15 @@ class Node:
     def queue_depth(self) -> int:
         return self._queue.qsize() + (1 if self._running else 0)
 
-    def _peer_median(self, field: str) -> float:
-        """Median of a rate the live peers measured (0 if none): until this node has
-        measured its own, peers on like hardware are a better guess than a constant."""
+    def _peer_median(self, field: str, default: float) -> float:
+        """A rate this node has not measured yet: peers on like hardware are a better
+        guess than a constant, but only the median of two or more of them, kept within
+        BORROW_FACTOR of ``default``; with fewer, ``default``."""
         values = sorted(v for p in self.peers.alive() if (v := getattr(p, field)) > 0)
-        return values[len(values) // 2] if values else 0.0
+        if len(values) < 2:
+            return default
+        median = values[len(values) // 2]
+        return min(max(median, default / BORROW_FACTOR), default * BORROW_FACTOR)
 
     def _predict_s(self, new_tokens: int, max_tokens: int) -> float:
         return self.engine.stats.predict_s(
@@ -978,6 +1036,7 @@ class Node:
                 self._load_changed = True
                 self._jobs.pop(self._job_key(job), None)
                 self._ids_inflight.discard(self._job_key(job))
+                self._progress.pop(self._job_key(job), None)
                 self._release(job.client)
 
     async def _serve_job(self, job: _Job) -> None:
@@ -1064,6 +1123,34 @@ class Node:
             on_text=on_text,
             should_stop=should_stop,
         )
+
+    def _send_progress(self, rid: str, envelope: list[bytes]) -> None:
+        state = "accepted"  # being tokenized and routed
+        if self._running is not None and self._running.msg.request_id == rid:
+            state = "running"
+        elif rid in self._jobs:
+            state = "queued"
+        elif rid in self._forwards:
+            state = "forwarded"
+        self._send(
+            self.serve,
+            envelope,
+            P.Progress(
+                request_id=rid,
+                node_id=self.node_id,
+                state=state,
+                queue_depth=self.queue_depth(),
+                interval_s=self.config.routing.progress_interval_s,
+            ),
+        )
+
+    async def _progress_loop(self) -> None:
+        """Keep-alives for the requests whose sender asked for them (forwarders): a
+        request queued or running here for long is alive, not lost."""
+        while True:
+            await asyncio.sleep(self.config.routing.progress_interval_s)
+            for (_, rid), envelope in list(self._progress.items()):
+                self._send_progress(rid, envelope)
 
     def _send_chunk(self, job: _Job, text: str) -> None:
         self._send(
@@ -1290,7 +1377,7 @@ class Node:
                 self.log.exception("dealer.handler_failed", error=repr(exc))
 
     def _on_peer_reply(self, msg: P.Message) -> None:
-        if isinstance(msg, P.Chunk | P.Done | P.Error):
+        if isinstance(msg, P.Chunk | P.Done | P.Error | P.Progress):
             fwd = self._forwards.get(msg.request_id or "")
             if fwd is not None:
                 msg.request_id = fwd.request_id  # relayed under the caller's own id

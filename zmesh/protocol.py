@@ -27,6 +27,7 @@ __all__ = [
     "MALFORMED",
     "MAX_FRAME_BYTES",
     "MAX_ID_CHARS",
+    "MAX_PROGRESS_INTERVAL_S",
     "OVERLOADED",
     "PROMPT_TOO_LONG",
     "PROTOCOL_VERSION",
@@ -50,6 +51,7 @@ __all__ = [
     "PeerStatus",
     "Ping",
     "Pong",
+    "Progress",
     "ProtocolError",
     "SamplingParams",
     "Snapshot",
@@ -71,6 +73,9 @@ SNAPSHOT_PART_BLOCKS: Final = 4096
 KV_PART_BYTES: Final = 1024 * 1024
 # Longest request id / tenant name accepted by validate_generate.
 MAX_ID_CHARS: Final = 128
+# Longest keep-alive period a node may announce in Progress: a forwarder waits a few
+# of them for the next frame, so a peer cannot make it wait minutes for nothing.
+MAX_PROGRESS_INTERVAL_S: Final = 10.0
 
 # Error codes (Error.code, ProtocolError.code).
 MALFORMED: Final = "malformed"
@@ -197,6 +202,9 @@ class Generate(_Msg, tag="gen", kw_only=True):
     deadline: float | None = None  # unix time (s) after which the answer is useless
     origin: str | None = None  # node id that forwarded it, None from a client
     stream: bool = True  # send Chunks before Done
+    # Send Progress frames while the request is accepted, queued or running (forwarders
+    # ask for them, so a long answer is not mistaken for a dead peer).
+    progress: bool = False
 
 
 class Chunk(_Msg, tag="chunk", kw_only=True):
@@ -236,6 +244,18 @@ class Error(_Msg, tag="err", kw_only=True):
 
 class Cancel(_Msg, tag="cancel", kw_only=True):
     request_id: str
+
+
+class Progress(_Msg, tag="progress", kw_only=True):
+    """Keep-alive for a Generate sent with ``progress``: the node still holds the request
+    (``state``: accepted | queued | running | forwarded) and sends the next one within
+    ``interval_s`` unless the final reply comes first."""
+
+    request_id: str
+    node_id: str
+    state: str
+    queue_depth: Count = 0  # the node's queue, this request included while it waits
+    interval_s: Annotated[float, msgspec.Meta(gt=0.0, le=MAX_PROGRESS_INTERVAL_S)]
 
 
 class Heartbeat(_Msg, tag="hb", kw_only=True):
@@ -357,6 +377,7 @@ Message: TypeAlias = (
     | Done
     | Error
     | Cancel
+    | Progress
     | Heartbeat
     | CacheDelta
     | SnapshotRequest
