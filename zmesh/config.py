@@ -218,6 +218,16 @@ class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # holds (queued or running); at most protocol.MAX_PROGRESS_INTERVAL_S.
     progress_interval_s: float = 1.0
     hash_prefix_tokens: int = 64  # consistent_hash: tokens of the prompt head hashed
+    # KV shipping (zmesh policy; routing/shipping.py): pull a peer's cached prefix and
+    # serve here when that is predicted sooner than prefilling here or forwarding.
+    ship: bool = False
+    ship_min_tokens: int = 64  # smaller gains are not worth a transfer
+    ship_timeout_s: float = 5.0  # a fetch not complete by then is prefilled locally
+    ship_max_mb: float = 64.0  # largest KV state this node fetches or serves
+    # Start values until the first measurement replaces them (kvtransfer.ShipCosts).
+    ship_bandwidth_mbps: float = 1000.0  # a link never measured, megabits per second
+    ship_bytes_per_token: float = 20_000.0  # gemma-3-270m: 18.5 KB per token measured
+    ship_import_s_per_mb: float = 0.002  # loading state into llama.cpp (1.7 ms/MB measured)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -242,6 +252,16 @@ class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             )
         if self.hash_prefix_tokens < 1:
             _fail("hash_prefix_tokens", f"must be >= 1, got {self.hash_prefix_tokens}")
+        if self.ship_min_tokens < 1:
+            _fail("ship_min_tokens", f"must be >= 1, got {self.ship_min_tokens}")
+        _check_positive(
+            self,
+            "ship_timeout_s",
+            "ship_max_mb",
+            "ship_bandwidth_mbps",
+            "ship_bytes_per_token",
+            "ship_import_s_per_mb",
+        )
 
 
 class FaultsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -22,6 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,12 @@ class Engine:
         self._trees: dict[str, RadixTree] = {}
         self._slots = [_Slot(seq=i) for i in range(cfg.n_slots)]
         self._scratch_seq = cfg.n_slots
+        # Work other threads hand to the engine thread between two decode steps of the
+        # running request (KV exports): the request pauses for it instead of the work
+        # waiting for the whole request.
+        self._between_lock = threading.Lock()
+        self._between: list[tuple[Callable[[], Any], Future[Any]]] = []
+        self._generating = False
         self._load(cfg)
 
     # ---- setup ---------------------------------------------------------------
@@ -359,6 +366,8 @@ class Engine:
         slot, reuse, evicted = self._claim_slot(ids, namespace)
         t_prefill = time.perf_counter()
         sampler = self._make_sampler(params)
+        with self._between_lock:
+            self._generating = True
         try:
             self._extend(slot, ids[reuse:], logits_last=True)
             return self._decode_loop(
@@ -379,6 +388,9 @@ class Engine:
             with self._lock:
                 self._tree(namespace).set_sequence(slot.seq, slot.tokens)
             slot.last_used = time.monotonic()
+            with self._between_lock:
+                self._generating = False
+            self._run_between()  # what arrived after the last step
 
     def next_token_logits(
         self,
@@ -441,6 +453,8 @@ class Engine:
                 finish = "length" if generated >= max_new else "cancelled"
                 break
             self._extend(slot, [token], logits_last=True)
+            if self._between:
+                self._run_between()
         if finish not in ("stop",):
             text += decoder.decode(b"", final=True)
         if on_text and len(text) > emitted:
@@ -553,6 +567,8 @@ class Engine:
                 ll.llama_memory_seq_rm(self._mem, slot.seq, pos0, -1)
                 raise EngineError("internal", f"llama_decode failed with status {rc}")
             slot.tokens.extend(chunk)
+            if self._between and not last:
+                self._run_between()  # a long prefill pauses between its chunks too
 
     def _make_sampler(self, p: SamplingParams) -> _Sampler:
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
@@ -568,7 +584,31 @@ class Engine:
         ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
 
-    # ---- KV shipping (call on the engine's thread, between requests) -------------
+    # ---- work between steps ---------------------------------------------------
+
+    def call_between_steps(self, fn: Callable[[], Any]) -> Future[Any] | None:
+        """Run ``fn`` on the engine thread at the next step boundary of the request it
+        is serving now; None when it serves none (then run ``fn`` on the engine thread
+        yourself, e.g. through the executor that runs `generate`)."""
+        with self._between_lock:
+            if not self._generating:
+                return None
+            fut: Future[Any] = Future()
+            self._between.append((fn, fut))
+            return fut
+
+    def _run_between(self) -> None:
+        with self._between_lock:
+            work, self._between = self._between, []
+        for fn, fut in work:
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # handed to the waiting thread
+                fut.set_exception(exc)
+
+    # ---- KV shipping (call on the engine's thread: between steps or requests) ----
 
     def export_prefix(self, tokens: Sequence[int], namespace: str) -> KvState | None:
         """The KV state of the longest prefix of ``tokens`` that a slot of ``namespace``

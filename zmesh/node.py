@@ -29,6 +29,8 @@ from zmesh.config import NodeConfig, check_address
 from zmesh.engine import Engine, EngineError, GenerationResult
 from zmesh.faults import DelayLine, FaultControl, FaultError
 from zmesh.gossip import LocalAdvert
+from zmesh.kvpeer import KvFetchFailed, KvPeer
+from zmesh.kvstate import KvState
 from zmesh.log import get_logger
 from zmesh.metrics import NodeMetrics
 from zmesh.peers import NEED_SNAPSHOT, PeerEstimate, PeerState, PeerTable
@@ -85,6 +87,11 @@ class _Job:
     chunks: int = 0
     cancelled: bool = False
     client: bytes | None = None  # counted against max_inflight_per_client (None: a peer)
+    # KV shipping: the pull under way for this job, its result, and what it brought.
+    kv_pull: asyncio.Task[KvState] | None = None
+    pulled_from: str | None = None
+    kv_state: KvState | None = None
+    shipped_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -122,6 +129,8 @@ class Node:
             place_slack_frac=r.place_slack_frac,
             balance_abs=r.balance_abs,
             balance_rel=r.balance_rel,
+            ship=r.ship,
+            ship_min_tokens=r.ship_min_tokens,
         )
         self.policy_state = PolicyState.seeded(int.from_bytes(self.node_id.encode()[:8], "little"))
         self.serve_addr = config.advertise_serve or config.serve_addr
@@ -151,6 +160,16 @@ class Node:
         # Tokenizing is off the loop (a long prompt takes seconds) and not queued behind
         # the engine's work: routing needs the tokens before the request is queued.
         self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self.kv = KvPeer(
+            self.engine,
+            config.routing,
+            self._namespace,
+            self._on_engine,
+            self._send,
+            lambda: self.serve,
+            self._count,
+            self.log,
+        )
         # (caller, request id) -> where to send Progress keep-alives
         self._progress: dict[tuple[bytes, str], list[bytes]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
@@ -533,6 +552,10 @@ class Node:
             self._send(self.serve, envelope, self._status(msg.request_id))
         elif isinstance(msg, P.SnapshotRequest):
             self._send_snapshot(envelope, msg)
+        elif isinstance(msg, P.KvFetch):
+            task = asyncio.create_task(self.kv.serve_fetch(envelope, msg))
+            self._request_tasks.add(task)
+            task.add_done_callback(self._request_tasks.discard)
         elif isinstance(msg, P.Ping):
             self._send(
                 self.serve,
@@ -596,6 +619,8 @@ class Node:
             return f"key {caller.name!r} may not use tenant {msg.tenant!r}"
         if isinstance(msg, P.SnapshotRequest):
             return "only mesh nodes may pull cache snapshots"
+        if isinstance(msg, P.KvFetch):
+            return "only mesh nodes may fetch KV state"
         if isinstance(msg, P.Ping) and getattr(msg, "sender", None) is not None:
             return "only mesh nodes may announce themselves"
         return None
@@ -762,6 +787,9 @@ class Node:
         else:
             reason = decision.reason
         new_tokens = len(tokens) - self.engine.local_match(tokens, self._namespace(msg.tenant))
+        kv_pull = self._start_pull(msg, decision, tokens)
+        if kv_pull is not None:
+            new_tokens = len(tokens) - decision.pull_tokens
         job = _Job(
             msg=msg,
             reply_to=envelope,
@@ -772,8 +800,43 @@ class Node:
             attempt=attempt,
             predicted_s=self._predict_s(max(new_tokens, 1), msg.params.max_tokens),
             client=client,
+            kv_pull=kv_pull,
+            pulled_from=decision.pull_from if kv_pull is not None else None,
         )
-        return self._enqueue(job)
+        if not self._enqueue(job) and kv_pull is not None:
+            kv_pull.cancel()
+            return False
+        return True
+
+    def _start_pull(
+        self, msg: P.Generate, decision: Decision, tokens: list[int]
+    ) -> asyncio.Task[KvState] | None:
+        """Start pulling the prefix a "shipped" decision names, while the job queues."""
+        if decision.pull_from is None:
+            return None
+        peer = self.peers.get(decision.pull_from)
+        dealer = self._dealer_for(peer) if peer else None
+        if peer is None or dealer is None:
+            return None
+        return asyncio.create_task(
+            self.kv.fetch(
+                dealer,
+                peer.node_id,
+                peer.link_delay_s or DEFAULT_LINK_DELAY_S,
+                msg.tenant,
+                tokens[: decision.pull_tokens],
+                msg.deadline,
+                msg.request_id,
+            )
+        )
+
+    async def _on_engine(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the engine thread: between two steps of the running request,
+        or in the engine's executor when it runs none."""
+        fut = self.engine.call_between_steps(fn)
+        if fut is None:
+            return await self.loop.run_in_executor(self._executor, fn)
+        return await asyncio.wrap_future(fut)
 
     def _namespace(self, tenant: str) -> str:
         """The cache namespace of a tenant: its own, or the one the tenant_shared share."""
@@ -803,17 +866,22 @@ class Node:
                 wait_s=self.backlog_s(),
             )
         ]
+        ship = self.routing.ship
         for peer in self.peers.alive():
+            link = peer.link_delay_s or DEFAULT_LINK_DELAY_S
             cands.append(
                 Candidate(
                     node_id=peer.node_id,
                     is_local=False,
                     matched_tokens=peer.match_blocks(ids) * bs,
                     queue_depth=peer.queue_depth + peer.inflight,
-                    link_delay_s=peer.link_delay_s or DEFAULT_LINK_DELAY_S,
+                    link_delay_s=link,
                     prefill_s_per_token=peer.prefill_s_per_token or prefill,
                     service_s=peer.service_s or service,
                     wait_s=peer.backlog_s + self._unreported_forwards_s(peer),
+                    ship_s_per_token=self.kv.costs.ship_s_per_token(peer.node_id) if ship else None,
+                    # The round trip, and the holder's pause until its next decode step.
+                    ship_fixed_s=2 * link + DEFAULT_DECODE_S_PER_TOKEN,
                 )
             )
         head = (
@@ -963,6 +1031,7 @@ class Node:
         for fwd in self._forwards.values():
             if fwd.target == node_id:
                 fwd.replies.put_nowait(_FALLBACK)
+        self.kv.fail_pulls(node_id)
 
     def queue_depth(self) -> int:
         return self._queue.qsize() + (1 if self._running else 0)
@@ -1047,7 +1116,11 @@ class Node:
             )
             return
         if job.cancelled:
+            if job.kv_pull is not None:
+                job.kv_pull.cancel()
             return
+        if job.kv_pull is not None:
+            await self._finish_pull(job)
         started = time.time()
         try:
             result = await self.loop.run_in_executor(self._executor, self._generate_blocking, job)
@@ -1084,6 +1157,8 @@ class Node:
             prefill_s=round(result.prefill_s, 6),
             decode_tps=round(result.decode_tps, 2),
             queue_s=round(started - job.received_at, 6),
+            shipped_tokens=job.shipped_tokens,
+            pulled_from=job.pulled_from if job.shipped_tokens else None,
         )
         self._send(self.serve, job.reply_to, done)
         self._count("requests_served")
@@ -1104,10 +1179,31 @@ class Node:
             finish=result.finish_reason,
         )
 
+    async def _finish_pull(self, job: _Job) -> None:
+        """Wait for the job's pull (it has its own deadline); on failure the request is
+        prefilled here like any other, reason "fallback"."""
+        assert job.kv_pull is not None
+        try:
+            job.kv_state = await job.kv_pull
+        except (KvFetchFailed, asyncio.CancelledError) as exc:
+            self._count("kv_fetch_failed")
+            self.log.warning(
+                "request.fallback",
+                request_id=job.msg.request_id,
+                target=job.pulled_from,
+                why=f"KV pull failed: {exc}",
+            )
+            job.route_reason = "fallback"
+
     def _generate_blocking(self, job: _Job) -> GenerationResult:
         """Runs in the engine thread; chunks hop back to the loop thread to be sent."""
         msg = job.msg
         deadline = msg.deadline
+        if job.kv_state is not None:
+            job.shipped_tokens = self.kv.import_state(job.kv_state, msg.tenant, msg.request_id)
+            job.kv_state = None
+            if not job.shipped_tokens:
+                job.route_reason = "fallback"
 
         def on_text(text: str) -> None:
             if msg.stream:
@@ -1377,7 +1473,9 @@ class Node:
                 self.log.exception("dealer.handler_failed", error=repr(exc))
 
     def _on_peer_reply(self, msg: P.Message) -> None:
-        if isinstance(msg, P.Chunk | P.Done | P.Error | P.Progress):
+        if isinstance(msg, P.KvPart) or (isinstance(msg, P.Error) and msg.code == P.KV_UNAVAILABLE):
+            self.kv.on_reply(msg)
+        elif isinstance(msg, P.Chunk | P.Done | P.Error | P.Progress):
             fwd = self._forwards.get(msg.request_id or "")
             if fwd is not None:
                 msg.request_id = fwd.request_id  # relayed under the caller's own id

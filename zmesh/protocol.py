@@ -233,6 +233,9 @@ class Done(_Msg, tag="done", kw_only=True):
     prefill_s: float
     decode_tps: float
     queue_s: float = 0.0
+    # Of cached_tokens, how many came over the wire from pulled_from (KV shipping).
+    shipped_tokens: int = 0
+    pulled_from: str | None = None
 
 
 class Error(_Msg, tag="err", kw_only=True):

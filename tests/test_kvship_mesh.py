@@ -1,0 +1,214 @@
+"""KV shipping between two real nodes (in-process, real sockets, real model): a request
+whose prefix sits on a busy peer pulls it, answers as a cold run would, and says so;
+a holder that never answers costs a local prefill, never the answer; a fetch for
+another tenant's prefix learns nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import zmq
+import zmq.asyncio
+from meshkit import RunningNode
+from test_engine import FEW_SHOT, GREEDY
+
+from zmesh import protocol as P
+from zmesh.client import AsyncClient
+from zmesh.config import EngineConfig, config_from_dict
+from zmesh.engine import Engine
+from zmesh.kvpeer import NO_STATE
+from zmesh.kvtransfer import Assembly
+from zmesh.lab import free_ports
+
+pytestmark = pytest.mark.slow
+
+ENGINE = EngineConfig(n_slots=3, slot_ctx=1024, n_threads=1)
+QUESTION = (
+    "Question 14: Which body is closest to the Earth? A. Sirius B. The Moon "
+    "C. Proxima Centauri D. Vega\nAnswer:"
+)
+BUSY = "Count from one to five hundred in words: one, two, three,"
+
+
+@dataclass
+class Pair:
+    a: RunningNode
+    b: RunningNode
+    a_serve: str
+    b_serve: str
+
+
+def _config(name: str, ports: list[int], peer_ports: list[int], **routing: object):
+    return config_from_dict(
+        {
+            "node_id": name,
+            "serve_addr": f"tcp://127.0.0.1:{ports[0]}",
+            "gossip_addr": f"tcp://127.0.0.1:{ports[1]}",
+            "seeds": [
+                {
+                    "serve": f"tcp://127.0.0.1:{peer_ports[0]}",
+                    "gossip": f"tcp://127.0.0.1:{peer_ports[1]}",
+                }
+            ],
+            # Prefixes stay where they are sent (no placement hash), and a peer that
+            # stops answering stays "alive" long enough for the fetch's own timeout.
+            "routing": {"ship": True, "place_slack_frac": 0.0, **routing},
+            "gossip": {"suspect_after_s": 30.0, "dead_after_s": 60.0},
+        }
+    )
+
+
+@pytest.fixture
+def pair(engine: Engine) -> Iterator[Pair]:
+    pa, pb = free_ports(2), free_ports(2)
+    ea, eb = Engine(ENGINE), Engine(ENGINE)
+    a = RunningNode(_config("node-a", pa, pb, ship_timeout_s=2.0), ea)
+    b: RunningNode | None = None
+    try:
+        b = RunningNode(_config("node-b", pb, pa), eb)
+        yield Pair(a, b, f"tcp://127.0.0.1:{pa[0]}", f"tcp://127.0.0.1:{pb[0]}")
+    finally:
+        if b is not None and b.thread.is_alive():
+            b.stop()
+        a.stop()
+        ea.close()
+        eb.close()
+
+
+async def _until(check, what: str, budget_s: float = 120.0) -> None:
+    give_up = time.monotonic() + budget_s
+    while not check():
+        assert time.monotonic() < give_up, what
+        await asyncio.sleep(0.05)
+
+
+async def _prime_b_and_make_it_busy(p: Pair, c: AsyncClient) -> asyncio.Task[P.Done]:
+    # A long first answer: node-b learns that its answers run long, so the next long
+    # request shows in the backlog it advertises (predicted from answer lengths).
+    primed = await c.generate(
+        FEW_SHOT + "Question: prime\nAnswer:", max_tokens=60, endpoint=p.b_serve, timeout=600
+    )
+    assert primed.served_by == "node-b" and primed.completion_tokens > 20, primed
+    view = p.a.node.peers
+    await _until(
+        lambda: (b := view.get("node-b")) is not None and b.synced and b.n_blocks >= 20,
+        "node-a never learned node-b's prefix",
+    )
+    busy = asyncio.create_task(c.generate(BUSY, max_tokens=400, endpoint=p.b_serve, timeout=600))
+    await _until(
+        lambda: (b := view.get("node-b")) is not None and b.backlog_s > 0.5,
+        "node-b never looked busy to node-a",
+    )
+    return busy
+
+
+def test_a_busy_holders_prefix_is_pulled_and_answers_like_a_cold_run(
+    pair: Pair, engine: Engine
+) -> None:
+    async def main() -> tuple[P.Done, P.Done]:
+        async with AsyncClient([pair.a_serve, pair.b_serve], timeout=600) as c:
+            busy = await _prime_b_and_make_it_busy(pair, c)
+            asked = await c.generate(
+                FEW_SHOT + QUESTION,
+                max_tokens=GREEDY.max_tokens,
+                temperature=0.0,
+                endpoint=pair.a_serve,
+            )
+            return asked, await busy
+
+    asked, busy = asyncio.run(main())
+    assert busy.served_by == "node-b" and busy.completion_tokens > 1
+    assert (asked.served_by, asked.route_reason, asked.hops) == ("node-a", "shipped", 0), asked
+    assert asked.pulled_from == "node-b"
+    assert asked.shipped_tokens > 300 and asked.cached_tokens >= asked.shipped_tokens
+    cold = engine.generate(FEW_SHOT + QUESTION, params=GREEDY, namespace="cold-reference")
+    assert cold.cached_tokens == 0
+    assert asked.text == cold.text
+    counters_a, counters_b = pair.a.node.counters, pair.b.node.counters
+    assert counters_a.get("kv_fetched") == 1 and counters_b.get("kv_served") == 1
+    assert pair.a.node.kv.costs.measured_bytes_per_token > 0  # measured, not the start value
+    assert pair.a.node.engine.check_consistency() == []
+    assert pair.b.node.engine.check_consistency() == []
+
+
+def test_a_holder_that_stops_answering_costs_a_local_prefill_not_the_answer(
+    pair: Pair, engine: Engine
+) -> None:
+    async def main() -> P.Done:
+        async with AsyncClient([pair.a_serve], timeout=600) as c:
+            busy = await _prime_b_and_make_it_busy(pair, c)
+            pair.b.stop()  # gone mid-request; node-a still counts it alive (suspect at 30 s)
+            busy.cancel()
+            return await c.generate(
+                FEW_SHOT + QUESTION,
+                max_tokens=GREEDY.max_tokens,
+                temperature=0.0,
+                endpoint=pair.a_serve,
+            )
+
+    asked = asyncio.run(main())
+    assert (asked.served_by, asked.route_reason) == ("node-a", "fallback"), asked
+    assert asked.shipped_tokens == 0 and asked.cached_tokens < 100
+    cold = engine.generate(FEW_SHOT + QUESTION, params=GREEDY, namespace="cold-reference-2")
+    assert asked.text == cold.text
+    assert pair.a.node.counters.get("kv_fetch_failed") == 1
+    assert pair.a.node.engine.check_consistency() == []
+
+
+def test_a_fetch_for_another_tenants_prefix_learns_nothing(pair: Pair) -> None:
+    async def main() -> dict[str, list[P.Message]]:
+        async with AsyncClient([pair.b_serve], timeout=600) as c:
+            await c.generate(FEW_SHOT + "Question: prime\nAnswer:", max_tokens=1)
+        tokens = pair.b.node.engine.tokenize(FEW_SHOT + QUESTION)
+        other = pair.b.node.engine.tokenize("Zebras are striped because")
+        asks = {
+            "own": P.KvFetch(request_id="own", tenant="default", tokens=tokens, max_bytes=1 << 26),
+            "tenant": P.KvFetch(
+                request_id="tenant", tenant="acme", tokens=tokens, max_bytes=1 << 26
+            ),
+            "unknown": P.KvFetch(
+                request_id="unknown",
+                tenant="default",
+                tokens=[*other[:1], 7, 7, 7],
+                max_bytes=1 << 26,
+            ),
+            "cap": P.KvFetch(request_id="cap", tenant="default", tokens=tokens, max_bytes=1000),
+        }
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(pair.b_serve)
+        got: dict[str, list[P.Message]] = {k: [] for k in asks}
+        try:
+            for ask in asks.values():
+                await sock.send(P.encode(ask))
+            give_up = time.monotonic() + 120
+            while sum(1 for k, v in got.items() if _final(v)) < len(asks):
+                assert time.monotonic() < give_up, got
+                msg = P.decode(await asyncio.wait_for(sock.recv(), 120))
+                got[msg.request_id].append(msg)  # type: ignore[union-attr]
+        finally:
+            ctx.destroy(linger=0)
+        return got
+
+    got = asyncio.run(main())
+    refusals = [got[k] for k in ("tenant", "unknown", "cap")]
+    for r in refusals:
+        assert len(r) == 1 and isinstance(r[0], P.Error), r
+        assert (r[0].code, r[0].message) == (P.KV_UNAVAILABLE, NO_STATE)
+    asm, state = Assembly(max_bytes=1 << 26), None
+    for part in got["own"]:
+        assert isinstance(part, P.KvPart)
+        state = asm.add(part)
+    assert state is not None and state.n_tokens > 300 and state.header.namespace == "default"
+
+
+def _final(msgs: list[P.Message]) -> bool:
+    if not msgs:
+        return False
+    last = msgs[-1]
+    return isinstance(last, P.Error) or (isinstance(last, P.KvPart) and last.part == last.parts - 1)

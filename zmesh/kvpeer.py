@@ -1,0 +1,212 @@
+"""A node's side of KV shipping: answering peers' fetches, and pulling a prefix.
+
+Holder: a `KvFetch` from a mesh node is answered with the state of the longest prefix
+of its tokens that a slot of the tenant's namespace holds, exported on the engine
+thread between two decode steps of whatever request runs there (the running request
+pauses for about the export's 10-20 ms; it never waits for a whole request), and sent
+as `KvPart`s. Anything it will not ship (no such prefix, another tenant's, over the
+asker's cap) gets the same `kv_unavailable` error, so a fetch learns nothing.
+
+Requester: `fetch` asks the holder over its DEALER and assembles the parts under the
+cap and a deadline; the node imports the state on its own engine thread just before it
+serves the request. Every transfer feeds `ShipCosts` (bytes per token, per-link
+bandwidth, import seconds), which routing reads through `ship_s_per_token`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import zmq.asyncio
+
+from zmesh import protocol as P
+from zmesh.config import RoutingConfig
+from zmesh.engine import Engine
+from zmesh.kvstate import KvRefused, KvState
+from zmesh.kvtransfer import Assembly, ShipCosts, split
+
+NO_STATE = "no KV state to ship for this request"
+
+
+class KvFetchFailed(Exception):
+    """A pull that brought nothing usable; the request is prefilled locally instead."""
+
+
+class KvPeer:
+    def __init__(
+        self,
+        engine: Engine,
+        config: RoutingConfig,
+        namespace_of: Callable[[str], str],
+        on_engine: Callable[[Callable[[], Any]], Awaitable[Any]],
+        send: Callable[[zmq.asyncio.Socket, list[bytes], P.Message], bool],
+        serve: Callable[[], zmq.asyncio.Socket],
+        count: Callable[..., None],
+        log: Any,
+    ) -> None:
+        self.engine = engine
+        self.config = config
+        self._namespace_of = namespace_of
+        self._on_engine = on_engine
+        self._send = send
+        self._serve = serve
+        self._count = count
+        self.log = log
+        self.max_bytes = int(config.ship_max_mb * 1024 * 1024)
+        self.costs = ShipCosts(
+            start_bytes_per_token=config.ship_bytes_per_token,
+            start_import_s_per_byte=config.ship_import_s_per_mb / (1024 * 1024),
+            start_bandwidth_bps=config.ship_bandwidth_mbps * 1e6 / 8,
+        )
+        self._pulls: dict[str, tuple[str, asyncio.Queue[Any]]] = {}  # fetch id -> peer
+
+    # ---- holder ------------------------------------------------------------
+
+    async def serve_fetch(self, envelope: list[bytes], msg: P.KvFetch) -> None:
+        """Answer one fetch: the state in parts, or one `kv_unavailable` error."""
+        if not 1 <= len(msg.tenant) <= P.MAX_ID_CHARS or not msg.tokens:
+            self._refuse(envelope, msg, "bad fetch")
+            return
+        if msg.deadline is not None and time.time() > msg.deadline:
+            self._refuse(envelope, msg, "deadline passed")
+            return
+        ns = self._namespace_of(msg.tenant)
+        tokens = msg.tokens[: self.engine.max_prompt_tokens]
+        t0 = time.perf_counter()
+        try:
+            state: KvState | None = await self._on_engine(
+                lambda: self.engine.export_prefix(tokens, ns)
+            )
+        except Exception as exc:  # an engine failure must not take the node down
+            self.log.warning("kv.export_failed", request_id=msg.request_id, error=repr(exc))
+            state = None
+        cap = min(msg.max_bytes, self.max_bytes)
+        if state is None or len(state.payload) > cap:
+            self._refuse(envelope, msg, "nothing held" if state is None else "over the cap")
+            return
+        export_s = time.perf_counter() - t0
+        self.costs.observe_state(state.n_tokens, len(state.payload))
+        for part in split(state, msg.request_id):
+            self._send(self._serve(), envelope, part)
+        self._count("kv_served")
+        self._count("kv_served_bytes", len(state.payload))
+        self.log.info(
+            "kv.served",
+            request_id=msg.request_id,
+            tokens=state.n_tokens,
+            bytes=len(state.payload),
+            export_s=round(export_s, 6),
+        )
+
+    def _refuse(self, envelope: list[bytes], msg: P.KvFetch, why: str) -> None:
+        self._count("kv_refused")
+        self.log.info("kv.refused", request_id=msg.request_id, why=why)
+        err = P.Error(
+            request_id=msg.request_id, code=P.KV_UNAVAILABLE, message=NO_STATE, node_id=None
+        )
+        self._send(self._serve(), envelope, err)
+
+    # ---- requester ---------------------------------------------------------
+
+    def on_reply(self, msg: P.KvPart | P.Error) -> bool:
+        """A holder's reply; False if it belongs to no pull of ours."""
+        pull = self._pulls.get(msg.request_id or "")
+        if pull is None:
+            return False
+        pull[1].put_nowait(msg)
+        return True
+
+    async def fetch(
+        self,
+        dealer: zmq.asyncio.Socket,
+        peer: str,
+        link_delay_s: float,
+        tenant: str,
+        tokens: list[int],
+        deadline: float | None,
+        request_id: str,
+    ) -> KvState:
+        """Pull the holder's state for ``tokens``; raises `KvFetchFailed`."""
+        fid = os.urandom(8).hex()
+        timeout = self.config.ship_timeout_s
+        if deadline is not None:
+            timeout = min(timeout, max(deadline - time.time(), 0.0))
+        asm = Assembly(max_bytes=self.max_bytes)
+        replies: asyncio.Queue[Any] = asyncio.Queue()
+        self._pulls[fid] = (peer, replies)
+        t0 = time.monotonic()
+        give_up = t0 + timeout
+        ask = P.KvFetch(
+            request_id=fid,
+            tenant=tenant,
+            tokens=tokens,
+            max_bytes=self.max_bytes,
+            deadline=time.time() + timeout,
+        )
+        try:
+            if not self._send(dealer, [], ask):
+                raise KvFetchFailed(f"{peer} not connected")
+            while True:
+                left = give_up - time.monotonic()
+                try:
+                    reply = await asyncio.wait_for(replies.get(), max(left, 0.0))
+                except TimeoutError:
+                    raise KvFetchFailed(f"no complete state from {peer} in {timeout:g}s") from None
+                if reply is None:
+                    raise KvFetchFailed(f"{peer} failed")
+                if isinstance(reply, P.Error):
+                    raise KvFetchFailed(f"{peer}: {reply.message}")
+                try:
+                    state = asm.add(reply)
+                except KvRefused as exc:
+                    raise KvFetchFailed(f"{peer}: {exc.message}") from exc
+                if state is not None:
+                    break
+        finally:
+            self._pulls.pop(fid, None)
+        seconds = time.monotonic() - t0
+        self.costs.observe_transfer(peer, len(state.payload), seconds, link_delay_s)
+        self.costs.observe_state(state.n_tokens, len(state.payload))
+        self._count("kv_fetched")
+        self._count("kv_fetched_bytes", len(state.payload))
+        self.log.info(
+            "kv.fetched",
+            request_id=request_id,
+            peer=peer,
+            tokens=state.n_tokens,
+            bytes=len(state.payload),
+            wire_s=round(seconds, 6),
+        )
+        return state
+
+    def fail_pulls(self, peer: str) -> None:
+        """Pulls from ``peer`` end now (it turned suspect): prefill locally instead."""
+        for holder, replies in self._pulls.values():
+            if holder == peer:
+                replies.put_nowait(None)
+
+    def import_state(self, state: KvState, tenant: str, request_id: str) -> int:
+        """On the engine thread: load a pulled state; 0 tokens if it was refused."""
+        t0 = time.perf_counter()
+        try:
+            n = self.engine.import_prefix(state, self._namespace_of(tenant))
+        except KvRefused as exc:
+            self._count("kv_import_refused")
+            self.log.warning(
+                "kv.import_refused", request_id=request_id, reason=exc.reason, error=exc.message
+            )
+            return 0
+        seconds = time.perf_counter() - t0
+        self.costs.observe_import(len(state.payload), seconds)
+        self.log.info(
+            "kv.imported",
+            request_id=request_id,
+            tokens=state.n_tokens,
+            new_tokens=n,
+            import_s=round(seconds, 6),
+        )
+        return state.n_tokens
