@@ -111,6 +111,7 @@ class Node:
             place_slack_frac=r.place_slack_frac,
             balance_abs=r.balance_abs,
             balance_rel=r.balance_rel,
+            give_up_s=r.forward_timeout_s,  # a forward expected later is given up anyway
         )
         self.policy_state = PolicyState.seeded(int.from_bytes(self.node_id.encode()[:8], "little"))
         self.serve_addr = config.advertise_serve or config.serve_addr

@@ -8,7 +8,8 @@ where ``wait_s`` is the node's predicted backlog (``queue_depth * service_s`` wh
 candidate has none). A prefix every node already holds (a global system prompt) adds
 the same saving to every estimate, so it cancels out and load decides: no affinity
 hotspot. Peers whose queue passes the balance thresholds (SGLang router's rule: both
-the absolute and the relative imbalance over the least-loaded node) are excluded.
+the absolute and the relative imbalance over the least-loaded node), or whose estimate
+is past the forwarder's give-up, are excluded.
 Then placement (`placement.py`) may choose among near-equal longest holders; otherwise
 the best peer wins if it beats the local estimate by the gain threshold, else the
 request is served here.
@@ -22,6 +23,10 @@ Parameters (`RoutingSettings`):
   exceeds the least-loaded node's by more than ``balance_abs`` and is more than
   ``balance_rel`` times it.
 - ``place_slack_frac`` (0.1): see `placement.py`.
+- ``give_up_s`` (a node sets its ``forward_timeout_s``, 5 s; 0: none): a peer whose
+  estimate exceeds it is excluded too. The forwarder gives such a forward up before
+  the first token comes and serves it here anyway, later and often cold; under bursts
+  of long requests that fallback, not the wait, was what cost most.
 
 Reasons: ``local_best``, ``prefix`` (the peer holds more of the prompt), ``load`` (same
 match, shorter wait), ``placement``.
@@ -63,8 +68,9 @@ def decide_zmesh(
     overloaded: list[str] = []
     eligible: list[tuple[Candidate, float]] = [(local, est_local)]
     # scores[1:] is aligned with peers.
+    give_up = settings.give_up_s or float("inf")
     for p, (_, est) in zip(peers, scores[1:], strict=True):
-        if is_overloaded(p.queue_depth, min_queue, settings):
+        if is_overloaded(p.queue_depth, min_queue, settings) or est > give_up:
             overloaded.append(p.node_id)
             continue
         eligible.append((p, est))
