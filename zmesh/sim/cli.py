@@ -120,6 +120,7 @@ class Cell:
     sessions: int = 24  # bursty: conversations going on at once
     diagnose: bool = False
     routing: tuple[tuple[str, Any], ...] = ()  # RoutingSettings overrides
+    forward_timeout_s: float = 5.0
 
     def build(self) -> tuple[SimConfig, Workload, Arrivals]:
         cost = load_cost_model(self.cost)
@@ -164,6 +165,7 @@ class Cell:
             pending_prefixes=self.pending_prefixes,
             diagnose=self.diagnose,
             routing=dict(self.routing),
+            forward_timeout_s=self.forward_timeout_s,
         )
         return cfg, wl, arrivals
 
@@ -244,6 +246,12 @@ def _common(ap: argparse.ArgumentParser) -> None:
         "--sessions", type=int, default=0, help="bursty: conversations at once (0: 3 per node)"
     )
     ap.add_argument(
+        "--forward-timeout-s",
+        type=float,
+        default=5.0,
+        help="a forward with no reply this long is served by its entry (a node's default)",
+    )
+    ap.add_argument(
         "--set",
         dest="routing",
         action="append",
@@ -273,6 +281,7 @@ def _shape(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
         "burst": args.burst,
         "sessions": args.sessions or 3 * nodes,
         "routing": tuple(_setting(x) for x in args.routing),
+        "forward_timeout_s": args.forward_timeout_s,
     }
 
 
