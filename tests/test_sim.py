@@ -392,3 +392,20 @@ def test_give_up_keeps_bursts_from_falling_back() -> None:
     assert before["fallbacks"] > 0.1 * before["requests"]
     assert now["fallbacks"] < 0.6 * before["fallbacks"]
     assert now["ttft_mean_s"] < before["ttft_mean_s"]
+
+
+def test_sim_run_cli_bursty_diagnosis_and_settings(tmp_path) -> None:
+    cmd = [sys.executable, "-m", "zmesh", "sim", "run", "--workload", "bursty", "--nodes", "3"]
+    cmd += ["--requests", "60", "--policies", "zmesh,oracle", "--jobs", "1"]
+    cmd += ["--set", "give_up_s=2.5", "--forward-timeout-s", "3", "--out", str(tmp_path)]
+    out = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=300, check=True)
+    res = json.loads(out.stdout)
+    z = res["policies"]["zmesh"]
+    assert sum(r["requests"] for r in z["diagnosis"]["by_reason"].values()) == z["requests"]
+    assert res["policies"]["oracle"]["diagnosis"]["by_reason"]["oracle"]["requests"] == 60
+    assert "sent to a node that looked idle" in out.stderr
+    assert list(tmp_path.glob("run-bursty-n3-*-bursts.json"))
+    bad = subprocess.run(
+        [*cmd[:-2], "--set", "no_such=1"], capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode != 0 and "no_such" in bad.stderr
