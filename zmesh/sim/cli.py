@@ -121,6 +121,7 @@ class Cell:
     diagnose: bool = False
     routing: tuple[tuple[str, Any], ...] = ()  # RoutingSettings overrides
     forward_timeout_s: float = 5.0
+    entry: str = "random"
 
     def build(self) -> tuple[SimConfig, Workload, Arrivals]:
         cost = load_cost_model(self.cost)
@@ -166,6 +167,7 @@ class Cell:
             diagnose=self.diagnose,
             routing=dict(self.routing),
             forward_timeout_s=self.forward_timeout_s,
+            entry=self.entry,
         )
         return cfg, wl, arrivals
 
@@ -252,6 +254,12 @@ def _common(ap: argparse.ArgumentParser) -> None:
         help="a forward with no reply this long is served by its entry (a node's default)",
     )
     ap.add_argument(
+        "--entry",
+        choices=["random", "one"],
+        default="random",
+        help="one: every request enters at node 0 (no decisions it cannot see)",
+    )
+    ap.add_argument(
         "--set",
         dest="routing",
         action="append",
@@ -282,6 +290,7 @@ def _shape(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
         "sessions": args.sessions or 3 * nodes,
         "routing": tuple(_setting(x) for x in args.routing),
         "forward_timeout_s": args.forward_timeout_s,
+        "entry": args.entry,
     }
 
 

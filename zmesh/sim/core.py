@@ -111,6 +111,9 @@ class SimConfig:
     # Diagnosis (`sim run`): per request, which nodes' real caches matched it best when
     # it arrived, and whether the chosen node looked idle; costs a match per node.
     diagnose: bool = False
+    # "one": every request enters at node 0, which then sees all its own decisions
+    # (what the picture lacks when a burst enters at several nodes at once).
+    entry: str = "random"
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -119,6 +122,8 @@ class SimConfig:
             raise ValueError(f"unknown policy {self.policy!r}; known: {', '.join(SIM_POLICIES)}")
         if self.cache not in ("slots", "tokens"):
             raise ValueError("cache must be slots or tokens")
+        if self.entry not in ("random", "one"):
+            raise ValueError("entry must be random or one")
         if self.estimates not in ("auto", "shared", "per_node"):
             raise ValueError("estimates must be auto, shared or per_node")
         if self.delay_s < 0 or self.jitter < 0 or not 0 <= self.loss < 1:
@@ -359,6 +364,8 @@ class Simulator:
         # Client side: the entry node of each request, the same for every policy.
         entry_rng = random.Random(cfg.seed ^ 0xE47)
         self.entries = [entry_rng.randrange(cfg.nodes) for _ in workload.requests]
+        if cfg.entry == "one":
+            self.entries = [0] * len(self.entries)
         self.noise_rng = random.Random(cfg.seed ^ 0x7015E)
         n = len(workload.requests)
         self.ttft = [math.nan] * n
