@@ -17,8 +17,8 @@ with `routing.decide` on those exact figures (no link cost, no balance rule).
 
     zmesh bench cluster --quick                  # 3 nodes, 6 subjects, ~3 minutes
     zmesh bench cluster --requests 150 --json    # the measured run of docs/evaluation.md
-    zmesh bench cluster --workload bursty --arrivals bursts --rate 0.3 --scale 0.25 \
-        --slot-ctx 2048 --requests 60              # long conversations arriving in bursts
+    zmesh bench cluster --workload bursty --arrivals bursts --rate 0.4 --burst 4 \
+        --scale 0.25 --sessions 6 --slot-ctx 2048 --requests 40   # conversations in bursts
 
 Writes ``<out>/cluster-<stamp>.json`` (figures per policy and every request) and
 PNG plots; ``--json`` prints one JSON object whose ``policies`` maps each policy to
