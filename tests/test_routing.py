@@ -124,6 +124,9 @@ def test_unknown_policy_lists_known_ones() -> None:
         {"vnodes": 0},
         {"place_slack_frac": -0.1},
         {"place_slack_frac": 1.0},
+        {"give_up_s": -1.0},
+        {"give_up_s": float("inf")},
+        {"give_up_s": float("nan")},
     ],
 )
 def test_settings_validation(kw: dict[str, object]) -> None:
@@ -831,3 +834,49 @@ def test_every_policy_is_registered_in_a_file_with_a_header() -> None:
         doc = module.__doc__ or ""
         assert f"``{name}``" in doc.split("\n", 1)[0], (name, fn.__module__)
         assert "Algorithm" in doc, fn.__module__
+
+
+# --------------------------------------------------------------------------- give-up
+
+
+def late_holder_mesh() -> list[Candidate]:
+    """The holder answers in 3 s (its queue), the local node in 5 s (queue + cold prefill)."""
+    return [
+        cand("a", local=True, matched=0, queue=16),  # 16 * 0.25 + 1024 / 1024 = 5 s
+        cand("b", matched=1024, queue=12),  # 12 * 0.25 = 3 s, nothing to prefill
+    ]
+
+
+@pytest.mark.parametrize(("give_up", "forward"), [(0.0, True), (3.0, True), (2.0, False)])
+def test_give_up_excludes_peers_expected_later_than_it(give_up: float, forward: bool) -> None:
+    d = run(late_holder_mesh(), give_up_s=give_up, min_gain_frac=0.0)
+    assert d.forward is forward
+    assert d.target == ("b" if forward else "a")
+    assert ("b" in d.overloaded) is not forward  # logged as excluded, with the reason
+    assert d.reason == (REASON_PREFIX if forward else REASON_LOCAL_BEST)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 2048), st.integers(0, 12), st.sampled_from([0.0, 0.01, 0.2])),
+        min_size=2,
+        max_size=8,
+    ),
+    st.sampled_from([0.5, 1.0, 2.0, 4.0]),
+)
+def test_never_forwards_past_the_give_up(
+    rows: list[tuple[int, int, float]], give_up: float
+) -> None:
+    mesh = [
+        cand(f"n{k}", local=k == 0, matched=m, queue=q, link=link)
+        for k, (m, q, link) in enumerate(rows)
+    ]
+    d = run(mesh, request=req(2048), give_up_s=give_up)
+    if d.forward:
+        assert d.est_target_s <= give_up
+    # Without placement, the give-up changes nothing else: the best peer stays the best.
+    d = run(mesh, request=req(2048), give_up_s=give_up, place_slack_frac=0.0)
+    without = run(mesh, request=req(2048), place_slack_frac=0.0)
+    if not without.forward or without.est_target_s <= give_up:
+        assert (d.target, d.reason) == (without.target, without.reason)

@@ -12,6 +12,8 @@ import pytest
 from zmesh.bench.workloads import (
     Arrivals,
     ZipfSampler,
+    burst_arrivals,
+    bursty_workload,
     chat_workload,
     load_mmlu,
     make_workload,
@@ -168,3 +170,70 @@ def test_arrivals_validate() -> None:
     for bad in ({"mode": "burst"}, {"concurrency": 0}, {"rate": 0.0}, {"think_s": -1.0}):
         with pytest.raises(ValueError):
             Arrivals(**bad)  # type: ignore[arg-type]
+
+
+# ---- bursty long conversations --------------------------------------------------------------
+
+
+def test_bursty_workload_is_seeded_long_chained_and_heavy_tailed() -> None:
+    wl = bursty_workload(600, sessions=12, seed=3)
+    again = bursty_workload(600, sessions=12, seed=3)
+    assert wl.requests == again.requests
+    assert bursty_workload(600, sessions=12, seed=4).requests != wl.requests
+    assert len(wl) == 600 and wl.name == "bursty"
+    children = [r for r in wl.requests if r.parent >= 0]
+    assert len(children) > 300  # mostly later turns
+    for r in children[:50]:
+        parent = wl.requests[r.parent]
+        assert parent.session == r.session and parent.index < r.index
+        assert wl.prompt(r.index).startswith(wl.prompt(r.parent))  # a turn extends the last
+    # Long prompts (thousands of tokens: ~1.5 stand-in tokens per word), long answers.
+    words = sorted(len(wl.prompt(i).split()) for i in range(len(wl)))
+    assert 1000 < words[len(words) // 2] < 3400
+    assert max(words) <= 3000 + 4 * 600 + 300
+    answers = sorted(r.max_tokens for r in wl.requests)
+    median = answers[len(answers) // 2]
+    assert 100 <= median <= 220 and answers[0] >= 16 and answers[-1] <= 1024
+    assert answers[int(0.99 * len(answers))] > 3 * median  # a heavy tail
+    # Sessions are interleaved: a session's next turn is several requests later.
+    gaps = [r.index - r.parent for r in children]
+    assert sorted(gaps)[len(gaps) // 2] >= 6
+    assert len({r.session for r in wl.requests}) > 12  # ended sessions are replaced
+    with pytest.raises(ValueError):
+        bursty_workload(10, sessions=0)
+
+
+def test_make_workload_knows_bursty_and_scales_it() -> None:
+    full = make_workload("bursty", 200, 1.0, 0, sessions=8)
+    small = make_workload("bursty", 200, 1.0, 0, sessions=8, scale=0.25)
+    assert full.params["sessions"] == 8
+    n_full = sum(len(full.prompt(i)) for i in range(200))
+    n_small = sum(len(small.prompt(i)) for i in range(200))
+    assert n_small < 0.4 * n_full
+    with pytest.raises(ValueError, match="bursty"):
+        make_workload("nope", 10, 1.0, 0)
+
+
+def test_burst_arrivals_bunch_and_spread_keeps_the_load() -> None:
+    n, rate, burst = 20_000, 2.0, 8.0
+    due = burst_arrivals(n, rate, burst, seed=1)
+    assert len(due) == n and due == sorted(due)
+    assert burst_arrivals(n, rate, burst, seed=1) == due
+    groups = Counter(due)
+    assert abs(n / len(groups) - burst) < 0.5  # mean burst size
+    assert max(groups.values()) > 3 * burst  # geometric sizes: some large bursts
+    assert abs(n / due[-1] - rate) < 0.1 * rate  # the offered rate
+    spread = burst_arrivals(n, rate, burst, seed=1, spread=True)
+    assert spread == sorted(spread) and len(set(spread)) == n  # no two at one instant
+    starts = sorted(groups)
+    assert set(starts) <= set(spread)  # each burst still starts where it did
+    assert abs(spread[-1] - due[-1]) < 60 / rate
+    arr = Arrivals("bursts", rate=rate, burst=burst)
+    assert arr.due(50, seed=1) == due[:50]
+    assert "bursts of 8" in arr.describe()
+    assert Arrivals("poisson").due(5) == []
+    for bad in ({"burst": 0.5}, {"rate": -1.0}):
+        with pytest.raises(ValueError):
+            Arrivals("bursts", **bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        burst_arrivals(5, 1.0, 0.0)

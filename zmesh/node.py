@@ -131,6 +131,8 @@ class Node:
             balance_rel=r.balance_rel,
             ship=r.ship,
             ship_min_tokens=r.ship_min_tokens,
+            # No give-up: a forward is waited for while the peer sends Progress.
+            give_up_s=0.0,
         )
         self.policy_state = PolicyState.seeded(int.from_bytes(self.node_id.encode()[:8], "little"))
         self.serve_addr = config.advertise_serve or config.serve_addr

@@ -17,6 +17,8 @@ with `routing.decide` on those exact figures (no link cost, no balance rule).
 
     zmesh bench cluster --quick                  # 3 nodes, 6 subjects, ~3 minutes
     zmesh bench cluster --requests 150 --json    # the measured run of docs/evaluation.md
+    zmesh bench cluster --workload bursty --arrivals bursts --rate 0.4 --burst 4 \
+        --scale 0.25 --sessions 6 --slot-ctx 2048 --requests 40   # conversations in bursts
 
 Writes ``<out>/cluster-<stamp>.json`` (figures per policy and every request) and
 PNG plots; ``--json`` prints one JSON object whose ``policies`` maps each policy to
@@ -46,6 +48,7 @@ import zmq.asyncio
 from zmesh import protocol as P
 from zmesh.bench.report import plot_policy_bars, plot_ttft_cdf, ratio, summarize
 from zmesh.bench.workloads import (
+    WORKLOADS,
     Arrivals,
     Workload,
     load_mmlu,
@@ -259,7 +262,10 @@ class Oracle:
         self.settings = RoutingSettings(policy="zmesh", min_gain_s=0.0, balance_abs=10**9)
         if "min_gain_frac" in RoutingSettings.__dataclass_fields__:
             self.settings = RoutingSettings(
-                policy="zmesh", min_gain_s=0.0, balance_abs=10**9, min_gain_frac=0.0
+                policy="zmesh",
+                min_gain_s=0.0,
+                balance_abs=10**9,
+                min_gain_frac=0.0,
             )
         self.state = PolicyState.seeded(0)
         self.max_tokens = max_tokens
@@ -273,8 +279,11 @@ class Oracle:
         first = max(predicted - max(now - started, 0.0), 0.0)
         return first + sum(p for _, p, _ in m.outstanding[1:])
 
-    def choose(self, rid: str, tokens: list[int], now: float) -> tuple[str, int]:
+    def choose(
+        self, rid: str, tokens: list[int], now: float, max_tokens: int = 0
+    ) -> tuple[str, int]:
         """The node to send to, and the tokens its slots will reuse (the mirror's word)."""
+        mt = max_tokens or self.max_tokens
         seq = tuple(tokens)
         cands = []
         for k, name in enumerate(self.names):
@@ -318,14 +327,10 @@ class Oracle:
         target = decide(req, cands, self.settings, self.state).target
         m = self.mirrors[target]
         claim = m.cache.claim(seq)
-        tail = tuple(range(self._tail, self._tail - (self.max_tokens - 1), -1))
-        self._tail -= self.max_tokens
+        tail = tuple(range(self._tail, self._tail - (mt - 1), -1))
+        self._tail -= mt
         m.cache.finish(claim.slot, seq + tail, now=now)
-        predicted = (
-            self.base
-            + (len(seq) - claim.reuse) * self.prefill
-            + (self.max_tokens - 1) * self.decode
-        )
+        predicted = self.base + (len(seq) - claim.reuse) * self.prefill + (mt - 1) * self.decode
         m.outstanding.append((rid, predicted, now))
         return target, claim.reuse
 
@@ -353,6 +358,7 @@ class Plan:
     entries: list[int]  # entry node index per request: the same for every policy
     arrivals: Arrivals
     starts: list[float]  # poisson: start time of each stream
+    due: list[float] = field(default_factory=list)  # bursts: due time of each request
 
 
 async def run_policy(
@@ -382,7 +388,7 @@ async def run_policy(
         if oracle is not None:
             rid_hint = f"o{i}"
             target, rec.predicted_cached = oracle.choose(
-                rid_hint, plan.tokens[i], time.perf_counter() - t0
+                rid_hint, plan.tokens[i], time.perf_counter() - t0, r.max_tokens
             )
             rec.entry = target
             ep = endpoints[names.index(target)]
@@ -413,6 +419,8 @@ async def run_policy(
         for k, i in enumerate(indices):
             if k and plan.arrivals.think_s:
                 await asyncio.sleep(plan.arrivals.think_s)
+            if plan.due:  # bursts: not before the request is due
+                await asyncio.sleep(max(plan.due[i] - (time.perf_counter() - t0), 0.0))
             await one(i)
 
     streams = wl.streams()
@@ -433,7 +441,8 @@ async def run_policy(
                 await asyncio.sleep(max(at - (time.perf_counter() - t0), 0.0))
                 await stream(s)
 
-            await asyncio.gather(*(timed(s, plan.starts[k]) for k, s in enumerate(streams)))
+            starts = plan.starts or [plan.due[s[0]] for s in streams]
+            await asyncio.gather(*(timed(s, starts[k]) for k, s in enumerate(streams)))
         wall = time.perf_counter() - t0
         statuses = await lab.statuses(timeout=5.0)
     finally:
@@ -522,6 +531,8 @@ def build_plan(args: argparse.Namespace, tok: Tokenizer) -> Plan:
         subjects=subjects,
         groups=args.groups,
         mmlu_path=args.mmlu_dir,
+        sessions=args.sessions,
+        scale=args.scale,
     )
     tokens = tokenize_workload(wl, tok)
     too_long = [i for i, t in enumerate(tokens) if len(t) > max_prompt]
@@ -529,13 +540,21 @@ def build_plan(args: argparse.Namespace, tok: Tokenizer) -> Plan:
         raise SystemExit(f"{len(too_long)} prompts exceed {max_prompt} tokens; raise --slot-ctx")
     rng = random.Random(args.seed ^ 0xE47)
     entries = [rng.randrange(args.nodes) for _ in wl.requests]
-    if args.rate > 0:
+    due: list[float] = []
+    if args.arrivals in ("bursts", "spread"):
+        if args.rate <= 0:
+            raise SystemExit("--arrivals bursts needs --rate (requests per second)")
+        arrivals = Arrivals(
+            "bursts", rate=args.rate, burst=args.burst, spread=args.arrivals == "spread"
+        )
+        starts, due = [], arrivals.due(len(wl), args.seed)
+    elif args.rate > 0:
         arrivals = Arrivals("poisson", rate=args.rate)
         starts = poisson_arrivals(len(wl.streams()), args.rate, args.seed)
     else:
         arrivals = Arrivals("closed", concurrency=args.concurrency)
         starts = []
-    return Plan(wl, tokens, entries, arrivals, starts)
+    return Plan(wl, tokens, entries, arrivals, starts, due)
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -670,7 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--slots", type=int, default=3, help="KV slots per node (default 3)")
     ap.add_argument("--slot-ctx", type=int, default=1024, help="tokens per slot (default 1024)")
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads per node")
-    ap.add_argument("--workload", default="mmlu", choices=["mmlu", "shared", "chat"])
+    ap.add_argument("--workload", default="mmlu", choices=WORKLOADS)
     ap.add_argument("--alpha", type=float, default=1.0, help="Zipf skew of prefix popularity")
     ap.add_argument("--requests", type=int, default=150)
     ap.add_argument("--subjects", type=int, default=8, help="mmlu: subjects used (default 8)")
@@ -684,6 +703,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-tokens", type=int, default=4, help="tokens generated per request")
     ap.add_argument("--concurrency", type=int, default=3, help="closed loop: requests in flight")
     ap.add_argument("--rate", type=float, default=0.0, help="> 0: Poisson arrivals (req/s)")
+    ap.add_argument(
+        "--arrivals",
+        choices=["closed", "bursts", "spread"],
+        default="closed",
+        help="closed (or Poisson with --rate); bursts (with --rate): requests due in groups "
+        "at one instant; spread: the same, evenly spaced",
+    )
+    ap.add_argument("--burst", type=float, default=8.0, help="bursts: mean requests per burst")
+    ap.add_argument("--sessions", type=int, default=6, help="bursty: conversations at once")
+    ap.add_argument(
+        "--scale", type=float, default=1.0, help="bursty: length scale (fit --slot-ctx)"
+    )
     ap.add_argument(
         "--warmup", type=int, default=0, help="also report figures without the first N requests"
     )

@@ -7,9 +7,13 @@ Three request mixes, each a `Workload` (a list of `Request`s in issue order):
 - `shared_prefix_workload`: K generated long system prompts x many questions each.
 - `chat_workload`: multi-turn sessions; each turn's prompt extends the previous
   turn's prompt and (scripted) answer, so every policy sees the same token stream.
+- `bursty_workload`: long conversations (prompts of thousands of tokens, answers of
+  hundreds), message and answer lengths heavy-tailed, many sessions interleaved; meant
+  for ``bursts`` arrivals.
 
-Arrivals are separate (`Arrivals`): Poisson at a rate, or a closed loop at a given
-concurrency. Requests of one chat session form a *stream* that runs in order.
+Arrivals are separate (`Arrivals`): Poisson at a rate, a closed loop at a given
+concurrency, or bursts (several requests due at the same instant, then quiet).
+Requests of one chat session form a *stream* that runs in order.
 The same seed always gives the same requests, prompts and arrival times.
 """
 
@@ -33,6 +37,8 @@ __all__ = [
     "Request",
     "Workload",
     "ZipfSampler",
+    "burst_arrivals",
+    "bursty_workload",
     "chat_workload",
     "load_mmlu",
     "make_workload",
@@ -152,33 +158,77 @@ def poisson_arrivals(n: int, rate: float, seed: int = 0) -> list[float]:
     return out
 
 
+def burst_arrivals(
+    n: int, rate: float, burst: float, seed: int = 0, spread: bool = False
+) -> list[float]:
+    """Due times of ``n`` requests (in order) arriving in bursts, ``rate`` per second overall.
+
+    Bursts start at Poisson times (``rate / burst`` per second); each holds 1 +
+    Geometric requests (mean ``burst``), all due at the same instant, as a trace whose
+    timestamps group requests. ``spread`` gives each burst's requests evenly spaced
+    times up to the next burst instead: the same load, without the bunching.
+    """
+    if rate <= 0 or burst < 1:
+        raise ValueError(f"rate must be > 0 and burst >= 1, got {rate}, {burst}")
+    rng = random.Random(seed ^ 0xB0257)
+    p = 1.0 / burst  # P(a burst ends after each request): mean size 1/p
+    t = rng.expovariate(rate / burst)
+    out: list[float] = []
+    while len(out) < n:
+        k = 1
+        while rng.random() > p:
+            k += 1
+        gap = rng.expovariate(rate / burst)  # to the next burst
+        step = gap / k if spread else 0.0
+        out.extend(t + j * step for j in range(k))
+        t += gap
+    return out[:n]
+
+
 @dataclass(frozen=True, slots=True)
 class Arrivals:
-    """How requests are issued: ``closed`` (a fixed number in flight) or ``poisson``.
+    """How requests are issued: ``closed`` (a fixed number in flight), ``poisson`` or
+    ``bursts``.
 
-    In both modes a stream's next request (the next chat turn) is issued when the
-    previous one is answered, after ``think_s``.
+    Poisson starts streams at a rate; ``bursts`` gives every request a due time from
+    `burst_arrivals` (``burst`` requests per burst on average, ``spread``: evenly
+    spaced instead). In every mode a stream's next request (the next chat turn) is
+    issued when the previous one is answered, after ``think_s``, and not before it is
+    due.
     """
 
     mode: str = "closed"
     concurrency: int = 3
-    rate: float = 1.0  # requests (streams) per second, poisson mode
+    rate: float = 1.0  # poisson: streams per second; bursts: requests per second
     think_s: float = 0.0
+    burst: float = 8.0  # bursts: mean requests per burst
+    spread: bool = False  # bursts: spread each burst evenly up to the next one
 
     def __post_init__(self) -> None:
-        if self.mode not in ("closed", "poisson"):
-            raise ValueError(f"arrival mode must be closed or poisson, got {self.mode!r}")
+        if self.mode not in ("closed", "poisson", "bursts"):
+            raise ValueError(f"arrival mode must be closed, poisson or bursts, got {self.mode!r}")
         if self.concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         if self.rate <= 0:
             raise ValueError("rate must be > 0")
         if self.think_s < 0:
             raise ValueError("think_s must be >= 0")
+        if self.burst < 1:
+            raise ValueError("burst must be >= 1")
 
     def describe(self) -> str:
         if self.mode == "closed":
             return f"closed loop, {self.concurrency} in flight"
+        if self.mode == "bursts":
+            how = "spread evenly" if self.spread else "each at one instant"
+            return f"bursts of {self.burst:g} on average ({how}), {self.rate:g} req/s"
         return f"Poisson, {self.rate:g} req/s"
+
+    def due(self, n: int, seed: int = 0) -> list[float]:
+        """bursts: each request's due time (workload order); other modes: none."""
+        if self.mode != "bursts":
+            return []
+        return burst_arrivals(n, self.rate, self.burst, seed, self.spread)
 
 
 # ---- MMLU -------------------------------------------------------------------------
@@ -404,6 +454,102 @@ def chat_workload(
     return Workload("chat", reqs, params)
 
 
+def _lognormal_int(rng: random.Random, median: float, sigma: float, lo: int, hi: int) -> int:
+    """A heavy-tailed length: lognormal around ``median``, clipped to [lo, hi]."""
+    return min(max(round(median * rng.lognormvariate(0.0, sigma)), lo), hi)
+
+
+def bursty_workload(
+    n_requests: int,
+    sessions: int = 24,
+    system_prompts: int = 8,
+    alpha: float = 1.0,
+    system_words: int = 200,
+    first_words: int = 600,
+    user_words: int = 60,
+    answer_tokens: int = 150,
+    max_answer_tokens: int = 1024,
+    mean_turns: float = 6.0,
+    max_prompt_words: int = 3000,
+    seed: int = 0,
+) -> Workload:
+    """Long multi-turn conversations, ``sessions`` of them going on at once.
+
+    Each session opens with one of ``system_prompts`` (Zipf ``alpha``) and a long first
+    message (a pasted document: lognormal, median ``first_words``); each later turn's
+    prompt is the previous prompt + a scripted answer + a new message (lognormal,
+    median ``user_words``). Answers (``max_tokens``) are lognormal around
+    ``answer_tokens``, clipped to [16, ``max_answer_tokens``]; turns per session are
+    geometric with mean ``mean_turns``; a session also ends before its prompt passes
+    ``max_prompt_words``, and a new one takes its place. Requests are issued round by
+    round over the sessions going on (in a shuffled order each round), so one
+    session's turns sit about ``sessions`` requests apart.
+    """
+    if sessions < 1 or n_requests < 0 or mean_turns < 1:
+        raise ValueError("need sessions >= 1, n_requests >= 0 and mean_turns >= 1")
+    rng = random.Random(seed)
+    systems = [
+        f"<system {k}> You are the assistant of desk {k}. {_words(rng, system_words)}\n"
+        for k in range(system_prompts)
+    ]
+    pick = ZipfSampler(system_prompts, alpha, rng)
+    # Per session: [id, system, turns left, words so far, last request, last answer]
+    live: list[list[Any]] = []
+    next_id = 0
+
+    def new_session() -> list[Any]:
+        nonlocal next_id
+        turns = 1
+        while rng.random() > 1.0 / mean_turns and turns < 64:
+            turns += 1
+        next_id += 1
+        k = pick()
+        return [next_id - 1, k, turns, system_words, -1, ""]
+
+    reqs: list[Request] = []
+    while len(reqs) < n_requests:
+        while len(live) < sessions:
+            live.append(new_session())
+        order = list(range(len(live)))
+        rng.shuffle(order)
+        ended: set[int] = set()
+        for j in order:
+            if len(reqs) >= n_requests:
+                break
+            s = live[j]
+            sid, k, left, words, parent, answer = s
+            first = parent < 0
+            n = _lognormal_int(rng, first_words if first else user_words, 1.0, 4, 4 * first_words)
+            if not first and words + n > max_prompt_words:
+                ended.add(j)
+                continue
+            mt = _lognormal_int(rng, answer_tokens, 0.7, 16, max_answer_tokens)
+            turn = f"{answer}\nUser ({sid}.{len(reqs)}): {_words(rng, n)}\nAssistant:"
+            i = len(reqs)
+            if first:
+                reqs.append(Request(i, f"sys-{k}", systems[k], turn, session=sid, max_tokens=mt))
+            else:
+                reqs.append(Request(i, f"sys-{k}", "", turn, parent, sid, mt))
+            # About 1.5 pseudo-words per answer token (zmesh.sim.tokens' stand-in tokenizer).
+            s[2:6] = [left - 1, words + n + mt * 2 // 3, i, " " + _words(rng, mt * 2 // 3)]
+            if left <= 1:
+                ended.add(j)
+        live = [s for j, s in enumerate(live) if j not in ended]
+    params = {
+        "n_requests": n_requests,
+        "sessions": sessions,
+        "system_prompts": system_prompts,
+        "alpha": alpha,
+        "first_words": first_words,
+        "user_words": user_words,
+        "answer_tokens": answer_tokens,
+        "mean_turns": mean_turns,
+        "max_prompt_words": max_prompt_words,
+        "seed": seed,
+    }
+    return Workload("bursty", reqs, params)
+
+
 def make_workload(
     name: str,
     n_requests: int,
@@ -414,13 +560,35 @@ def make_workload(
     groups: int = 16,
     turns: int = 4,
     mmlu_path: str | os.PathLike[str] | None = None,
+    sessions: int = 24,
+    scale: float = 1.0,
 ) -> Workload:
-    """One entry point for the CLIs: ``mmlu``, ``shared`` or ``chat`` (sessions x turns)."""
+    """One entry point for the CLIs: ``mmlu``, ``shared``, ``chat`` (sessions x turns) or
+    ``bursty`` (``sessions`` going on at once; ``scale`` shrinks its lengths, e.g. to fit
+    a real node's slots)."""
     if name == "mmlu":
         return mmlu_workload(n_requests, alpha, subjects, seed, mmlu_path, max_tokens)
     if name == "shared":
         return shared_prefix_workload(n_requests, groups, alpha, seed=seed, max_tokens=max_tokens)
     if name == "chat":
-        sessions = max(1, n_requests // turns)
-        return chat_workload(sessions, turns, groups, alpha, seed=seed, max_tokens=max_tokens)
-    raise ValueError(f"unknown workload {name!r}; known: mmlu, shared, chat")
+        return chat_workload(
+            max(1, n_requests // turns), turns, groups, alpha, seed=seed, max_tokens=max_tokens
+        )
+    if name == "bursty":
+        return bursty_workload(
+            n_requests,
+            sessions,
+            groups,
+            alpha,
+            system_words=max(1, round(200 * scale)),
+            first_words=max(1, round(600 * scale)),
+            user_words=max(1, round(60 * scale)),
+            answer_tokens=max(16, round(150 * scale)),
+            max_answer_tokens=max(16, round(1024 * scale)),
+            max_prompt_words=max(8, round(3000 * scale)),
+            seed=seed,
+        )
+    raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
+
+
+WORKLOADS = ("mmlu", "shared", "chat", "bursty")

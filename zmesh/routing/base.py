@@ -95,6 +95,11 @@ class RoutingSettings:
     # Nodes whose estimate is within this fraction of the best one count as equally
     # good; among those holding the longest match the placement hash chooses.
     place_slack_frac: float = 0.1
+    # The forwarder's give-up (node: routing.forward_timeout_s to the peer's first
+    # reply): a peer expected to answer later than this is no target, since the forward
+    # would be served here anyway, after that wait (docs/evaluation.md, "Bursts").
+    # 0: no limit.
+    give_up_s: float = 0.0
     balance_abs: int = 8
     balance_rel: float = 1.5
     vnodes: int = 64
@@ -114,6 +119,8 @@ class RoutingSettings:
             raise ValueError(f"min_gain_frac must be in [0, 1), got {self.min_gain_frac}")
         if not 0.0 <= self.place_slack_frac < 1.0:
             raise ValueError(f"place_slack_frac must be in [0, 1), got {self.place_slack_frac}")
+        if not (0.0 <= self.give_up_s < float("inf")):
+            raise ValueError(f"give_up_s must be >= 0 and finite, got {self.give_up_s}")
         if self.balance_abs < 0:
             raise ValueError(f"balance_abs must be >= 0, got {self.balance_abs}")
         if self.balance_rel < 1.0:

@@ -8,7 +8,8 @@ where ``wait_s`` is the node's predicted backlog (``queue_depth * service_s`` wh
 candidate has none). A prefix every node already holds (a global system prompt) adds
 the same saving to every estimate, so it cancels out and load decides: no affinity
 hotspot. Peers whose queue passes the balance thresholds (SGLang router's rule: both
-the absolute and the relative imbalance over the least-loaded node) are excluded.
+the absolute and the relative imbalance over the least-loaded node), or whose estimate
+is past the forwarder's give-up, are excluded.
 Then placement (`placement.py`) may choose among near-equal longest holders; otherwise
 the best peer wins if it beats the local estimate by the gain threshold, else the
 request is served here.
@@ -24,6 +25,11 @@ Parameters (`RoutingSettings`):
 - ``place_slack_frac`` (0.1): see `placement.py`.
 - ``ship`` (off) and ``ship_min_tokens`` (64): KV shipping, see `shipping.py`; a pull
   replaces the choice above when predicted sooner by more than the gain threshold.
+- ``give_up_s`` (0: none): a peer whose estimate exceeds it is excluded too. For a
+  forwarder that gives a forward up before its first token and serves it again itself
+  (the simulator's ``--no-keepalive``, nodes before Progress keep-alives): under
+  bursts of long requests that fallback, not the wait, was what cost most. Nodes wait
+  for a forward while the peer sends Progress, so they set none.
 
 Reasons: ``local_best``, ``prefix`` (the peer holds more of the prompt), ``load`` (same
 match, shorter wait), ``placement``, ``shipped``.
@@ -99,8 +105,9 @@ def _serve_or_forward(
     overloaded: list[str] = []
     eligible: list[tuple[Candidate, float]] = [(local, est_local)]
     # scores[1:] is aligned with peers.
+    give_up = settings.give_up_s or float("inf")
     for p, (_, est) in zip(peers, scores[1:], strict=True):
-        if is_overloaded(p.queue_depth, min_queue, settings):
+        if is_overloaded(p.queue_depth, min_queue, settings) or est > give_up:
             overloaded.append(p.node_id)
             continue
         eligible.append((p, est))

@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from zmesh.bench.report import plot_policy_bars, ratio
-from zmesh.bench.workloads import Arrivals, Workload, make_workload, shared_prefix_workload
+from zmesh.bench.workloads import (
+    WORKLOADS,
+    Arrivals,
+    Workload,
+    make_workload,
+    shared_prefix_workload,
+)
 from zmesh.sim.core import SIM_POLICIES, SimConfig, simulate
 from zmesh.sim.costmodel import CostModel, load_cost_model
 from zmesh.sim.tokens import PromptTable
@@ -67,10 +73,17 @@ def rate_for_load(load: float, nodes: int, workload: Workload, cost: CostModel) 
     """Requests per second that would keep ``load`` of the cluster busy if nothing hit.
 
     A load of 0.5 is light for a policy that hits its cache and heavy for one that
-    misses: the same offered work separates them.
+    misses: the same offered work separates them. Conversations (chained prompts,
+    answers of varied length) are averaged over every request, not the first 300.
     """
-    mt = workload.requests[0].max_tokens if workload.requests else 4
-    cold = cost.service_s(int(mean_prompt_tokens(workload)), mt)
+    reqs = workload.requests
+    if any(r.parent >= 0 for r in reqs):
+        mt = sum(r.max_tokens for r in reqs) / len(reqs)
+        prompt = mean_prompt_tokens(workload, sample=len(reqs))
+    else:
+        mt = reqs[0].max_tokens if reqs else 4
+        prompt = mean_prompt_tokens(workload)
+    cold = cost.service_s(int(prompt), mt)  # type: ignore[arg-type]
     return load * nodes / cold
 
 
@@ -102,6 +115,14 @@ class Cell:
     questions: int = 0
     concurrency: int = 0  # > 0: closed loop instead of Poisson
     pending_prefixes: bool = False
+    arrivals: str = "poisson"  # or "bursts", "spread" (bursts spread evenly)
+    burst: float = 8.0
+    sessions: int = 24  # bursty: conversations going on at once
+    diagnose: bool = False
+    routing: tuple[tuple[str, Any], ...] = ()  # RoutingSettings overrides
+    forward_timeout_s: float = 5.0
+    keepalive: bool = True
+    entry: str = "random"
 
     def build(self) -> tuple[SimConfig, Workload, Arrivals]:
         cost = load_cost_model(self.cost)
@@ -117,11 +138,17 @@ class Cell:
                 self.seed,
                 subjects=self.subjects or None,
                 groups=self.groups,
+                sessions=self.sessions,
             )
+        rate = rate_for_load(self.load, self.nodes, wl, cost) if self.concurrency <= 0 else 1.0
         if self.concurrency > 0:
             arrivals = Arrivals("closed", concurrency=self.concurrency)
+        elif self.arrivals in ("bursts", "spread"):
+            arrivals = Arrivals(
+                "bursts", rate=rate, burst=self.burst, spread=self.arrivals == "spread"
+            )
         else:
-            arrivals = Arrivals("poisson", rate=rate_for_load(self.load, self.nodes, wl, cost))
+            arrivals = Arrivals("poisson", rate=rate)
         cfg = SimConfig(
             nodes=self.nodes,
             policy=self.policy,
@@ -138,6 +165,11 @@ class Cell:
             cost=cost,
             seed=self.seed,
             pending_prefixes=self.pending_prefixes,
+            diagnose=self.diagnose,
+            routing=dict(self.routing),
+            forward_timeout_s=self.forward_timeout_s,
+            forward_keepalive=self.keepalive,
+            entry=self.entry,
         )
         return cfg, wl, arrivals
 
@@ -147,7 +179,7 @@ def run_cell(cell: Cell, progress: bool = False) -> dict[str, Any]:
     res = simulate(cfg, wl, arrivals, progress=_say if progress else None)
     out = dict(res.figures)
     out["cell"] = cell.__dict__
-    out["rate_rps"] = arrivals.rate if arrivals.mode == "poisson" else None
+    out["rate_rps"] = arrivals.rate if arrivals.mode != "closed" else None
     out["cost_model"] = cfg.cost.as_dict()
     return out
 
@@ -189,7 +221,7 @@ def run_cells(
 
 
 def _common(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--workload", default="mmlu", choices=["mmlu", "shared", "chat"])
+    ap.add_argument("--workload", default="mmlu", choices=WORKLOADS)
     ap.add_argument("--requests", type=int, default=4000, help="requests per run (default 4000)")
     ap.add_argument("--slots", type=int, default=4, help="KV slots per node (default 4)")
     ap.add_argument(
@@ -206,6 +238,43 @@ def _common(ap: argparse.ArgumentParser) -> None:
         help="offered load: the fraction of the cluster that all-miss traffic would keep busy",
     )
     ap.add_argument("--concurrency", type=int, default=0, help="> 0: closed loop instead")
+    ap.add_argument(
+        "--arrivals",
+        choices=["poisson", "bursts", "spread"],
+        default=None,
+        help="open-loop arrivals (default: bursts for --workload bursty, else poisson); "
+        "spread: the bursts' requests evenly spaced up to the next burst",
+    )
+    ap.add_argument("--burst", type=float, default=8.0, help="bursts: mean requests per burst")
+    ap.add_argument(
+        "--sessions", type=int, default=0, help="bursty: conversations at once (0: 3 per node)"
+    )
+    ap.add_argument(
+        "--forward-timeout-s",
+        type=float,
+        default=5.0,
+        help="with --no-keepalive: a forward with no first token this long is served by its entry",
+    )
+    ap.add_argument(
+        "--no-keepalive",
+        dest="keepalive",
+        action="store_false",
+        help="model nodes before forward keep-alives (they gave a slow forward up)",
+    )
+    ap.add_argument(
+        "--entry",
+        choices=["random", "one"],
+        default="random",
+        help="one: every request enters at node 0 (no decisions it cannot see)",
+    )
+    ap.add_argument(
+        "--set",
+        dest="routing",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a routing setting (RoutingSettings field), e.g. --set place_slack_frac=0",
+    )
     ap.add_argument("--jitter", type=float, default=0.2, help="extra delay: delay*jitter*Exp(1)")
     ap.add_argument("--loss", type=float, default=0.0, help="gossip message loss (0..1)")
     ap.add_argument("--failures", type=int, default=0, help="node crashes during the run")
@@ -218,6 +287,31 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="processes")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def _shape(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
+    """The Cell fields that come from the workload options (shared by run and sweep)."""
+    arrivals = args.arrivals or ("bursts" if args.workload == "bursty" else "poisson")
+    return {
+        "arrivals": arrivals,
+        "burst": args.burst,
+        "sessions": args.sessions or 3 * nodes,
+        "routing": tuple(_setting(x) for x in args.routing),
+        "forward_timeout_s": args.forward_timeout_s,
+        "keepalive": args.keepalive,
+        "entry": args.entry,
+    }
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    name, _, value = text.partition("=")
+    from zmesh.routing import RoutingSettings
+
+    field = RoutingSettings.__dataclass_fields__.get(name.strip())
+    if field is None or not value:
+        raise SystemExit(f"--set {text!r}: expected NAME=VALUE with NAME a routing setting")
+    kind = type(getattr(RoutingSettings(), name.strip()))
+    return name.strip(), kind(value) if kind is not bool else value.lower() in ("1", "true")
 
 
 def _subjects(args: argparse.Namespace, nodes: int) -> int:
@@ -246,6 +340,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             failures=args.failures,
             concurrency=args.concurrency,
             pending_prefixes=args.pending_prefixes,
+            diagnose=True,
+            **_shape(args, args.nodes),
         )
         for p in args.policies
     ]
@@ -259,10 +355,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     out["ratios"] = _ratios(policies)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"run-{args.workload}-n{args.nodes}-a{args.alpha:g}-d{args.delay_ms:g}ms"
+    if cells[0].arrivals != "poisson":
+        stem += f"-{cells[0].arrivals}"
     path = args.out / f"{stem}.json"
     path.write_text(json.dumps(out, indent=1))
     plot_policy_bars(policies, args.out / f"{stem}.png", f"simulator: {stem}", _say)
     _print_table(policies)
+    _print_diagnosis(policies)
     _say(f"zmesh sim run: wrote {path}")
     if args.json:
         print(json.dumps(out))
@@ -312,6 +411,28 @@ def _print_table(policies: dict[str, dict[str, Any]]) -> None:
         print(f"{name:<16}{cells}", file=sys.stderr)
 
 
+def _print_diagnosis(policies: dict[str, dict[str, Any]]) -> None:
+    """Per policy and routing reason: requests served away from the node whose cache
+    matched them best when they arrived, the prefill that cost; and bursts that sent
+    several requests to one node the load picture called idle."""
+    for name, f in policies.items():
+        d = f.get("diagnosis")
+        if not d:
+            continue
+        parts = [
+            f"{reason} {r['requests']} (away {r['away_from_best_match']}, "
+            f"{r['prefill_lost_s']:.0f}s prefill lost, ttft {r['ttft_mean_s']:.2f}s)"
+            for reason, r in d["by_reason"].items()
+        ]
+        _say(f"{name:<16}{'; '.join(parts)}")
+        if d["idle_picks"]:
+            _say(
+                f"{'':<16}sent to a node that looked idle: {d['idle_picks']}, of which it "
+                f"already had work: {d['idle_picks_already_busy']}; herds (one instant, "
+                f">= 2 to one such node): {d['herds']} ({d['herded_requests']} requests)"
+            )
+
+
 # ---- sweep ----------------------------------------------------------------------------
 
 
@@ -340,6 +461,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                             jitter=args.jitter,
                             failures=args.failures,
                             concurrency=args.concurrency,
+                            **_shape(args, n),
                         )
                     )
     _say(

@@ -94,6 +94,10 @@ class SimConfig:
     dead_after_s: float = 3.0
     snapshot_timeout_s: float = 2.0
     forward_timeout_s: float = 5.0
+    # Nodes send Progress keep-alives for forwarded work, so a forward to a live peer
+    # is waited for; False models nodes before that: a forward whose first token has
+    # not reached its entry within forward_timeout_s is served again there.
+    forward_keepalive: bool = True
     hash_prefix_tokens: int = 64
     max_queue: int = 64
     routing: dict[str, Any] = field(default_factory=dict)  # RoutingSettings overrides
@@ -108,6 +112,12 @@ class SimConfig:
     # A proposed change, not what node.py does: count the prefixes of requests already
     # queued here, or forwarded by us to a peer, as matched (they will be cached by then).
     pending_prefixes: bool = False
+    # Diagnosis (`sim run`): per request, which nodes' real caches matched it best when
+    # it arrived, and whether the chosen node looked idle; costs a match per node.
+    diagnose: bool = False
+    # "one": every request enters at node 0, which then sees all its own decisions
+    # (what the picture lacks when a burst enters at several nodes at once).
+    entry: str = "random"
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -116,6 +126,8 @@ class SimConfig:
             raise ValueError(f"unknown policy {self.policy!r}; known: {', '.join(SIM_POLICIES)}")
         if self.cache not in ("slots", "tokens"):
             raise ValueError("cache must be slots or tokens")
+        if self.entry not in ("random", "one"):
+            raise ValueError("entry must be random or one")
         if self.estimates not in ("auto", "shared", "per_node"):
             raise ValueError("estimates must be auto, shared or per_node")
         if self.delay_s < 0 or self.jitter < 0 or not 0 <= self.loss < 1:
@@ -143,6 +155,8 @@ class SimResult:
 
 class _Job:
     __slots__ = (
+        "best",
+        "best_nodes",
         "cached",
         "claim",
         "done_at",
@@ -184,6 +198,8 @@ class _Job:
         self.reason = ""
         self.stream = -1
         self.run_node = -1
+        self.best = 0  # diagnose: longest real cached match over the nodes at arrival
+        self.best_nodes: tuple[int, ...] = ()  # ... and the nodes holding it
 
     def retry_at(self, node: int) -> _Job:
         """A copy of this request to serve at ``node`` (the original is abandoned)."""
@@ -191,6 +207,7 @@ class _Job:
         job.node = node
         job.sent_at = self.sent_at
         job.stream = self.stream
+        job.best, job.best_nodes = self.best, self.best_nodes
         return job
 
 
@@ -205,6 +222,7 @@ class _Node:
         "fwd_out",
         "gen",
         "idx",
+        "incoming",
         "inflight",
         "load_changed",
         "name",
@@ -246,6 +264,7 @@ class _Node:
         self.inflight: dict[int, int] = {}  # peer -> our forwards not finished
         self.fwd_out: dict[int, list[_Job]] = {}  # peer -> forwards not finished
         self.shadow_free_at = 0.0
+        self.incoming = 0  # forwards on their way here (diagnose: the real load)
 
 
 class _View:
@@ -296,10 +315,18 @@ class Simulator:
         self.policy = cfg.policy
         base_policy = "zmesh" if cfg.policy in (PAPER, ORACLE) else cfg.policy
         # A real node's routing defaults (its config's), then this run's overrides.
-        overrides = {**_NODE_ROUTING_DEFAULTS, **cfg.routing}
+        # Without keep-alives a node gives a forward up after forward_timeout_s, so it
+        # does not forward where it expects to wait longer than that.
+        give_up = 0.0 if cfg.forward_keepalive else cfg.forward_timeout_s
+        overrides = {**_NODE_ROUTING_DEFAULTS, "give_up_s": give_up, **cfg.routing}
         if cfg.policy in (PAPER, ORACLE):
             # Neither the paper's design nor the oracle places by hash.
-            overrides.update(min_gain_s=0.0, balance_abs=_NO_BALANCE, place_slack_frac=0.0)
+            overrides.update(
+                min_gain_s=0.0,
+                balance_abs=_NO_BALANCE,
+                place_slack_frac=0.0,
+                give_up_s=0.0,
+            )
             if "min_gain_frac" in RoutingSettings.__dataclass_fields__:
                 overrides["min_gain_frac"] = 0.0
         self.settings = RoutingSettings(policy=base_policy, **overrides)
@@ -343,6 +370,8 @@ class Simulator:
         # Client side: the entry node of each request, the same for every policy.
         entry_rng = random.Random(cfg.seed ^ 0xE47)
         self.entries = [entry_rng.randrange(cfg.nodes) for _ in workload.requests]
+        if cfg.entry == "one":
+            self.entries = [0] * len(self.entries)
         self.noise_rng = random.Random(cfg.seed ^ 0x7015E)
         n = len(workload.requests)
         self.ttft = [math.nan] * n
@@ -355,6 +384,11 @@ class Simulator:
         self.failed = 0
         self.rejected = 0
         self.reasons: dict[str, int] = {}
+        # diagnose: per final reason [requests, away from the best match, tokens lost, ttft]
+        self.by_reason: dict[str, list[float]] = {}
+        self.idle_picks = 0  # decisions whose target the picture called idle
+        self.stale_idle = 0  # ... while it already had work (queued, running, on its way)
+        self.idle_sent: dict[tuple[float, int], int] = {}  # (arrival instant, node) -> picks
         self.done = 0
         self.snapshots = 0
         self.deltas_lost = 0
@@ -363,6 +397,7 @@ class Simulator:
         self._next_stream = 0
         self._open_rng = random.Random(0)  # Poisson starts (see _open_next)
         self._open_at = 0.0
+        self._due = arrivals.due(n, cfg.seed)  # bursts: when each request is due
         self._fail_plan: list[int] = []
         if cfg.failures:
             step = n / (cfg.failures + 1)
@@ -461,7 +496,9 @@ class Simulator:
 
     def _start_arrivals(self) -> None:
         arr = self.arrivals
-        if arr.mode == "closed":
+        if arr.mode == "bursts":
+            self._open_next()
+        elif arr.mode == "closed":
             for _ in range(min(arr.concurrency, len(self._streams))):
                 self._launch_stream(0.0)
         else:
@@ -477,7 +514,10 @@ class Simulator:
         pop of the run pay for them).
         """
         if self._next_stream < len(self._streams):
-            self._open_at += self._open_rng.expovariate(self.arrivals.rate)
+            if self._due:  # bursts: streams open when their first request is due
+                self._open_at = self._due[self._streams[self._next_stream][0]]
+            else:
+                self._open_at += self._open_rng.expovariate(self.arrivals.rate)
             self._push(self._open_at, _OPEN, self._next_stream)
             self._next_stream += 1
 
@@ -503,8 +543,17 @@ class Simulator:
 
     def _stream_step(self, job: _Job, client_time: float) -> None:
         """The client got its answer (or gave up): the stream's next request follows."""
-        if job.stream >= 0:
-            self._push(client_time + self.arrivals.think_s, _STREAM, job.stream)
+        self._next_turn(job.stream, client_time)
+
+    def _next_turn(self, s: int, client_time: float) -> None:
+        """Stream ``s`` sends its next request after ``think_s``, and not before it is due."""
+        if s < 0:
+            return
+        t = client_time + self.arrivals.think_s
+        pos = self._stream_pos[s]
+        if self._due and pos < len(self._streams[s]):
+            t = max(t, self._due[self._streams[s][pos]])
+        self._push(t, _STREAM, s)
 
     def _on_arrive(self, i: int, stream: int) -> None:
         tokens, ids = self.prompts.get(i)
@@ -520,6 +569,8 @@ class Simulator:
         job = _Job(i, tokens, ids, entry)
         job.stream = stream
         job.sent_at = self.now
+        if self.cfg.diagnose:
+            self._best_match(job)
         self.prompt_len[i] = len(tokens)
         self._arrived += 1
         if self._fail_plan and self._arrived >= self._fail_plan[0]:
@@ -539,8 +590,7 @@ class Simulator:
     def _finish_failed(self, i: int, stream: int) -> None:
         self.failed += 1
         self.done += 1
-        if stream >= 0:
-            self._push(self.now + self.arrivals.think_s, _STREAM, stream)
+        self._next_turn(stream, self.now)
 
     # ---- routing (as Node._route builds its candidates) ---------------------------
 
@@ -585,7 +635,64 @@ class Simulator:
             self._verify(node, view, job, local, req, cands)
         d = decide(req, cands, self.settings, node.policy_state)
         self.reasons[d.reason] = self.reasons.get(d.reason, 0) + 1
-        return self.by_name[d.target], d.reason
+        target = self.by_name[d.target]
+        if self.cfg.diagnose:
+            picked = next(c for c in cands if c.node_id == d.target)
+            self._note_pick(job, target, picked.queue_depth == 0)
+        return target, d.reason
+
+    # ---- diagnosis -----------------------------------------------------------------
+
+    def _best_match(self, job: _Job) -> None:
+        """The longest prefix of the prompt that any node's real cache holds, and where."""
+        best, where = 0, []
+        for n in self.nodes:
+            if n.alive:
+                m = n.cache.match(job.tokens)
+                if m > best:
+                    best, where = m, [n.idx]
+                elif m == best and best > 0:
+                    where.append(n.idx)
+        job.best, job.best_nodes = min(best, len(job.tokens) - 1), tuple(where)
+
+    def _note_pick(self, job: _Job, target: int, looked_idle: bool) -> None:
+        """Count a decision for a node the load picture called idle, and whether it was."""
+        if not looked_idle:
+            return
+        self.idle_picks += 1
+        t = self.nodes[target]
+        if self._queue_depth(t) + t.incoming > 0:
+            self.stale_idle += 1
+        key = (job.sent_at, target)
+        self.idle_sent[key] = self.idle_sent.get(key, 0) + 1
+
+    def _note_done(self, job: _Job, node: _Node) -> None:
+        row = self.by_reason.setdefault(job.reason or "?", [0, 0, 0, 0.0])
+        row[0] += 1
+        if job.best > 0 and node.idx not in job.best_nodes:
+            row[1] += 1
+        row[2] += max(job.best - job.cached, 0)
+        row[3] += self.ttft[job.index]
+
+    def _diagnosis(self) -> dict[str, Any]:
+        prefill = self.cost.prefill_s_per_token
+        reasons = {}
+        for reason, (n, away, lost, ttft) in sorted(self.by_reason.items()):
+            reasons[reason] = {
+                "requests": int(n),
+                "away_from_best_match": int(away),
+                "tokens_lost": int(lost),
+                "prefill_lost_s": round(lost * prefill, 3),
+                "ttft_mean_s": round(ttft / n, 4) if n else 0.0,
+            }
+        herds = [k for k in self.idle_sent.values() if k >= 2]
+        return {
+            "by_reason": reasons,
+            "idle_picks": self.idle_picks,
+            "idle_picks_already_busy": self.stale_idle,
+            "herds": len(herds),
+            "herded_requests": sum(herds),
+        }
 
     def _verify(
         self,
@@ -700,11 +807,12 @@ class Simulator:
                 min_q = q
         best: dict[int, tuple[Any, ...]] = {}
         least: tuple[Any, ...] | None = None
+        give_up = settings.give_up_s or math.inf
         for row in rows:
             m, q, score, name = row[0], row[1], row[2], row[3]
             if least is None or q < least[1]:
                 least = row
-            if is_overloaded(q, min_q, settings):
+            if is_overloaded(q, min_q, settings) or score > give_up:
                 continue
             cur = best.get(m)
             if cur is None or score < cur[2] or (score == cur[2] and name < cur[3]):
@@ -718,7 +826,7 @@ class Simulator:
             lowest = min(estimate_s(local, prompt), *(row[2] for row in best.values()))
             bar = lowest + slack * lowest
             for row in rows:
-                if row[2] <= bar and not is_overloaded(row[1], min_q, settings):
+                if row[2] <= min(bar, give_up) and not is_overloaded(row[1], min_q, settings):
                     keep.setdefault(row[4], row)
         cands = [local]
         service = local.service_s
@@ -885,8 +993,10 @@ class Simulator:
         job.fwd_cost = self._predict(len(job.tokens) - matched, mt)
         node.inflight[target] = node.inflight.get(target, 0) + 1
         node.fwd_out.setdefault(target, []).append(job)
+        self.nodes[target].incoming += 1
         self._push(self.now + self._delay(node.idx, target), _FWD, job, self.nodes[target].gen)
-        self._push(self.now + self.cfg.forward_timeout_s, _FWD_TIMEOUT, job, None)
+        if not self.cfg.forward_keepalive:
+            self._push(self.now + self.cfg.forward_timeout_s, _FWD_TIMEOUT, job, None)
 
     def _forward_over(self, job: _Job) -> None:
         """The entry's forward bookkeeping ends (answer relayed, or fell back)."""
@@ -906,6 +1016,7 @@ class Simulator:
 
     def _on_fwd(self, job: _Job, gen: int) -> None:
         target = self.nodes[job.node]
+        target.incoming = max(target.incoming - 1, 0)
         if job.state != _WAIT:
             return  # fell back already, or its entry died
         if not target.alive or target.gen != gen:
@@ -1028,6 +1139,8 @@ class Simulator:
         self.served_by[i] = node.idx
         self.cached[i] = job.cached
         self.forwarded[i] = job.forwarded
+        if self.cfg.diagnose:
+            self._note_done(job, node)
         if job.forwarded:
             self._forward_over(job)
         self.done += 1
@@ -1415,6 +1528,8 @@ class Simulator:
         figures["snapshots"] = self.snapshots
         figures["deltas_lost"] = self.deltas_lost
         figures["reasons"] = dict(sorted(self.reasons.items()))
+        if self.cfg.diagnose:
+            figures["diagnosis"] = self._diagnosis()
         figures["sim_s"] = round(self.now, 3)
         figures["events"] = self.events
         figures["wall_s"] = round(wall, 3)
