@@ -7,7 +7,8 @@ but not in one node's. Prompts are tokenized here (the model's own tokenizer,
 vocabulary only) and sent as token ids, so every policy serves identical tokens.
 
 Policies: the node policies (`zmesh`, `random`, `round_robin`, `consistent_hash`,
-`least_loaded`: the lab runs with that policy), and `oracle`: a client-side router
+`least_loaded`: the lab runs with that policy), `zmesh_ship` (zmesh with KV shipping
+on: a node may pull a busy peer's cached prefix), and `oracle`: a client-side router
 with exact, instant knowledge of every node. It mirrors each node's slots by
 replaying, in order, every request it sent there through the engine's slot policy
 (`zmesh.sim.cache.SlotCache`), so it knows the cache each request will find; it
@@ -63,7 +64,16 @@ from zmesh.sim.cache import SlotCache
 from zmesh.sim.costmodel import PRESETS
 
 ORACLE = "oracle"
-POLICIES = ("zmesh", "random", "round_robin", "consistent_hash", "least_loaded", ORACLE)
+ZMESH_SHIP = "zmesh_ship"  # the zmesh policy with KV shipping on (routing.ship)
+POLICIES = (
+    "zmesh",
+    ZMESH_SHIP,
+    "random",
+    "round_robin",
+    "consistent_hash",
+    "least_loaded",
+    ORACLE,
+)
 DEFAULT_OUT = Path("out/bench")
 
 
@@ -165,6 +175,7 @@ class Record:
     queue_s: float = math.nan
     error: str = ""
     predicted_cached: int = -1  # oracle: what its mirror of the slots said would be reused
+    shipped_tokens: int = 0  # of cached_tokens, pulled from a peer (zmesh_ship)
 
 
 class _Sender:
@@ -403,6 +414,7 @@ async def run_policy(
             rec.hops = done.hops if oracle is None else 0
             rec.prompt_tokens = done.prompt_tokens
             rec.cached_tokens = done.cached_tokens
+            rec.shipped_tokens = done.shipped_tokens
             rec.completion_tokens = done.completion_tokens
             rec.server_ttft_s = done.ttft_s
             rec.queue_s = done.queue_s
@@ -476,9 +488,26 @@ def figures(
     out["reasons"] = dict(sorted(reasons.items()))
     counters: dict[str, int] = {}
     for st in statuses:
-        for k in ("forwards", "forward_fallbacks", "snapshots_requested", "requests_served"):
+        for k in (
+            "forwards",
+            "forward_fallbacks",
+            "snapshots_requested",
+            "requests_served",
+            "kv_fetched",
+            "kv_fetched_bytes",
+            "kv_fetch_failed",
+            "kv_import_refused",
+        ):
             counters[k] = counters.get(k, 0) + int(st.counters.get(k, 0))
     out["node_counters"] = counters
+    shipped = [r for r in ok if r.shipped_tokens]
+    out["shipped_requests"] = len(shipped)
+    out["shipped_tokens_mean"] = (
+        round(statistics.fmean(r.shipped_tokens for r in shipped), 1) if shipped else 0.0
+    )
+    out["shipped_bytes_per_request"] = (
+        round(counters.get("kv_fetched_bytes", 0) / len(ok)) if ok else 0
+    )
     # Seconds per prefilled token on cold requests: shows CPU contention (ours or others').
     cold = [
         (r.server_ttft_s - r.queue_s) / (r.prompt_tokens - r.cached_tokens)
@@ -587,7 +616,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             tag = policy if args.repeats == 1 else f"{policy} round {rnd + 1}/{args.repeats}"
             lab = Lab(
                 n_nodes=args.nodes,
-                policy="zmesh" if policy == ORACLE else policy,
+                policy="zmesh" if policy in (ORACLE, ZMESH_SHIP) else policy,
+                routing={"ship": True} if policy == ZMESH_SHIP else {},
                 engine={
                     "n_slots": args.slots,
                     "slot_ctx": args.slot_ctx,
@@ -649,6 +679,13 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
         out["random_over_zmesh"] = round(
             ratio(results["random"]["ttft_mean_s"], z["ttft_mean_s"]), 3
         )
+    ship = results.get(ZMESH_SHIP)
+    if ship is not None:
+        for name in ("random", ORACLE):
+            if name in results:
+                out[f"{name}_over_zmesh_ship"] = round(
+                    ratio(results[name]["ttft_mean_s"], ship["ttft_mean_s"]), 3
+                )
     return out
 
 
