@@ -4,12 +4,13 @@ log and /proc readers. Real sockets and the real model throughout; no mocks."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,19 @@ import zmq.asyncio
 from zmesh import protocol as P
 from zmesh.config import NodeConfig
 from zmesh.engine import Engine
+from zmesh.lab import Lab
 from zmesh.node import Node
+
+
+@contextlib.contextmanager
+def started(lab: Lab, timeout: float = 120.0) -> Iterator[Lab]:
+    """Start a lab, wait until its nodes agree, and stop it however the block ends."""
+    lab.start()
+    try:
+        asyncio.run(lab.wait_converged(timeout=timeout))
+        yield lab
+    finally:
+        lab.stop()
 
 
 class RunningNode:

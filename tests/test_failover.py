@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from meshkit import log_events
+from meshkit import log_events, started
 
 from zmesh import protocol as P
 from zmesh.client import AsyncClient, Client, RequestError
@@ -57,12 +57,8 @@ def test_an_empty_tenant_is_an_error_not_the_default() -> None:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     lab = Lab(n_nodes=3, engine=ENGINE, workdir=tmp_path_factory.mktemp("failover"))
-    lab.start()
-    try:
-        asyncio.run(lab.wait_converged(timeout=120))
+    with started(lab):
         yield lab
-    finally:
-        lab.stop()
 
 
 def revive(lab: Lab, i: int) -> None:

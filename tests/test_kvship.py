@@ -159,12 +159,12 @@ def test_a_state_that_does_not_fit_is_refused_and_leaves_nothing(
     assert r.cached_tokens == 0 and r.completion_tokens == 1
 
 
-def test_export_of_an_unknown_prefix_or_namespace_is_none(engine: Engine) -> None:
-    engine.generate(FEW_SHOT + "Question: warm\nAnswer:", params=ONE)
-    assert engine.export_prefix(engine.tokenize(FEW_SHOT), "tenant:nobody") is None
-    unrelated = engine.export_prefix(engine.tokenize("Zebras are"), "default")
-    assert unrelated is not None and unrelated.header.tokens == engine.tokenize("")[:1]  # BOS
-    assert engine.check_consistency() == []
+def test_export_of_an_unknown_prefix_or_namespace_is_none(holder: Engine) -> None:
+    holder.generate(FEW_SHOT + "Question: warm\nAnswer:", params=ONE)
+    assert holder.export_prefix(holder.tokenize(FEW_SHOT), "tenant:nobody") is None
+    unrelated = holder.export_prefix(holder.tokenize("Zebras are"), "default")
+    assert unrelated is not None and unrelated.header.tokens == holder.tokenize("")[:1]  # BOS
+    assert holder.check_consistency() == []
 
 
 def test_header_round_trip_and_garbage() -> None:

@@ -8,7 +8,7 @@ import time
 import msgspec
 import pytest
 import zmq
-from meshkit import RawClient, generate, idle_heartbeat, log_events
+from meshkit import RawClient, generate, idle_heartbeat, log_events, started
 
 from zmesh import protocol as P
 from zmesh.client import Client
@@ -40,13 +40,9 @@ def lab3():
     # These tests pin a prefix on a chosen node by sending it there first; placement
     # hashing would move a new prefix to another node, so it is off here.
     lab = Lab(n_nodes=3, engine=ENGINE, routing=PINNED)
-    lab.start()
-    try:
-        # Up and converged before any test, so each one also passes when run alone.
-        converge(lab, timeout=120)
+    # Up and converged before any test, so each one also passes when run alone.
+    with started(lab):
         yield lab
-    finally:
-        lab.stop()
 
 
 def test_three_nodes_converge_and_see_each_other(lab3: Lab) -> None:

@@ -7,7 +7,6 @@ keyed lab of real node processes with the real model.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import stat
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import zmq
 import zmq.asyncio
+from meshkit import log_events, started
 
 from zmesh import protocol as P
 from zmesh.blocks import SHARED_NAMESPACE, tenant_namespace
@@ -274,18 +274,6 @@ FEW_SHOT = (
 )
 
 
-def log_events(path: Path, event: str) -> list[dict]:
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("event") == event:
-            out.append(rec)
-    return out
-
-
 def wait_for(pred, timeout: float = 20.0) -> bool:
     give_up = time.monotonic() + timeout
     while time.monotonic() < give_up:
@@ -310,12 +298,8 @@ def keyed_lab(tmp_path_factory):
     assert lab.keys_dir is not None
     # Written before the nodes start: they read the allowlist once.
     generate(lab.keys_dir, "acme-app", role="client", tenants=["acme"])
-    lab.start()
-    try:
-        asyncio.run(lab.wait_converged(timeout=120))
+    with started(lab):
         yield lab
-    finally:
-        lab.stop()
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ import msgspec
 import pytest
 import zmq
 import zmq.asyncio
-from meshkit import RawClient, RunningNode, generate, idle_heartbeat, log_events
+from meshkit import RawClient, RunningNode, generate, idle_heartbeat, log_events, started
 
 from zmesh import protocol as P
 from zmesh.client import AsyncClient
@@ -56,12 +56,8 @@ def lab2() -> Iterator[Lab]:
         policy="consistent_hash",
         routing={"forward_timeout_s": FORWARD_TIMEOUT_S},
     )
-    lab.start()
-    try:
-        asyncio.run(lab.wait_converged(timeout=120))
+    with started(lab):
         yield lab
-    finally:
-        lab.stop()
 
 
 def rid_events(lab: Lab, i: int, event: str, rid: str) -> list[dict]:

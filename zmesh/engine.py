@@ -493,12 +493,7 @@ class Engine:
 
         Returns (slot, reused tokens, tokens evicted from the slot's old content).
         """
-        best, common = None, 0
-        for s in self._slots:
-            if s.namespace == namespace and s.tokens:
-                n = _common_prefix(s.tokens, ids)
-                if n > common:
-                    best, common = s, n
+        best, common = self._longest_holder(ids, namespace)
         # Keep at least one prompt token to decode: its logits start the answer.
         reuse = min(common, len(ids) - 1)
         if best is not None and reuse > 0 and (2 * reuse >= len(best.tokens) or self.n_slots == 1):
@@ -522,6 +517,16 @@ class Engine:
         with self._lock:
             self._tree(namespace).set_sequence(target.seq, target.tokens)
         return target, reuse, evicted
+
+    def _longest_holder(self, tokens: Sequence[int], namespace: str) -> tuple[_Slot | None, int]:
+        """The slot of ``namespace`` sharing the longest prefix with ``tokens``, and its length."""
+        best, common = None, 0
+        for s in self._slots:
+            if s.namespace == namespace and s.tokens:
+                n = _common_prefix(s.tokens, tokens)
+                if n > common:
+                    best, common = s, n
+        return best, common
 
     def _victim(self, exclude: _Slot | None) -> _Slot:
         """An empty slot, else the least recently used one (not ``exclude`` if avoidable)."""
@@ -614,12 +619,7 @@ class Engine:
         """The KV state of the longest prefix of ``tokens`` that a slot of ``namespace``
         holds, or None if none holds a token of it. The slot itself is untouched: its
         prefix is shared into the scratch sequence (no copy), read out, and dropped."""
-        best, common = None, 0
-        for s in self._slots:
-            if s.namespace == namespace and s.tokens:
-                n = _common_prefix(s.tokens, tokens)
-                if n > common:
-                    best, common = s, n
+        best, common = self._longest_holder(tokens, namespace)
         if best is None:
             return None
         scratch = self._scratch_seq
@@ -644,12 +644,7 @@ class Engine:
         bad = next((t for t in tokens if not 0 <= t < self.n_vocab), None)
         if bad is not None:
             raise KvRefused("tokens", f"token id {bad} outside 0..{self.n_vocab - 1}")
-        holder, held = None, 0
-        for s in self._slots:
-            if s.namespace == namespace and s.tokens:
-                n = _common_prefix(s.tokens, tokens)
-                if n > held:
-                    holder, held = s, n
+        holder, held = self._longest_holder(tokens, namespace)
         if held >= len(tokens):
             return 0
         target = self._victim(exclude=holder)
