@@ -164,6 +164,7 @@ def test_export_of_an_unknown_prefix_or_namespace_is_none(holder: Engine) -> Non
     assert holder.export_prefix(holder.tokenize(FEW_SHOT), "tenant:nobody") is None
     unrelated = holder.export_prefix(holder.tokenize("Zebras are"), "default")
     assert unrelated is not None and unrelated.header.tokens == holder.tokenize("")[:1]  # BOS
+    assert holder.export_prefix(holder.tokenize("Zebras are"), "default", min_tokens=2) is None
     assert holder.check_consistency() == []
 
 

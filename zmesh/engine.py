@@ -615,12 +615,14 @@ class Engine:
 
     # ---- KV shipping (call on the engine's thread: between steps or requests) ----
 
-    def export_prefix(self, tokens: Sequence[int], namespace: str) -> KvState | None:
+    def export_prefix(
+        self, tokens: Sequence[int], namespace: str, min_tokens: int = 1
+    ) -> KvState | None:
         """The KV state of the longest prefix of ``tokens`` that a slot of ``namespace``
-        holds, or None if none holds a token of it. The slot itself is untouched: its
-        prefix is shared into the scratch sequence (no copy), read out, and dropped."""
+        holds, or None if none holds ``min_tokens`` of it. The slot itself is untouched:
+        its prefix is shared into the scratch sequence (no copy), read out, and dropped."""
         best, common = self._longest_holder(tokens, namespace)
-        if best is None:
+        if best is None or common < max(min_tokens, 1):
             return None
         scratch = self._scratch_seq
         ll.llama_memory_seq_rm(self._mem, scratch, -1, -1)

@@ -79,7 +79,8 @@ class KvPeer:
         t0 = time.perf_counter()
         try:
             state: KvState | None = await self._on_engine(
-                lambda: self.engine.export_prefix(tokens, ns)
+                # Less than a pull's minimum (a shared BOS, say) is not worth a transfer.
+                lambda: self.engine.export_prefix(tokens, ns, self.config.ship_min_tokens)
             )
         except Exception as exc:  # an engine failure must not take the node down
             self.log.warning("kv.export_failed", request_id=msg.request_id, error=repr(exc))
