@@ -211,6 +211,7 @@ BENCHMARKS = {
     "mesh": "zmesh.bench.mesh",  # convergence time and forwarding overhead per hop
     "routing": "zmesh.bench.routing",  # routing decision time, 8 peers x 100k blocks
     "cluster": "zmesh.bench.cluster",  # every policy on a real lab, same requests
+    "gateway": "zmesh.bench.gateway",  # zmesh routing vs the SGLang gateway, over HTTP
 }
 
 
