@@ -212,6 +212,7 @@ BENCHMARKS = {
     "routing": "zmesh.bench.routing",  # routing decision time, 8 peers x 100k blocks
     "cluster": "zmesh.bench.cluster",  # every policy on a real lab, same requests
     "gateway": "zmesh.bench.gateway",  # zmesh routing vs the SGLang gateway, over HTTP
+    "http": "zmesh.bench.http",  # TTFT over HTTP vs the ZeroMQ client, one node
 }
 
 
