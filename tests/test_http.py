@@ -259,3 +259,31 @@ def test_a_caller_that_hangs_up_mid_stream_cancels_its_request(lab: Lab) -> None
         time.sleep(0.1)
     status, _, reply = _post(f"{node.http}/v1/completions", {"prompt": "Next", "max_tokens": 1})
     assert status == 200, reply
+
+
+def test_with_curve_keys_http_needs_api_keys_and_still_serves() -> None:
+    from zmesh.config import ConfigError, config_from_dict
+
+    lab = Lab(n_nodes=1, engine=ENGINE, keys=True, http_keys=KEYS[:1])
+    assert lab.keys_dir is not None
+    with pytest.raises(ConfigError, match=r"http\.api_keys: required"):
+        config_from_dict(
+            {
+                "node_id": "n1",
+                "serve_addr": "tcp://127.0.0.1:5555",
+                "gossip_addr": "tcp://127.0.0.1:5556",
+                "security": {"secret_key_file": str(lab.keys_dir / "node-a.key_secret")},
+                "http": {"port": 8080},
+            }
+        )
+    lab.start()
+    try:
+        asyncio.run(lab.wait_converged(timeout=120))
+        c = _oa(lab)
+        raw = c.completions.with_raw_response.create(model=MODEL, prompt="Rivers", max_tokens=2)
+        assert raw.headers["x-zmesh-served-by"] == lab.nodes[0].name
+        assert raw.parse().usage.completion_tokens == 2  # type: ignore[union-attr]
+        with pytest.raises(openai.AuthenticationError):
+            _oa(lab, key=KEY_GLOBEX).completions.create(model=MODEL, prompt="x", max_tokens=1)
+    finally:
+        lab.stop()
