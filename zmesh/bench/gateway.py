@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -203,7 +204,7 @@ async def bench_workload(args: argparse.Namespace, workload: str) -> dict[str, A
         lab = Lab(
             n_nodes=args.nodes,
             engine={"n_slots": args.slots, "slot_ctx": args.slot_ctx, "n_threads": args.threads},
-            routing={"max_hops": 0} if behind else {},
+            routing={"max_hops": 0} if behind else dict(args.zmesh_routing),
             workdir=workdir,
         )
         lab.start()
@@ -254,7 +255,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.description = __doc__
     ap.add_argument("--workloads", default="mmlu,shared", help="comma list (mmlu, shared, chat)")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {SYSTEMS}")
+    ap.add_argument(
+        "--zmesh-routing",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a [routing] setting of the zmesh system's nodes (TOML value), e.g. "
+        "forward_timeout_s=30 (repeatable)",
+    )
     args = ap.parse_args(argv)
+    try:
+        args.zmesh_routing = [
+            (k, tomllib.loads(f"v = {v}")["v"])
+            for k, v in (kv.split("=", 1) for kv in args.zmesh_routing)
+        ]
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        ap.error(f"--zmesh-routing takes KEY=VALUE (a TOML value): {exc}")
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if bad := [s for s in args.systems if s not in SYSTEMS]:
         ap.error(f"unknown systems {bad}; known: {', '.join(SYSTEMS)}")

@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     from zmesh.node import Node
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+# OpenAI's chat default is "until the context ends"; a bounded one keeps a slot free.
+DEFAULT_CHAT_MAX_TOKENS = 256
 _TCP_RE = re.compile(r"tcp://(?P<host>\[[^\]]*\]|[^:/]+):(?P<port>[0-9]+)")
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -257,7 +259,7 @@ class HttpFront:
                 404, f"the model {req.model!r} does not exist; this mesh serves {self.model!r}",
                 "invalid_request_error", "model_not_found",
             )  # fmt: skip
-        params = req.params(DEFAULT_MAX_TOKENS)
+        params = req.params(DEFAULT_CHAT_MAX_TOKENS if chat else DEFAULT_MAX_TOKENS)
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         if not 1 <= len(rid) <= P.MAX_ID_CHARS:
             raise ApiError.invalid(f"x-request-id must be 1..{P.MAX_ID_CHARS} characters")
