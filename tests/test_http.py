@@ -40,7 +40,8 @@ def lab():
         engine=ENGINE,
         routing={"place_slack_frac": 0.0},  # a prefix stays where it was first served
         http_keys=KEYS,
-        extra_config={"http": {"max_body_bytes": MAX_BODY}},
+        # One request in flight per key, so that the per-key limit is easy to reach.
+        extra_config={"http": {"max_body_bytes": MAX_BODY}, "max_inflight_per_client": 1},
     )
     lab.start()
     try:
@@ -116,6 +117,10 @@ def test_the_openai_package_streams_and_completes_text_and_chat(lab: Lab) -> Non
     deltas = [ch.choices[0].delta for ch in streamed if ch.choices]
     assert deltas[0].role == "assistant"
     assert "".join(d.content or "" for d in deltas) == chat.choices[0].message.content
+
+    # A list of token ids is a prompt too.
+    ids = c.completions.create(model=MODEL, prompt=[2, 818, 5279, 529, 7001, 563], max_tokens=3)
+    assert ids.usage is not None and ids.usage.prompt_tokens == 6
 
 
 def test_chat_prompts_use_the_models_template(lab: Lab) -> None:
@@ -287,3 +292,24 @@ def test_with_curve_keys_http_needs_api_keys_and_still_serves() -> None:
             _oa(lab, key=KEY_GLOBEX).completions.create(model=MODEL, prompt="x", max_tokens=1)
     finally:
         lab.stop()
+
+
+def test_a_key_over_its_in_flight_limit_gets_429_and_other_keys_are_served(lab: Lab) -> None:
+    node = lab.nodes[0]
+    u = urlsplit(node.http or "")
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    body = {"prompt": "A long story about a river:", "max_tokens": 400, "stream": True}
+    conn.request(
+        "POST", "/v1/completions", json.dumps(body), {"Authorization": f"Bearer {KEY_ACME}"}
+    )
+    try:
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data: ")
+        url = f"{node.http}/v1/completions"
+        status, headers, reply = _post(url, {"prompt": "Hi", "max_tokens": 1})
+        _error(status, reply, 429, "too_many_requests")
+        assert headers.get("Retry-After") == "1"
+        status, _, reply = _post(url, {"prompt": "Hi", "max_tokens": 1}, key=KEY_GLOBEX)
+        assert status == 200, reply
+    finally:
+        conn.close()
