@@ -17,7 +17,7 @@ import pytest
 from meshkit import log_events
 
 from zmesh.client import Client
-from zmesh.lab import Lab
+from zmesh.lab import Lab, free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -313,3 +313,23 @@ def test_a_key_over_its_in_flight_limit_gets_429_and_other_keys_are_served(lab: 
         assert status == 200, reply
     finally:
         conn.close()
+
+
+def test_a_node_that_has_not_joined_is_not_ready() -> None:
+    """Its seed never answers: /health says 503 and requests get not_ready, not a hang."""
+    fake_serve, fake_gossip = (f"tcp://127.0.0.1:{p}" for p in free_ports(2))
+    lab = Lab(n_nodes=1, engine=ENGINE, extra_seeds=[{"serve": fake_serve, "gossip": fake_gossip}])
+    lab.start()
+    try:
+        asyncio.run(lab.wait_converged(timeout=120))  # bound and answering status
+        try:
+            urllib.request.urlopen(f"{lab.http_urls[0]}/health", timeout=10)
+            raise AssertionError("a node with no peer heard reported healthy")
+        except urllib.error.HTTPError as e:
+            assert e.code == 503 and json.loads(e.read())["status"] == "starting"
+        status, _, body = _post(
+            f"{lab.http_urls[0]}/v1/completions", {"prompt": "Hi", "max_tokens": 1}, key=None
+        )
+        _error(status, body, 503, "not_ready")
+    finally:
+        lab.stop()
