@@ -345,6 +345,10 @@ class HttpFront:
                 if resp is None:
                     raise err from None
                 await send(err.body())
+            except ConnectionResetError:  # the caller hung up: leaving closes the stream
+                self.log.info("http.caller_gone", request_id=kw["request_id"])
+                assert resp is not None
+                return resp
         assert resp is not None  # a stream ends with Done or an error
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
