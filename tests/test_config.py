@@ -15,6 +15,7 @@ from zmesh.config import (
     EngineConfig,
     FaultsConfig,
     GossipConfig,
+    HttpConfig,
     NodeConfig,
     RoutingConfig,
     SecurityConfig,
@@ -70,7 +71,15 @@ def test_example_config_loads_and_documents_every_key() -> None:
     # The example spells out the defaults, so it equals a minimal config.
     assert cfg == config_from_dict(base())
     text = EXAMPLE.read_text()
-    tables = (NodeConfig, EngineConfig, GossipConfig, RoutingConfig, Seed, SecurityConfig)
+    tables = (
+        NodeConfig,
+        EngineConfig,
+        GossipConfig,
+        RoutingConfig,
+        Seed,
+        SecurityConfig,
+        HttpConfig,
+    )
     for cls in (*tables, FaultsConfig):
         for name in cls.__struct_fields__:
             assert f"{name} =" in text or f"[{name}]" in text or f"[[{name}]]" in text, name
@@ -395,3 +404,21 @@ def test_dump_toml_round_trips_any_text(tenants: list[str], n_slots: int, min_ga
         base(tenant_shared=tenants, engine={"n_slots": n_slots}, routing={"min_gain_s": min_gain})
     )
     assert config_from_dict(tomllib.loads(dump_toml(cfg))) == cfg
+
+
+@pytest.mark.parametrize(
+    ("http", "key", "why"),
+    [
+        ({"port": 70000}, "http.port", "0..65535"),
+        ({"api_keys": [{"key": "short"}]}, "http.api_keys", "at least 16"),
+        ({"api_keys": [{"key": "k" * 20, "tenants": []}]}, "http.api_keys", "tenant names"),
+        ({"api_keys": [{"key": "k" * 20}, {"key": "k" * 20}]}, "http.api_keys", "distinct"),
+        ({"timeout_s": 0}, "http.timeout_s", "> 0"),
+    ],
+)
+def test_http_section_is_checked(http: dict[str, Any], key: str, why: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(base(http=http))
+    assert exc.value.key is not None and exc.value.key.startswith(key), exc.value
+    assert why in exc.value.message
+    assert config_from_dict(base(http={"port": 8080})).http.api_keys == []

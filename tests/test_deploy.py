@@ -197,13 +197,14 @@ def test_every_published_port_matches_a_bind() -> None:
             continue
         cfg = s.config()
         binds = {port_of(cfg.serve_addr): "serve", cfg.metrics_port: "metrics"}
+        binds[cfg.http.port] = "http"
         published = s.published()
         for _, container in published:
             assert container in binds, f"{s.name}: publishes {container}, which nothing binds"
         if s.auto_identity:
             assert not published, "scaled replicas cannot share host ports"
             continue
-        assert {binds[c] for _, c in published} == {"serve", "metrics"}, s.name
+        assert {binds[c] for _, c in published} == {"serve", "metrics", "http"}, s.name
         host_ports += [h for h, _ in published]
     assert len(host_ports) == len(set(host_ports)), f"host ports collide: {host_ports}"
     # The CLI's default endpoints are the lab's serve ports: `zmesh ask` works as is.

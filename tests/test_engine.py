@@ -189,3 +189,16 @@ def test_random_workload_keeps_tree_and_llama_memory_consistent(small_engine: En
         if ns is not None:
             want |= set(eng.hasher(ns).block_ids(toks))
     assert eng.block_ids() == want == advertised
+
+
+def test_chat_prompt_follows_the_models_template(engine: Engine) -> None:
+    turns = [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "2+2?")]
+    text = engine.chat_prompt(turns)
+    # The packaged GGUF has no template of its own: llama.cpp's `gemma` (its architecture).
+    assert engine.chat_template() == b"gemma"
+    assert text.startswith("<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n")
+    assert text.endswith("<start_of_turn>user\n2+2?<end_of_turn>\n<start_of_turn>model\n")
+    assert engine.chat_prompt([("user", "x")], "chatml").startswith("<|im_start|>user\nx")
+    with pytest.raises(EngineError) as exc:
+        engine.chat_prompt([("user", "x")], "no-such-template")
+    assert exc.value.code == "invalid_request"

@@ -140,6 +140,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
+    import secrets
     import signal
 
     from zmesh.client import Client, ZmeshError
@@ -153,6 +154,10 @@ def cmd_lab(args: argparse.Namespace) -> int:
         engine=engine,
         keys=args.keys is not None,
         keys_dir=args.keys or None,
+        # With CURVE, HTTP callers need an API key too: one for this lab's run.
+        http_keys=[{"key": f"sk-lab-{secrets.token_hex(16)}", "name": "lab"}]
+        if args.keys is not None
+        else [],
     )
     stop = False
 
@@ -174,7 +179,13 @@ def cmd_lab(args: argparse.Namespace) -> int:
         )
         _say(f"zmesh lab: {args.nodes} nodes converged in {secs:.1f}s")
         for node in lab.nodes:
-            print(f"{node.name}  serve {node.serve}  gossip {node.gossip}  log {node.log_path}")
+            http = f"  http {node.http}" if node.http else ""
+            print(
+                f"{node.name}  serve {node.serve}  gossip {node.gossip}{http}  log {node.log_path}"
+            )
+        if lab.http_urls:
+            key = lab.http_keys[0]["key"] if lab.http_keys else "none"
+            print(f"OpenAI API: base_url {lab.http_urls[0]}/v1, api_key {key}")
         if lab.keys:
             kw = lab.client_kwargs()
             flags = " ".join(
@@ -213,6 +224,8 @@ BENCHMARKS = {
     "mesh": "zmesh.bench.mesh",  # convergence time and forwarding overhead per hop
     "routing": "zmesh.bench.routing",  # routing decision time, 8 peers x 100k blocks
     "cluster": "zmesh.bench.cluster",  # every policy on a real lab, same requests
+    "gateway": "zmesh.bench.gateway",  # zmesh routing vs the SGLang gateway, over HTTP
+    "http": "zmesh.bench.http",  # TTFT over HTTP vs the ZeroMQ client, one node
 }
 
 
@@ -278,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--base-port",
         type=int,
         default=5555,
-        help="node i serves on base+10*i, gossips on base+10*i+1 (default 5555)",
+        help="node i serves on base+10*i, gossips on base+10*i+1, HTTP on base+10*i+8 "
+        "(default 5555)",
     )
     p.add_argument(
         "--policy",

@@ -271,6 +271,7 @@ class AsyncClient:
         tenant: str = "default",
         client_key: str | os.PathLike[str] | KeyPair | None = None,
         server_key: str | Mapping[str, str] | None = None,
+        context: zmq.asyncio.Context | None = None,
     ) -> None:
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not self.endpoints:
@@ -304,7 +305,9 @@ class AsyncClient:
                     raise ValueError(f"no server_key for endpoint(s) {missing}")
         except SecurityError as exc:
             raise ValueError(str(exc)) from None
-        self._ctx = zmq.asyncio.Context()
+        # A shared context (inproc:// endpoints need the binder's) is not ours to end.
+        self._own_ctx = context is None
+        self._ctx = context or zmq.asyncio.Context()
         self._eps: dict[str, _Endpoint] = {}
 
     def _ep(self, address: str) -> _Endpoint:
@@ -338,7 +341,8 @@ class AsyncClient:
             ep.close()
         self._eps.clear()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._ctx.term()
+        if self._own_ctx:
+            self._ctx.term()
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -41,6 +41,8 @@ __all__ = [
     "EngineConfig",
     "FaultsConfig",
     "GossipConfig",
+    "HttpApiKey",
+    "HttpConfig",
     "NodeConfig",
     "RoutingConfig",
     "SecurityConfig",
@@ -334,6 +336,43 @@ class SecurityConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return self.secret_key_file is not None
 
 
+class HttpApiKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One `Authorization: Bearer` key of the HTTP API and the tenants it may use."""
+
+    key: str  # the bearer token itself; keep the config file private (mode 0600)
+    tenants: list[str] = msgspec.field(
+        default_factory=lambda: ["default"]
+    )  # the first is used unless x-zmesh-tenant names another
+    name: str | None = None  # for logs; default: the key's first 4 characters
+
+    def __post_init__(self) -> None:
+        if len(self.key) < 16:
+            _fail("key", "must be at least 16 characters")
+        if not self.tenants or any(not 1 <= len(t) <= 64 for t in self.tenants):
+            _fail("tenants", "must list 1..64-character tenant names")
+
+
+class HttpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The OpenAI-compatible HTTP API of the node (zmesh/http/); off unless port > 0."""
+
+    port: int = 0
+    host: str | None = None  # default: serve_addr's host (loopback stays loopback)
+    model_name: str | None = None  # the model id callers name; default: the GGUF file stem
+    chat_template: str | None = None  # llama.cpp template name or text; default: the GGUF's
+    api_keys: list[HttpApiKey] = []  # empty: no key asked, every caller is tenant "default"
+    max_body_bytes: int = 4 * 1024 * 1024
+    timeout_s: float = 600.0  # a request's deadline, as the ZeroMQ client's timeout
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            _fail("port", f"must be in 0..65535 (0 = off), got {self.port}")
+        if self.max_body_bytes < 1024:
+            _fail("max_body_bytes", f"must be >= 1024, got {self.max_body_bytes}")
+        _check_positive(self, "timeout_s")
+        if len({k.key for k in self.api_keys}) != len(self.api_keys):
+            _fail("api_keys", "keys must be distinct")
+
+
 class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     node_id: str
     # Bind addresses. Named *_addr because `gossip` is the [gossip] timing table
@@ -356,6 +395,7 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
     faults: FaultsConfig = msgspec.field(default_factory=FaultsConfig)
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
 
     def __post_init__(self) -> None:
         if not _NODE_ID_RE.fullmatch(self.node_id):
@@ -393,6 +433,9 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             a.endswith(f":{self.metrics_port}") for a in (self.serve_addr, self.gossip_addr)
         ):
             _fail("metrics_port", f"{self.metrics_port} is also the serve or gossip port")
+        if self.http.port and self.security.enabled and not self.http.api_keys:
+            # Else HTTP callers would get past the CURVE allowlist with no key at all.
+            _fail("http.api_keys", "required when [security] is on and http.port is set")
 
     @property
     def serve_endpoint(self) -> str:

@@ -264,6 +264,48 @@ class Engine:
     def _too_many_tokens(self, n: int) -> str:
         return f"prompt has {n} tokens; this node accepts at most {self.max_prompt_tokens}"
 
+    def chat_template(self, override: str | None = None) -> bytes:
+        """The chat template: ``override`` (a llama.cpp template name such as ``gemma``
+        or ``chatml``, or a template), else the GGUF's ``tokenizer.chat_template``, else
+        the llama.cpp built-in named after the model's architecture (``gemma3`` ->
+        ``gemma``) for GGUFs shipped without one (the packaged model is one)."""
+        if override:
+            return override.encode()
+        tmpl = ll.llama_model_chat_template(self._model, None)
+        if tmpl:
+            return bytes(tmpl)
+        buf = ctypes.create_string_buffer(64)
+        n = ll.llama_model_meta_val_str(self._model, b"general.architecture", buf, len(buf))
+        return buf.value.rstrip(b"0123456789") if n > 0 else b""
+
+    def chat_prompt(self, messages: Sequence[tuple[str, str]], template: str | None = None) -> str:
+        """``(role, content)`` messages as one prompt in the model's chat template
+        (llama.cpp's template support; see `chat_template`), ending where the
+        assistant's turn begins. Thread-safe: string work only, no model state."""
+        tmpl = self.chat_template(template)
+        try:
+            # The ctypes message array points into these bytes: keep them alive.
+            encoded = [(r.encode("utf-8"), c.encode("utf-8")) for r, c in messages]
+        except UnicodeEncodeError as exc:
+            raise EngineError(INVALID_REQUEST, f"message is not valid UTF-8: {exc.reason}") from exc
+        chat = (ll.llama_chat_message * len(encoded))(
+            *(ll.llama_chat_message(r, c) for r, c in encoded)
+        )
+        cap = 2 * sum(len(r) + len(c) for r, c in encoded) + 256
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(cap)
+            n = ll.llama_chat_apply_template(tmpl, chat, len(encoded), True, buf, cap)
+            if n < 0:
+                raise EngineError(
+                    INVALID_REQUEST,
+                    f"llama.cpp has no chat template {tmpl[:40]!r} for {self.model_path.name}"
+                    " (set http.chat_template)",
+                )
+            if n <= cap:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            cap = n  # the buffer was too small: n bytes are needed
+        raise EngineError(INVALID_REQUEST, "chat template output kept growing")  # pragma: no cover
+
     # ---- cache view (thread-safe) -----------------------------------------
 
     def hasher(self, namespace: str) -> BlockHasher:

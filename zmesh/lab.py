@@ -65,6 +65,7 @@ class LabNode:
     config_path: Path
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    http: str | None = None  # base URL of its OpenAI-compatible API (None: off)
 
     @property
     def alive(self) -> bool:
@@ -115,6 +116,8 @@ class Lab:
     nodes: list[LabNode] = field(default_factory=list)
     # Run-time faults written to each node's control file, by node index.
     faults: dict[int, dict[str, Any]] = field(default_factory=dict)
+    http: bool = True  # each node serves the OpenAI-compatible HTTP API (zmesh/http/)
+    http_keys: list[dict[str, Any]] = field(default_factory=list)  # [http] api_keys
 
     def __post_init__(self) -> None:
         if self.n_nodes < 1:
@@ -124,10 +127,14 @@ class Lab:
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="zmesh-lab-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.keys and not self.http_keys:
+            self.http = False  # a node with CURVE serves HTTP only to API keys
         if self.base_port is None:
-            ports = free_ports(2 * self.n_nodes, self.host)
+            ports = free_ports(3 * self.n_nodes, self.host)
+            http_ports = ports[2 * self.n_nodes :]
         else:
             ports = [self.base_port + 10 * (i // 2) + (i % 2) for i in range(2 * self.n_nodes)]
+            http_ports = [self.base_port + 10 * i + 8 for i in range(self.n_nodes)]
         for i in range(self.n_nodes):
             name = node_name(i)
             self.nodes.append(
@@ -137,6 +144,7 @@ class Lab:
                     gossip=f"tcp://{self.host}:{ports[2 * i + 1]}",
                     config_path=self.workdir / f"{name}.toml",
                     log_path=self.workdir / f"{name}.log",
+                    http=f"http://{self.host}:{http_ports[i]}" if self.http else None,
                 )
             )
         if self.keys:
@@ -188,10 +196,14 @@ class Lab:
             }
         seeds += self.extra_seeds
         faults = {**self.extra_config.get("faults", {}), "control_file": str(self.faults_path(i))}
+        http = dict(self.extra_config.get("http", {}))
+        if me.http:
+            http.update(port=int(me.http.rsplit(":", 1)[1]), api_keys=self.http_keys)
         return config_from_dict(
             {
                 **self.extra_config,
                 "faults": faults,
+                "http": http,
                 "security": security,
                 "node_id": me.name,
                 "serve_addr": me.serve,
@@ -207,6 +219,11 @@ class Lab:
     @property
     def endpoints(self) -> list[str]:
         return [n.serve for n in self.nodes]
+
+    @property
+    def http_urls(self) -> list[str]:
+        """Each node's OpenAI-compatible API (``base_url`` is URL + "/v1")."""
+        return [n.http for n in self.nodes if n.http]
 
     # ---- processes ---------------------------------------------------------
 

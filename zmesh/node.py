@@ -271,9 +271,17 @@ class Node:
                 "is trusted as a client and as a peer (docs/security.md)",
             )
         self.ready.set()
+        http = None
         try:
+            if self.config.http.port:  # the OpenAI-compatible API (zmesh/http/)
+                from zmesh.http import HttpFront
+
+                http = HttpFront(self)
+                await http.start()
             await self._stopping.wait()
         finally:
+            if http is not None:
+                await http.stop()
             for t in self._tasks:
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -38,7 +38,7 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -372,6 +372,41 @@ class Plan:
     due: list[float] = field(default_factory=list)  # bursts: due time of each request
 
 
+async def drive(plan: Plan, one: Callable[[int], Awaitable[None]], t0: float) -> None:
+    """Issue the plan's requests through ``one(index)``: a closed loop of
+    ``concurrency`` workers over the streams, or each stream at its Poisson start
+    (``t0``: the run's perf_counter origin), or in bursts when each is due. Chat
+    turns of one stream run in order."""
+
+    async def stream(indices: list[int]) -> None:
+        for k, i in enumerate(indices):
+            if k and plan.arrivals.think_s:
+                await asyncio.sleep(plan.arrivals.think_s)
+            if plan.due:  # bursts: not before the request is due
+                await asyncio.sleep(max(plan.due[i] - (time.perf_counter() - t0), 0.0))
+            await one(i)
+
+    streams = plan.workload.streams()
+    if plan.arrivals.mode == "closed":
+        queue: asyncio.Queue[list[int]] = asyncio.Queue()
+        for s in streams:
+            queue.put_nowait(s)
+
+        async def worker() -> None:
+            while not queue.empty():
+                await stream(queue.get_nowait())
+
+        await asyncio.gather(*(worker() for _ in range(plan.arrivals.concurrency)))
+    else:
+
+        async def timed(s: list[int], at: float) -> None:
+            await asyncio.sleep(max(at - (time.perf_counter() - t0), 0.0))
+            await stream(s)
+
+        starts = plan.starts or [plan.due[s[0]] for s in streams]
+        await asyncio.gather(*(timed(s, starts[k]) for k, s in enumerate(streams)))
+
+
 async def run_policy(
     policy: str, plan: Plan, lab: Lab, progress: bool = True
 ) -> tuple[list[Record], float, list[P.Status]]:
@@ -427,34 +462,8 @@ async def run_policy(
                 f"{time.perf_counter() - t0:.0f}s"
             )
 
-    async def stream(indices: list[int]) -> None:
-        for k, i in enumerate(indices):
-            if k and plan.arrivals.think_s:
-                await asyncio.sleep(plan.arrivals.think_s)
-            if plan.due:  # bursts: not before the request is due
-                await asyncio.sleep(max(plan.due[i] - (time.perf_counter() - t0), 0.0))
-            await one(i)
-
-    streams = wl.streams()
     try:
-        if plan.arrivals.mode == "closed":
-            queue: asyncio.Queue[list[int]] = asyncio.Queue()
-            for s in streams:
-                queue.put_nowait(s)
-
-            async def worker() -> None:
-                while not queue.empty():
-                    await stream(queue.get_nowait())
-
-            await asyncio.gather(*(worker() for _ in range(plan.arrivals.concurrency)))
-        else:
-
-            async def timed(s: list[int], at: float) -> None:
-                await asyncio.sleep(max(at - (time.perf_counter() - t0), 0.0))
-                await stream(s)
-
-            starts = plan.starts or [plan.due[s[0]] for s in streams]
-            await asyncio.gather(*(timed(s, starts[k]) for k, s in enumerate(streams)))
+        await drive(plan, one, t0)
         wall = time.perf_counter() - t0
         statuses = await lab.statuses(timeout=5.0)
     finally:
