@@ -179,3 +179,25 @@ def test_header_round_trip_and_garbage() -> None:
     with pytest.raises(KvRefused) as info:
         unpack(b"\x93garbage", payload)
     assert info.value.reason == "malformed"
+
+
+def test_a_prefix_longer_than_the_sliding_window_ships_its_first_window(
+    holder: Engine, receiver: Engine, engine: Engine
+) -> None:
+    """llama.cpp leaves out cells older than Gemma 3's 512-token window when it exports
+    a sequence, so only the first window travels; the rest is prefilled after import."""
+    _clear(holder)
+    _clear(receiver)
+    long_prefix = FEW_SHOT * 2
+    holder.generate(long_prefix + "Question: warm\nAnswer:", params=ONE)
+    tokens = holder.tokenize(long_prefix + QUESTION)
+    assert len(tokens) > holder.max_ship_tokens == 512
+    state = holder.export_prefix(tokens, "default")
+    assert state is not None and state.n_tokens == holder.max_ship_tokens
+    assert receiver.import_prefix(state, "default") == state.n_tokens
+    assert receiver.check_consistency() == []
+    shipped = receiver.generate(long_prefix + QUESTION, params=GREEDY)
+    cold = engine.generate(long_prefix + QUESTION, params=GREEDY, namespace="window-cold")
+    assert shipped.cached_tokens >= state.n_tokens and cold.cached_tokens == 0
+    assert shipped.text == cold.text
+    assert receiver.check_consistency() == []

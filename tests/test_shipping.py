@@ -154,3 +154,10 @@ def test_ship_costs_follow_measurements() -> None:
     assert costs.bytes_per_token == 18_000  # the first measurement replaces the start value
     costs.forget("p")
     assert "p" not in costs.bandwidth_bps
+
+
+def test_a_pull_carries_no_more_than_the_window_and_prefills_the_rest() -> None:
+    d = route([node("m", local=True), node("h", matched=1024, wait=2.0)], ship_max_tokens=512)
+    assert d.reason == REASON_SHIPPED and d.pull_tokens == 512
+    # The rest of the prompt (1100 - 512 tokens) is prefilled here after the import.
+    assert d.est_target_s == pytest.approx(max(0.0, d.est_ship_s) + (1100 - 512) * PREFILL)

@@ -186,6 +186,13 @@ class Engine:
         self._mem = ll.llama_get_memory(self._ctx)
         self._batch = ll.llama_batch_init(cfg.n_batch, 0, 1)
         self._add_bos = bool(ll.llama_vocab_get_add_bos(self._vocab))
+        # llama.cpp exports a sequence's state without the cells its sliding-window
+        # layers no longer attend to (older than n_swa positions before its last), so a
+        # longer prefix would arrive without its oldest cells: ship at most n_swa tokens.
+        n_swa = int(ll.llama_model_n_swa(self._model))
+        self.max_ship_tokens = (
+            min(n_swa, self.max_prompt_tokens) if n_swa > 0 else self.max_prompt_tokens
+        )
 
     def close(self) -> None:
         if getattr(self, "_ctx", None):
@@ -631,6 +638,11 @@ class Engine:
         ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
 
+    def clear(self) -> None:
+        """Drop what every slot holds (benchmarks and tests start over with it)."""
+        for s in self._slots:
+            self._truncate(s, 0)
+
     # ---- work between steps ---------------------------------------------------
 
     def call_between_steps(self, fn: Callable[[], Any]) -> Future[Any] | None:
@@ -664,6 +676,7 @@ class Engine:
         holds, or None if none holds ``min_tokens`` of it. The slot itself is untouched:
         its prefix is shared into the scratch sequence (no copy), read out, and dropped."""
         best, common = self._longest_holder(tokens, namespace)
+        common = min(common, self.max_ship_tokens)
         if best is None or common < max(min_tokens, 1):
             return None
         scratch = self._scratch_seq

@@ -131,6 +131,7 @@ class Node:
             balance_rel=r.balance_rel,
             ship=r.ship,
             ship_min_tokens=r.ship_min_tokens,
+            ship_max_tokens=self.engine.max_ship_tokens,
             # No give-up: a forward is waited for while the peer sends Progress.
             give_up_s=0.0,
         )

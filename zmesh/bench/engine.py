@@ -3,6 +3,9 @@
 Cold and warm requests are interleaved in one run on one engine: each cold request
 uses a namespace of its own (namespaces never share cache, so it prefills everything);
 warm requests share one namespace whose prefix was cached by a priming request.
+Then KV shipping on one machine: the warm prefix is exported, packed and unpacked as
+the wire carries it, imported into a second engine, and the request served there
+(export, import and the TTFT after the import; the wire itself is `bench cluster`'s).
 
     python -m zmesh.bench.engine [--suffixes 20] [--prefix-tokens 600] [--json]
 """
@@ -17,6 +20,7 @@ import time
 
 from zmesh.config import EngineConfig
 from zmesh.engine import Engine, GenerationResult
+from zmesh.kvstate import pack, unpack
 from zmesh.protocol import SamplingParams
 
 TOPICS = [
@@ -76,6 +80,7 @@ def run(n_suffixes: int, prefix_tokens: int, max_tokens: int, n_threads: int) ->
         slot_bytes = engine.slot_state_bytes(warm[-1].slot)
         slot_tokens = len(engine.slot_tokens()[warm[-1].slot][1])
         assert all(c.cached_tokens == 0 for c in cold), "a cold request reused cache"
+        shipped = ship(engine, cfg, prefix, params, min(n_suffixes, 5))
 
     def mean(xs: list[float]) -> float:
         return statistics.fmean(xs)
@@ -99,6 +104,49 @@ def run(n_suffixes: int, prefix_tokens: int, max_tokens: int, n_threads: int) ->
         "slot_state_bytes": slot_bytes,
         "slot_state_tokens": slot_tokens,
         "kv_bytes_per_token": round(slot_bytes / max(slot_tokens, 1)),
+        **shipped,
+        "ttft_ratio_cold_over_shipped": round(
+            cold_ttft / float(shipped["shipped_total_mean_s"]), 1
+        ),
+    }
+
+
+def ship(
+    holder: Engine, cfg: EngineConfig, prefix: str, params: SamplingParams, n: int
+) -> dict[str, float]:
+    """Export the warm prefix from ``holder``, import it into a fresh engine, serve."""
+    export_s, import_s, ttft_s, nbytes, tokens = [], [], [], [], []
+    with Engine(cfg) as receiver:
+        for i in range(n):
+            receiver.clear()
+            prompt = prefix + suffix(100 + i)
+            t = time.perf_counter()
+            state = holder.export_prefix(holder.tokenize(prompt), "warm")
+            assert state is not None, "the warm prefix is not cached"
+            header, payload = pack(state)
+            export_s.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            receiver.import_prefix(unpack(header, payload), "warm")
+            import_s.append(time.perf_counter() - t)
+            r = receiver.generate(prompt, params=params, namespace="warm")
+            assert r.cached_tokens >= state.n_tokens - 1, "the import was not reused"
+            ttft_s.append(r.ttft_s)
+            nbytes.append(len(payload))
+            tokens.append(state.n_tokens)
+            print(
+                f"  [ship {i + 1}/{n}] {state.n_tokens} tokens, {len(payload) / 1e6:.1f} MB:"
+                f" export {export_s[-1] * 1000:.1f} ms, import {import_s[-1] * 1000:.1f} ms,"
+                f" ttft after {r.ttft_s * 1000:.1f} ms",
+                file=sys.stderr,
+            )
+    total = [e + m + t for e, m, t in zip(export_s, import_s, ttft_s, strict=True)]
+    return {
+        "shipped_tokens": round(statistics.fmean(tokens), 1),
+        "shipped_state_bytes": round(statistics.fmean(nbytes)),
+        "kv_export_ms_mean": round(statistics.fmean(export_s) * 1000, 2),
+        "kv_import_ms_mean": round(statistics.fmean(import_s) * 1000, 2),
+        "shipped_ttft_mean_s": round(statistics.fmean(ttft_s), 4),
+        "shipped_total_mean_s": round(statistics.fmean(total), 4),
     }
 
 

@@ -107,6 +107,7 @@ class RoutingSettings:
     # predicted to beat both prefilling here and forwarding; off unless switched on.
     ship: bool = False
     ship_min_tokens: int = 64  # smaller gains are not worth a transfer
+    ship_max_tokens: int = 0  # the most a state can carry (the engine's window); 0: no cap
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

@@ -13,7 +13,10 @@ trip plus the holder's pause between decode steps. The lowest ``est`` is the pul
 candidate; `zmesh.py` takes it only when it beats serving here and forwarding by the
 gain threshold. On a slow link ``ship_s_per_token`` is large and a pull never wins.
 
-Parameters (`RoutingSettings`): ``ship`` (off), ``ship_min_tokens`` (64).
+Parameters (`RoutingSettings`): ``ship`` (off), ``ship_min_tokens`` (64),
+``ship_max_tokens`` (the engine's sliding window for models that have one: llama.cpp
+exports no cell older than the window, so a longer prefix cannot travel whole; the
+rest of the prompt is prefilled after the import).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ def best_pull(
             continue
         # Keep one prompt token to decode: its logits start the answer.
         tokens = min(max(p.matched_tokens, 0), prompt - 1)
+        if settings.ship_max_tokens:
+            tokens = min(tokens, settings.ship_max_tokens)
         if tokens - here < settings.ship_min_tokens:
             continue
         ship_s = p.ship_fixed_s + tokens * p.ship_s_per_token
