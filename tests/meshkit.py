@@ -86,6 +86,12 @@ def idle_heartbeat(
     )
 
 
+def is_request(logged_id: object, rid: str) -> bool:
+    """Whether a log line's request id is ``rid``: a forward travels as ``rid~<suffix>``
+    (a fresh wire id per forward), so the peer logs it so."""
+    return isinstance(logged_id, str) and logged_id.split("~")[0] == rid
+
+
 def log_events(path: Path, event: str) -> list[dict]:
     out = []
     for line in path.read_text().splitlines():

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import openai
 import pytest
-from meshkit import log_events
+from meshkit import is_request, log_events
 
 from zmesh.client import Client
 from zmesh.lab import Lab, free_ports
@@ -252,7 +252,7 @@ def test_a_caller_that_hangs_up_mid_stream_cancels_its_request(lab: Lab) -> None
             e
             for n in lab.nodes
             for e in log_events(n.log_path, "request.completed")
-            if e["request_id"] == rid
+            if is_request(e["request_id"], rid)  # the mesh's id: rid~suffix
         ]
         time.sleep(0.1)
     assert done[0]["finish"] == "cancelled" and done[0]["completion_tokens"] < 900

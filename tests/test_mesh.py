@@ -8,7 +8,7 @@ import time
 import msgspec
 import pytest
 import zmq
-from meshkit import RawClient, generate, idle_heartbeat, log_events, started
+from meshkit import RawClient, generate, idle_heartbeat, is_request, log_events, started
 
 from zmesh import protocol as P
 from zmesh.client import Client
@@ -78,7 +78,7 @@ def test_request_goes_to_the_node_holding_its_prefix(lab3: Lab) -> None:
     completed = [
         r
         for r in log_events(b.log_path, "request.completed")
-        if r.get("request_id") == hit.request_id
+        if is_request(r.get("request_id"), hit.request_id)
     ]
     assert completed and completed[0]["hops"] == 1
 
@@ -120,7 +120,7 @@ def test_a_forwarded_request_keeps_its_deadline_and_is_answered_once(lab3: Lab) 
     assert forwarded and forwarded[0]["target"] == b.name
     # node-b stopped early: its own deadline error, or the forwarder's Cancel at the deadline.
     b_logs = log_events(b.log_path, "request.failed") + log_events(b.log_path, "request.completed")
-    stopped = [r for r in b_logs if r["request_id"] == "dl-forwarded"]
+    stopped = [r for r in b_logs if is_request(r["request_id"], "dl-forwarded")]
     assert stopped and (
         stopped[0].get("code") == P.DEADLINE_EXCEEDED or stopped[0].get("finish") == "cancelled"
     ), stopped

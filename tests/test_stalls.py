@@ -20,7 +20,15 @@ import msgspec
 import pytest
 import zmq
 import zmq.asyncio
-from meshkit import RawClient, RunningNode, generate, idle_heartbeat, log_events, started
+from meshkit import (
+    RawClient,
+    RunningNode,
+    generate,
+    idle_heartbeat,
+    is_request,
+    log_events,
+    started,
+)
 
 from zmesh import protocol as P
 from zmesh.client import AsyncClient
@@ -61,7 +69,9 @@ def lab2() -> Iterator[Lab]:
 
 
 def rid_events(lab: Lab, i: int, event: str, rid: str) -> list[dict]:
-    return [r for r in log_events(lab.nodes[i].log_path, event) if r.get("request_id") == rid]
+    return [
+        r for r in log_events(lab.nodes[i].log_path, event) if is_request(r.get("request_id"), rid)
+    ]
 
 
 # ---- item: a long prompt must not stall the node ----------------------------------------

@@ -359,7 +359,8 @@ class HttpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     host: str | None = None  # default: serve_addr's host (loopback stays loopback)
     model_name: str | None = None  # the model id callers name; default: the GGUF file stem
     chat_template: str | None = None  # llama.cpp template name or text; default: the GGUF's
-    api_keys: list[HttpApiKey] = []  # empty: no key asked, every caller is tenant "default"
+    # Empty: no key asked; a caller names its tenant (x-zmesh-tenant), default "default".
+    api_keys: list[HttpApiKey] = []
     max_body_bytes: int = 4 * 1024 * 1024
     timeout_s: float = 600.0  # a request's deadline, as the ZeroMQ client's timeout
 

@@ -17,11 +17,12 @@ come from other threads (the routing loop), guarded by a lock.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,7 +152,7 @@ class Engine:
         # waiting for the whole request.
         self._between_lock = threading.Lock()
         self._between: list[tuple[Callable[[], Any], Future[Any]]] = []
-        self._generating = False
+        self._serving = 0  # `serving()` depth: > 0 while a request is being served
         self._load(cfg)
 
     # ---- setup ---------------------------------------------------------------
@@ -415,8 +416,7 @@ class Engine:
         slot, reuse, evicted = self._claim_slot(ids, namespace)
         t_prefill = time.perf_counter()
         sampler = self._make_sampler(params)
-        with self._between_lock:
-            self._generating = True
+        self._enter_serving()
         try:
             self._extend(slot, ids[reuse:], logits_last=True)
             return self._decode_loop(
@@ -437,9 +437,7 @@ class Engine:
             with self._lock:
                 self._tree(namespace).set_sequence(slot.seq, slot.tokens)
             slot.last_used = time.monotonic()
-            with self._between_lock:
-                self._generating = False
-            self._run_between()  # what arrived after the last step
+            self._leave_serving()
 
     def next_token_logits(
         self,
@@ -645,12 +643,32 @@ class Engine:
 
     # ---- work between steps ---------------------------------------------------
 
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """Mark work on the engine thread that serves a request beyond `generate` (a KV
+        import before it): other threads' work then waits for a step boundary, not for
+        the whole request. `generate` marks itself; nesting is fine."""
+        self._enter_serving()
+        try:
+            yield
+        finally:
+            self._leave_serving()
+
+    def _enter_serving(self) -> None:
+        with self._between_lock:
+            self._serving += 1
+
+    def _leave_serving(self) -> None:
+        with self._between_lock:
+            self._serving -= 1
+        self._run_between()  # what arrived after the last step
+
     def call_between_steps(self, fn: Callable[[], Any]) -> Future[Any] | None:
         """Run ``fn`` on the engine thread at the next step boundary of the request it
         is serving now; None when it serves none (then run ``fn`` on the engine thread
         yourself, e.g. through the executor that runs `generate`)."""
         with self._between_lock:
-            if not self._generating:
+            if not self._serving:
                 return None
             fut: Future[Any] = Future()
             self._between.append((fn, fut))

@@ -30,6 +30,7 @@ from zmesh.kvstate import KvRefused, KvState
 from zmesh.kvtransfer import Assembly, ShipCosts, split
 
 NO_STATE = "no KV state to ship for this request"
+MAX_CONCURRENT_EXPORTS = 2
 
 
 class KvFetchFailed(Exception):
@@ -63,6 +64,8 @@ class KvPeer:
             start_bandwidth_bps=config.ship_bandwidth_mbps * 1e6 / 8,
         )
         self._pulls: dict[str, tuple[str, asyncio.Queue[Any]]] = {}  # fetch id -> peer
+        # Exports answered at once: each holds up to max_bytes until it is sent.
+        self._exports = asyncio.Semaphore(MAX_CONCURRENT_EXPORTS)
 
     # ---- holder ------------------------------------------------------------
 
@@ -76,23 +79,24 @@ class KvPeer:
             return
         ns = self._namespace_of(msg.tenant)
         tokens = msg.tokens[: self.engine.max_prompt_tokens]
-        t0 = time.perf_counter()
-        try:
-            state: KvState | None = await self._on_engine(
-                # Less than a pull's minimum (a shared BOS, say) is not worth a transfer.
-                lambda: self.engine.export_prefix(tokens, ns, self.config.ship_min_tokens)
-            )
-        except Exception as exc:  # an engine failure must not take the node down
-            self.log.warning("kv.export_failed", request_id=msg.request_id, error=repr(exc))
-            state = None
-        cap = min(msg.max_bytes, self.max_bytes)
-        if state is None or len(state.payload) > cap:
-            self._refuse(envelope, msg, "nothing held" if state is None else "over the cap")
-            return
-        export_s = time.perf_counter() - t0
-        self.costs.observe_state(state.n_tokens, len(state.payload))
-        for part in split(state, msg.request_id):
-            self._send(self._serve(), envelope, part)
+        async with self._exports:
+            t0 = time.perf_counter()
+            try:
+                state: KvState | None = await self._on_engine(
+                    # Less than a pull's minimum (a shared BOS, say) is not worth a transfer.
+                    lambda: self.engine.export_prefix(tokens, ns, self.config.ship_min_tokens)
+                )
+            except Exception as exc:  # an engine failure must not take the node down
+                self.log.warning("kv.export_failed", request_id=msg.request_id, error=repr(exc))
+                state = None
+            cap = min(msg.max_bytes, self.max_bytes)
+            if state is None or len(state.payload) > cap:
+                self._refuse(envelope, msg, "nothing held" if state is None else "over the cap")
+                return
+            export_s = time.perf_counter() - t0
+            self.costs.observe_state(state.n_tokens, len(state.payload))
+            for part in split(state, msg.request_id):
+                self._send(self._serve(), envelope, part)
         self._count("kv_served")
         self._count("kv_served_bytes", len(state.payload))
         self.log.info(
@@ -169,6 +173,8 @@ class KvPeer:
                     break
         finally:
             self._pulls.pop(fid, None)
+        if state.header.tokens != tokens[: state.n_tokens]:
+            raise KvFetchFailed(f"{peer} sent the state of other tokens")
         seconds = time.monotonic() - t0
         self.costs.observe_transfer(peer, len(state.payload), seconds, link_delay_s)
         self.costs.observe_state(state.n_tokens, len(state.payload))
@@ -202,6 +208,8 @@ class KvPeer:
             )
             return 0
         seconds = time.perf_counter() - t0
+        if n == 0:
+            return 0  # a slot here already held all of it: nothing came over usefully
         self.costs.observe_import(len(state.payload), seconds)
         self.log.info(
             "kv.imported",

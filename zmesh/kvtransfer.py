@@ -67,10 +67,6 @@ class Assembly:
             return None
         return unpack(self._header, b"".join(self._data))
 
-    @property
-    def received_bytes(self) -> int:
-        return self._size
-
 
 @dataclass
 class ShipCosts:

@@ -29,7 +29,7 @@ from zmesh.config import NodeConfig, check_address
 from zmesh.engine import Engine, EngineError, GenerationResult
 from zmesh.faults import DelayLine, FaultControl, FaultError
 from zmesh.gossip import LocalAdvert
-from zmesh.kvpeer import KvFetchFailed, KvPeer
+from zmesh.kvpeer import KvPeer
 from zmesh.kvstate import KvState
 from zmesh.log import get_logger
 from zmesh.metrics import NodeMetrics
@@ -367,6 +367,7 @@ class Node:
         peer uses the same address. Learned again like a new peer if it comes back."""
         self.peers.remove(peer.node_id)
         self._fail_forwards_to(peer.node_id)
+        self.kv.costs.forget(peer.node_id)
         self._peer_keys.pop(peer.node_id, None)
         self._peer_idents.pop(self._ident_of_peer.pop(peer.node_id, b""), None)
         in_use = self._seed_addrs | {
@@ -752,7 +753,7 @@ class Node:
         self._ids_inflight.add(key)
         if msg.progress:
             self._progress[key] = envelope
-            self._send_progress(rid, envelope)  # at once: the forwarder's first reply
+            self._send_progress(key, envelope)  # at once: the forwarder's first reply
         queued = False
         try:
             queued = await self._accept(envelope, msg, received, client)
@@ -927,9 +928,10 @@ class Node:
         peer = self.peers.get(decision.target)
         dealer = self._dealer_for(peer) if peer else None
         rid = msg.request_id
-        # Ids are per caller but a peer's replies carry only the id: another caller's
-        # forward of the same id is in flight, so this one gets a fresh id on the wire.
-        wid = rid if rid not in self._forwards else os.urandom(8).hex()
+        # A fresh id on the wire for every forward: ids are per caller, and a late reply
+        # to an abandoned forward must never answer a later one of the same id. The
+        # caller's id as its prefix keeps it traceable in the peer's logs.
+        wid = f"{rid[: P.MAX_ID_CHARS - 17]}~{os.urandom(8).hex()}"
         fwd_msg = msgspec.structs.replace(
             msg, request_id=wid, hops=msg.hops + 1, origin=self.node_id, progress=True
         )
@@ -949,7 +951,11 @@ class Node:
         peer.inflight += 1
         self._count("forwards")
         self.log.info(
-            "request.forwarded", request_id=rid, target=peer.node_id, reason=decision.reason
+            "request.forwarded",
+            request_id=rid,
+            wire_id=wid,
+            target=peer.node_id,
+            reason=decision.reason,
         )
         relayed = False
         timeout = gap = self.config.routing.forward_timeout_s
@@ -1121,14 +1127,15 @@ class Node:
 
     async def _serve_job(self, job: _Job) -> None:
         msg, rid = job.msg, job.msg.request_id
-        if _expired(msg):
-            self._deadline_error(
-                job.reply_to, rid, f"deadline passed while the request was queued on {self.node_id}"
-            )
-            return
-        if job.cancelled:
+        if _expired(msg) or job.cancelled:
             if job.kv_pull is not None:
                 job.kv_pull.cancel()
+            if not job.cancelled:
+                self._deadline_error(
+                    job.reply_to,
+                    rid,
+                    f"deadline passed while the request was queued on {self.node_id}",
+                )
             return
         if job.kv_pull is not None:
             await self._finish_pull(job)
@@ -1196,7 +1203,7 @@ class Node:
         assert job.kv_pull is not None
         try:
             job.kv_state = await job.kv_pull
-        except (KvFetchFailed, asyncio.CancelledError) as exc:
+        except Exception as exc:  # KvFetchFailed, or a bug: either way, prefill here
             self._count("kv_fetch_failed")
             self.log.warning(
                 "request.fallback",
@@ -1210,11 +1217,6 @@ class Node:
         """Runs in the engine thread; chunks hop back to the loop thread to be sent."""
         msg = job.msg
         deadline = msg.deadline
-        if job.kv_state is not None:
-            job.shipped_tokens = self.kv.import_state(job.kv_state, msg.tenant, msg.request_id)
-            job.kv_state = None
-            if not job.shipped_tokens:
-                job.route_reason = "fallback"
 
         def on_text(text: str) -> None:
             if msg.stream:
@@ -1223,22 +1225,28 @@ class Node:
         def should_stop() -> bool:
             return job.cancelled or (deadline is not None and time.time() > deadline)
 
-        return self.engine.generate(
-            tokens=job.tokens,
-            params=msg.params,
-            namespace=self._namespace(msg.tenant),
-            on_text=on_text,
-            should_stop=should_stop,
-        )
+        # Serving from the import on: a peer's KV fetch waits for a step, not for this.
+        with self.engine.serving():
+            if job.kv_state is not None:
+                job.shipped_tokens = self.kv.import_state(job.kv_state, msg.tenant, msg.request_id)
+                job.kv_state = None
+                if not job.shipped_tokens:
+                    job.route_reason = "fallback"
+            return self.engine.generate(
+                tokens=job.tokens,
+                params=msg.params,
+                namespace=self._namespace(msg.tenant),
+                on_text=on_text,
+                should_stop=should_stop,
+            )
 
-    def _send_progress(self, rid: str, envelope: list[bytes]) -> None:
+    def _send_progress(self, key: tuple[bytes, str], envelope: list[bytes]) -> None:
+        rid = key[1]
         state = "accepted"  # being tokenized and routed
-        if self._running is not None and self._running.msg.request_id == rid:
+        if self._running is not None and self._job_key(self._running) == key:
             state = "running"
-        elif rid in self._jobs:
+        elif key in self._jobs:
             state = "queued"
-        elif rid in self._forwards:
-            state = "forwarded"
         self._send(
             self.serve,
             envelope,
@@ -1256,8 +1264,8 @@ class Node:
         request queued or running here for long is alive, not lost."""
         while True:
             await asyncio.sleep(self.config.routing.progress_interval_s)
-            for (_, rid), envelope in list(self._progress.items()):
-                self._send_progress(rid, envelope)
+            for key, envelope in list(self._progress.items()):
+                self._send_progress(key, envelope)
 
     def _send_chunk(self, job: _Job, text: str) -> None:
         self._send(
@@ -1484,9 +1492,9 @@ class Node:
                 self.log.exception("dealer.handler_failed", error=repr(exc))
 
     def _on_peer_reply(self, msg: P.Message) -> None:
-        if isinstance(msg, P.KvPart) or (isinstance(msg, P.Error) and msg.code == P.KV_UNAVAILABLE):
-            self.kv.on_reply(msg)
-        elif isinstance(msg, P.Chunk | P.Done | P.Error | P.Progress):
+        if isinstance(msg, P.KvPart | P.Error) and self.kv.on_reply(msg):
+            return  # an answer to one of our KV fetches (whatever its error code)
+        if isinstance(msg, P.Chunk | P.Done | P.Error | P.Progress):
             fwd = self._forwards.get(msg.request_id or "")
             if fwd is not None:
                 msg.request_id = fwd.request_id  # relayed under the caller's own id

@@ -194,6 +194,7 @@ class Shapes:
 
     def __init__(self, chat: bool, rid: str, model: str) -> None:
         self.chat, self.model = chat, model
+        self.request_id = rid  # the caller's x-request-id (or ours)
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{rid}"
         self.created = int(time.time())
         self._role_sent = False

@@ -279,7 +279,9 @@ class HttpFront:
             "seed": params.seed,
             "stop": params.stop,
             "tenant": tenant,
-            "request_id": rid,
+            # Callers share this front's connection (and, without keys, one client):
+            # their own ids may clash, so the mesh sees the caller's id plus a suffix.
+            "request_id": f"{rid[: P.MAX_ID_CHARS - 13]}~{uuid.uuid4().hex[:12]}",
             "endpoint": self.endpoint,
         }
         shapes = Shapes(chat, rid, self.model)
@@ -322,7 +324,7 @@ class HttpFront:
                     headers={
                         "Content-Type": "text/event-stream",
                         "Cache-Control": "no-cache",
-                        "x-request-id": kw["request_id"],
+                        "x-request-id": shapes.request_id,
                     }
                 )
                 await resp.prepare(request)
