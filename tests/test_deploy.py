@@ -431,9 +431,11 @@ def _wait_healthy(lab: ComposeLab, services: list[str], timeout: float = 240) ->
 
 def _compose_lab(compose_cmd: list[str], project: str, files: list[Path]) -> ComposeLab:
     """A lab of the three nodes on free host ports, running this test's image."""
-    ports = free_ports(6)
+    # Every published port free, HTTP too: two labs (plain and keyed) may be up at once.
+    ports = free_ports(9)
     names = ["NODE_A_PORT", "NODE_B_PORT", "NODE_C_PORT"]
     names += ["NODE_A_METRICS", "NODE_B_METRICS", "NODE_C_METRICS"]
+    names += ["NODE_A_HTTP", "NODE_B_HTTP", "NODE_C_HTTP"]
     env = {
         **os.environ,
         **dict(zip(names, map(str, ports), strict=True)),
@@ -445,7 +447,7 @@ def _compose_lab(compose_cmd: list[str], project: str, files: list[Path]) -> Com
         project=project,
         env=env,
         serve={n: f"tcp://127.0.0.1:{p}" for n, p in zip(LAB_NODES, ports[:3], strict=True)},
-        metrics=dict(zip(LAB_NODES, ports[3:], strict=True)),
+        metrics=dict(zip(LAB_NODES, ports[3:6], strict=True)),
     )
 
 
@@ -549,8 +551,10 @@ def test_request_is_forwarded_to_the_node_holding_its_prefix(lab: ComposeLab) ->
     # The same story in the containers' JSON logs...
     decided = lab.events("node-a", "route.decided", request_id=hit.request_id)
     assert decided and decided[0]["forward"] is True and decided[0]["target"] == "node-b"
-    assert lab.events("node-a", "request.forwarded", request_id=hit.request_id)
-    completed = lab.events("node-b", "request.completed", request_id=hit.request_id)
+    forwarded = lab.events("node-a", "request.forwarded", request_id=hit.request_id)
+    assert forwarded
+    # node-b knows the request by the forward's wire id (the caller's id + a suffix).
+    completed = lab.events("node-b", "request.completed", request_id=forwarded[0]["wire_id"])
     assert completed and completed[0]["hops"] == 1 and completed[0]["served_by"] == "node-b"
     # ...and in node-a's Prometheus metrics, published on the host.
     m = lab.scrape("node-a")
