@@ -333,3 +333,26 @@ def test_a_node_that_has_not_joined_is_not_ready() -> None:
         _error(status, body, 503, "not_ready")
     finally:
         lab.stop()
+
+
+def test_keyless_callers_may_reuse_an_x_request_id_at_the_same_time() -> None:
+    """Without keys every HTTP caller shares one client of the node: two callers that
+    pick the same x-request-id at once must both be answered (the mesh sees the id plus
+    a suffix), each under its own id."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from meshkit import started
+
+    with started(Lab(n_nodes=1, engine=ENGINE)) as solo:
+        url = f"{solo.http_urls[0]}/v1/completions"
+
+        def ask(prompt: str) -> tuple[int, dict[str, str], dict[str, Any]]:
+            body = {"prompt": prompt, "max_tokens": 24, "temperature": 0.0}
+            return _post(url, body, key=None, **{"x-request-id": "same-id"})
+
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(ask, ["Count to ten: one, two,", "Name the planets:"]))
+    for status, headers, body in answers:
+        assert status == 200, body
+        assert headers["x-request-id"] == "same-id"
+        assert body["usage"]["completion_tokens"] >= 1
