@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import msgspec
 import pytest
 import zmq
 import zmq.asyncio
@@ -74,7 +75,8 @@ def pair(engine: Engine) -> Iterator[Pair]:
     finally:
         if b is not None and b.thread.is_alive():
             b.stop()
-        a.stop()
+        if a.thread.is_alive():
+            a.stop()
         ea.close()
         eb.close()
 
@@ -157,6 +159,33 @@ def test_a_holder_that_stops_answering_costs_a_local_prefill_not_the_answer(
     assert asked.text == cold.text
     assert pair.a.node.counters.get("kv_fetch_failed") == 1
     assert pair.a.node.engine.check_consistency() == []
+
+
+def test_a_node_stops_while_a_request_waits_for_its_pull(pair: Pair) -> None:
+    """Stopping must not wait for (or be swallowed by) a pull in flight: the worker
+    awaiting it is cancelled like any other task."""
+    kv = pair.a.node.kv
+    kv.config = msgspec.structs.replace(kv.config, ship_timeout_s=300.0)
+
+    async def main() -> None:
+        async with AsyncClient([pair.a_serve], timeout=600) as c:
+            busy = await _prime_b_and_make_it_busy(pair, c)
+            # The holder stays connected but cuts node-a off: the fetch is never answered.
+            cut = P.FaultSettings(partition=["node-a"])
+            pair.b.loop.call_soon_threadsafe(pair.b.node._apply_faults, cut, "test")
+            asked = asyncio.create_task(
+                c.generate(FEW_SHOT + QUESTION, max_tokens=4, endpoint=pair.a_serve)
+            )
+            await _until(lambda: bool(kv._pulls), "node-a never started a pull")
+            t0 = time.monotonic()
+            await asyncio.to_thread(pair.a.stop)
+            assert not pair.a.thread.is_alive(), "node-a did not stop"
+            assert time.monotonic() - t0 < 60
+            for task in (asked, busy):
+                task.cancel()
+            await asyncio.gather(asked, busy, return_exceptions=True)
+
+    asyncio.run(main())
 
 
 def test_a_fetch_for_another_tenants_prefix_learns_nothing(pair: Pair) -> None:
