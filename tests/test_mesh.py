@@ -129,6 +129,53 @@ def test_a_forwarded_request_keeps_its_deadline_and_is_answered_once(lab3: Lab) 
     ], "the forwarder must not restart an expired request locally"
 
 
+def test_a_cancel_follows_a_forwarded_request_to_the_peer(lab3: Lab) -> None:
+    """The caller cancels a request its entry node forwarded: the peer stops it (the
+    cancel follows under the forward's wire id), and nobody serves it again."""
+    a, b = lab3.nodes[0], lab3.nodes[1]
+    only_on_b = FEW_SHOT.replace("geology", "petrology")
+    with Client(lab3.endpoints, timeout=60) as client:
+        primed = client.generate(
+            only_on_b + "Question: prime node-b\nAnswer:", max_tokens=2, endpoint=b.serve
+        )
+        assert primed.served_by == b.name
+    converge(lab3)
+    long_ask = generate("cancel-me", only_on_b + "Count to 500: 1, 2, 3,", 400, deadline_s=600)
+    long_ask.stream = True
+
+    async def main() -> RawClient:
+        rc = RawClient([a.serve])
+        rc.start()
+        try:
+            done = await rc.send(a.serve, long_ask)
+            give_up = time.monotonic() + 300
+            while rc.tally.chunks["cancel-me"] < 2:  # the peer is decoding it
+                assert time.monotonic() < give_up, "no chunk came"
+                await asyncio.sleep(0.02)
+            await rc.socks[a.serve].send(P.encode(P.Cancel(request_id="cancel-me")))
+            await asyncio.wait_for(done.wait(), 300)
+            await rc.drain()
+        finally:
+            await rc.close()
+        return rc
+
+    tally = asyncio.run(main()).tally
+    assert tally.twice == [] and tally.lost == []
+    reply = tally.first("cancel-me")
+    assert isinstance(reply, P.Done), reply
+    assert reply.served_by == b.name and reply.finish_reason == "cancelled", reply
+    assert reply.completion_tokens < 400
+    stopped = [
+        r
+        for r in log_events(b.log_path, "request.completed")
+        if is_request(r["request_id"], "cancel-me")
+    ]
+    assert stopped and stopped[0]["finish"] == "cancelled", stopped
+    assert not [
+        r for r in log_events(a.log_path, "request.completed") if r["request_id"] == "cancel-me"
+    ], "the entry node served it again"
+
+
 def test_peer_killed_mid_request_costs_no_request(lab3: Lab) -> None:
     a, c = lab3.nodes[0], lab3.nodes[2]
     only_on_c = FEW_SHOT.replace("geology", "volcanology")  # no other node holds it

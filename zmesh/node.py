@@ -99,7 +99,9 @@ class _Forward:
     target: str
     sent_at: float  # monotonic
     cost_s: float  # predicted service time at the target
-    request_id: str = ""  # the caller's id, when the peer knows it by another (see _forward)
+    request_id: str = ""  # the caller's id; the peer knows it by its wire id (see _forward)
+    scope: bytes = b""  # the caller's `_scope`: its Cancel follows the forward
+    cancelled: bool = False  # the caller cancelled: never served here instead
     replies: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
 
 
@@ -578,9 +580,11 @@ class Node:
                 self._learn_of(msg.sender)
         elif isinstance(msg, P.Cancel):
             # Only the caller's own request: another's id is ignored like an unknown one.
-            job = self._jobs.get((self._scope(envelope, caller), msg.request_id))
+            scope = self._scope(envelope, caller)
+            job = self._jobs.get((scope, msg.request_id))
             if job is not None:
                 job.cancelled = True
+            self._cancel_forwards(scope, msg.request_id)
         else:
             self._count("frames_unexpected")
             self.log.warning("frame.unexpected", socket="serve", type=type(msg).__name__)
@@ -756,7 +760,7 @@ class Node:
             self._send_progress(key, envelope)  # at once: the forwarder's first reply
         queued = False
         try:
-            queued = await self._accept(envelope, msg, received, client)
+            queued = await self._accept(envelope, msg, received, client, key[0])
         finally:
             if not queued or key not in self._jobs:  # the worker discards it otherwise
                 self._ids_inflight.discard(key)
@@ -765,7 +769,12 @@ class Node:
                 self._progress.pop(key, None)
 
     async def _accept(
-        self, envelope: list[bytes], msg: P.Generate, received: float, client: bytes | None
+        self,
+        envelope: list[bytes],
+        msg: P.Generate,
+        received: float,
+        client: bytes | None,
+        scope: bytes,
     ) -> bool:
         """Route and serve or relay an admitted request; True once queued for the worker
         (which then owns its in-flight count)."""
@@ -790,7 +799,7 @@ class Node:
         decision = self._route(msg, tokens)
         attempt = 0
         if decision.forward:
-            outcome = await self._forward(envelope, msg, decision, tokens)
+            outcome = await self._forward(envelope, msg, decision, tokens, scope)
             if outcome == "done":
                 return False
             attempt = 1 if outcome == "partial" else 0
@@ -922,7 +931,12 @@ class Node:
         return decision
 
     async def _forward(
-        self, envelope: list[bytes], msg: P.Generate, decision: Decision, tokens: list[int]
+        self,
+        envelope: list[bytes],
+        msg: P.Generate,
+        decision: Decision,
+        tokens: list[int],
+        scope: bytes,
     ) -> str:
         """Relay the request through a peer: "done", or "none"/"partial" to fall back."""
         peer = self.peers.get(decision.target)
@@ -947,6 +961,7 @@ class Node:
             sent_at=time.monotonic(),
             cost_s=self._predict_s(max(new_tokens, 1), msg.params.max_tokens),
             request_id=rid,
+            scope=scope,
         )
         peer.inflight += 1
         self._count("forwards")
@@ -984,6 +999,8 @@ class Node:
                         self._send(dealer, [], P.Cancel(request_id=wid))
                         self._deadline_error(envelope, rid, f"deadline passed at {peer.node_id}")
                     return "done"
+                if fwd.cancelled and (reply is _FALLBACK or isinstance(reply, P.Error)):
+                    return "done"  # cancelled by its caller: nothing to serve here
                 if reply is _FALLBACK or isinstance(reply, P.Error):
                     detail = reply.message if isinstance(reply, P.Error) else why
                     self.log.warning(
@@ -1043,6 +1060,18 @@ class Node:
         self._count("requests_deadline")
         self.log.warning("request.failed", request_id=rid, code=P.DEADLINE_EXCEEDED, error=why)
         self._reply_error(envelope, rid, P.DEADLINE_EXCEEDED, why)
+
+    def _cancel_forwards(self, scope: bytes, rid: str) -> None:
+        """A caller cancels a request this node forwarded: the Cancel follows it to the
+        peer (under the forward's wire id), whose cancelled Done is then relayed."""
+        for wid, fwd in self._forwards.items():
+            if fwd.scope == scope and fwd.request_id == rid:
+                fwd.cancelled = True
+                peer = self.peers.get(fwd.target)
+                dealer = self._dealer_for(peer) if peer else None
+                if dealer is not None:
+                    self._send(dealer, [], P.Cancel(request_id=wid))
+                    self.log.info("request.cancel_forwarded", request_id=rid, target=fwd.target)
 
     def _fail_forwards_to(self, node_id: str) -> None:
         for fwd in self._forwards.values():
