@@ -87,6 +87,7 @@ class _Job:
     chunks: int = 0
     cancelled: bool = False
     client: bytes | None = None  # counted against max_inflight_per_client (None: a peer)
+    scope: bytes = b""  # the sender's `_scope`: (scope, request id) is the job's key
     # KV shipping: the pull under way for this job, its result, and what it brought.
     kv_pull: asyncio.Task[KvState] | None = None
     pulled_from: str | None = None
@@ -608,13 +609,6 @@ class Node:
             return caller.public
         return envelope[0] if envelope else b""
 
-    @staticmethod
-    def _job_key(job: _Job) -> tuple[bytes, str]:
-        """`_scope` of a job's sender: `_client_of` is the client key or ROUTER identity
-        of a client (None for a peer, whose scope is its connection)."""
-        scope = job.client if job.client is not None else (job.reply_to or [b""])[0]
-        return scope, job.msg.request_id
-
     def _caller(self, frame: zmq.Frame) -> AuthorizedKey | None:
         try:
             user = frame.get("User-Id")
@@ -762,9 +756,8 @@ class Node:
         try:
             queued = await self._accept(envelope, msg, received, client, key[0])
         finally:
-            if not queued or key not in self._jobs:  # the worker discards it otherwise
-                self._ids_inflight.discard(key)
-            if not queued:  # answered, or failed, before reaching the worker
+            if not queued:  # answered, or failed, before reaching the worker (which
+                self._ids_inflight.discard(key)  # otherwise clears these when done)
                 self._release(client)
                 self._progress.pop(key, None)
 
@@ -821,6 +814,7 @@ class Node:
             attempt=attempt,
             predicted_s=self._predict_s(max(new_tokens, 1), msg.params.max_tokens),
             client=client,
+            scope=scope,
             kv_pull=kv_pull,
             pulled_from=decision.pull_from if kv_pull is not None else None,
         )
@@ -1131,7 +1125,7 @@ class Node:
                 f"node {self.node_id} queue is full ({self.config.max_queue})",
             )
             return False
-        self._jobs[self._job_key(job)] = job
+        self._jobs[job.scope, rid] = job
         return True
 
     async def _worker_loop(self) -> None:
@@ -1149,9 +1143,10 @@ class Node:
                 self._flush_deltas()  # also after failures: a prefill may have cached
                 self._running = None
                 self._load_changed = True
-                self._jobs.pop(self._job_key(job), None)
-                self._ids_inflight.discard(self._job_key(job))
-                self._progress.pop(self._job_key(job), None)
+                key = (job.scope, job.msg.request_id)
+                self._jobs.pop(key, None)
+                self._ids_inflight.discard(key)
+                self._progress.pop(key, None)
                 self._release(job.client)
 
     async def _serve_job(self, job: _Job) -> None:
@@ -1272,7 +1267,7 @@ class Node:
     def _send_progress(self, key: tuple[bytes, str], envelope: list[bytes]) -> None:
         rid = key[1]
         state = "accepted"  # being tokenized and routed
-        if self._running is not None and self._job_key(self._running) == key:
+        if (r := self._running) is not None and (r.scope, r.msg.request_id) == key:
             state = "running"
         elif key in self._jobs:
             state = "queued"
