@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from zmesh.bench.cluster import Oracle, Record, figures, ratios, steady, tokenize_workload
-from zmesh.bench.report import percentile, summarize
-from zmesh.bench.workloads import chat_workload, mmlu_workload
+from zmesh.workload import chat_workload, mmlu_workload
+from zmesh.workload.report import percentile, summarize
 
 
 class FakeTokenizer:

@@ -11,13 +11,13 @@ from collections import Counter
 
 import pytest
 
-from zmesh.bench.workloads import Arrivals, chat_workload, mmlu_workload, shared_prefix_workload
 from zmesh.blocks import BlockHasher
 from zmesh.radix import RadixTree
 from zmesh.sim.cache import KnownIdsHasher, SlotCache, TokenCache
 from zmesh.sim.core import SIM_POLICIES, SimConfig, Simulator, simulate
 from zmesh.sim.costmodel import PRESETS, CostModel, load_cost_model
 from zmesh.sim.tokens import PromptTable, pseudo_tokenize
+from zmesh.workload import Arrivals, chat_workload, mmlu_workload, shared_prefix_workload
 
 HASHER = BlockHasher(b"test-model", "default", 16)
 
@@ -349,7 +349,7 @@ def _bursty(
 
 
 def test_bursts_arrive_when_due_at_one_instant_and_turns_wait_for_answers() -> None:
-    from zmesh.bench.workloads import bursty_workload
+    from zmesh.workload import bursty_workload
 
     wl = bursty_workload(150, sessions=6, seed=1, first_words=100, max_prompt_words=600)
     arrivals = Arrivals("bursts", rate=0.5, burst=4)

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from zmesh.bench.workloads import (
+from zmesh.workload import (
     Arrivals,
     ZipfSampler,
     burst_arrivals,

@@ -47,8 +47,11 @@ import zmq
 import zmq.asyncio
 
 from zmesh import protocol as P
-from zmesh.bench.report import plot_policy_bars, plot_ttft_cdf, ratio, summarize
-from zmesh.bench.workloads import (
+from zmesh.lab import Lab
+from zmesh.routing import Candidate, PolicyState, RouteRequest, RoutingSettings, decide
+from zmesh.sim.cache import SlotCache
+from zmesh.sim.costmodel import PRESETS
+from zmesh.workload import (
     WORKLOADS,
     Arrivals,
     Workload,
@@ -58,10 +61,7 @@ from zmesh.bench.workloads import (
     mmlu_question,
     poisson_arrivals,
 )
-from zmesh.lab import Lab
-from zmesh.routing import Candidate, PolicyState, RouteRequest, RoutingSettings, decide
-from zmesh.sim.cache import SlotCache
-from zmesh.sim.costmodel import PRESETS
+from zmesh.workload.report import plot_policy_bars, plot_ttft_cdf, ratio, summarize
 
 ORACLE = "oracle"
 ZMESH_SHIP = "zmesh_ship"  # the zmesh policy with KV shipping on (routing.ship)

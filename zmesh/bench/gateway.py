@@ -53,8 +53,8 @@ from zmesh.bench.cluster import (
     figures,
     steady,
 )
-from zmesh.bench.report import plot_policy_bars, ratio
 from zmesh.lab import Lab, free_ports
+from zmesh.workload.report import plot_policy_bars, ratio
 
 SYSTEMS = ("zmesh", "gateway-cache_aware", "gateway-random")
 

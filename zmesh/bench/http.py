@@ -21,9 +21,9 @@ import aiohttp
 
 from zmesh import protocol as P
 from zmesh.bench.cluster import _loadavg, _say
-from zmesh.bench.report import percentile
 from zmesh.client import AsyncClient
 from zmesh.lab import Lab
+from zmesh.workload.report import percentile
 
 PROMPT = "The river runs through the valley and"
 

@@ -23,17 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zmesh.bench.report import plot_policy_bars, ratio
-from zmesh.bench.workloads import (
+from zmesh.sim.core import SIM_POLICIES, SimConfig, simulate
+from zmesh.sim.costmodel import CostModel, load_cost_model
+from zmesh.sim.tokens import PromptTable
+from zmesh.workload import (
     WORKLOADS,
     Arrivals,
     Workload,
     make_workload,
     shared_prefix_workload,
 )
-from zmesh.sim.core import SIM_POLICIES, SimConfig, simulate
-from zmesh.sim.costmodel import CostModel, load_cost_model
-from zmesh.sim.tokens import PromptTable
+from zmesh.workload.report import plot_policy_bars, ratio
 
 BASELINES = ("random", "round_robin", "consistent_hash", "least_loaded")
 DEFAULT_OUT = Path("out/sim")

@@ -41,7 +41,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from zmesh.bench.workloads import Arrivals, Workload
 from zmesh.blocks import BlockHasher
 from zmesh.config import RoutingConfig
 from zmesh.gossip import DEFAULT_SNAPSHOT_PART_BLOCKS, LocalAdvert
@@ -59,6 +58,7 @@ from zmesh.routing import (
 from zmesh.sim.cache import SlotCache, TokenCache
 from zmesh.sim.costmodel import PRESETS, CostModel
 from zmesh.sim.tokens import PromptTable
+from zmesh.workload import Arrivals, Workload
 
 __all__ = ["SIM_POLICIES", "SimConfig", "SimResult", "Simulator", "simulate"]
 
@@ -1506,7 +1506,7 @@ class Simulator:
     # ---- results ---------------------------------------------------------------------
 
     def _result(self, wall: float) -> SimResult:
-        from zmesh.bench.report import summarize
+        from zmesh.workload.report import summarize
 
         ok = [i for i in range(len(self.ttft)) if not math.isnan(self.ttft[i])]
         per_node = [0] * self.cfg.nodes

@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 import zlib
 
-from zmesh.bench.workloads import Workload
 from zmesh.blocks import BlockHasher
+from zmesh.workload import Workload
 
 __all__ = ["PromptTable", "pseudo_tokenize"]
 
