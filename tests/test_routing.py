@@ -5,6 +5,7 @@ Times are powers of two so threshold edges compare exactly in floating point.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,8 +20,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zmesh.routing import (
+    ALL_POLICIES,
     CONSISTENT_HASH,
     LEAST_LOADED,
+    ORACLE,
+    PAPER,
     POLICIES,
     RANDOM,
     REASON_CONSISTENT_HASH,
@@ -630,7 +634,7 @@ def meshes(draw: st.DrawFn) -> tuple[RouteRequest, list[Candidate]]:
 
 route_settings = st.builds(
     RoutingSettings,
-    policy=st.sampled_from(POLICIES),
+    policy=st.sampled_from(ALL_POLICIES),
     max_hops=st.integers(0, 2),
     min_gain_s=st.sampled_from([0.0, 0.005, 0.1]),
     min_gain_frac=st.sampled_from([0.0, 0.1, 0.5]),
@@ -828,7 +832,8 @@ def test_every_policy_is_registered_in_a_file_with_a_header() -> None:
 
     from zmesh.routing import POLICY_FNS
 
-    assert set(POLICY_FNS) == set(POLICIES)
+    assert set(POLICY_FNS) == set(ALL_POLICIES)
+    assert set(POLICIES) < set(ALL_POLICIES)
     for name, fn in POLICY_FNS.items():
         module = importlib.import_module(fn.__module__)
         doc = module.__doc__ or ""
@@ -880,3 +885,52 @@ def test_never_forwards_past_the_give_up(
     without = run(mesh, request=req(2048), place_slack_frac=0.0)
     if not without.forward or without.est_target_s <= give_up:
         assert (d.target, d.reason) == (without.target, without.reason)
+
+
+# --------------------------------------------------------------------------- paper, oracle
+
+
+def _blind(c: Candidate) -> Candidate:
+    """``c`` as the paper's design sees it: no link, no queue, no wait."""
+    return dataclasses.replace(c, link_delay_s=0.0, queue_depth=0, wait_s=0.0)
+
+
+_NO_KNOBS = {
+    "min_gain_s": 0.0,
+    "min_gain_frac": 0.0,
+    "balance_abs": 10**9,
+    "place_slack_frac": 0.0,
+    "give_up_s": 0.0,
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(meshes(), st.integers(0, 2))
+def test_property_paper_is_zmesh_blind_to_load_without_knobs(
+    mesh: tuple[RouteRequest, list[Candidate]], max_hops: int
+) -> None:
+    # What the simulator ran as "paper" before the policy had a file of its own.
+    request, cands = mesh
+    blind = [_blind(c) for c in cands]
+    paper = decide(request, cands, RoutingSettings(policy=PAPER, max_hops=max_hops), PolicyState())
+    zmesh = decide(request, blind, RoutingSettings(max_hops=max_hops, **_NO_KNOBS), PolicyState())  # type: ignore[arg-type]
+    assert (paper.target, paper.reason) == (zmesh.target, zmesh.reason)
+
+
+@settings(max_examples=300, deadline=None)
+@given(meshes())
+def test_property_oracle_takes_the_lowest_estimate_first_listed_on_ties(
+    mesh: tuple[RouteRequest, list[Candidate]],
+) -> None:
+    request, cands = mesh
+    request = dataclasses.replace(request, hops=0)
+    alive = [c for c in cands if c.alive or c.is_local]
+    prompt = request.prompt_tokens
+    ranked = sorted(alive, key=lambda c: estimate_s(c, prompt))  # stable: ties keep order
+    # The oracle lists its best node first, as the local one.
+    listed = [dataclasses.replace(c, is_local=k == 0, alive=True) for k, c in enumerate(ranked)]
+    d = decide(request, listed, RoutingSettings(policy=ORACLE), PolicyState())
+    assert d.target == ranked[0].node_id and not d.forward
+    # ... which is what the zmesh policy without its knobs chose for it before.
+    z = decide(request, listed, RoutingSettings(**_NO_KNOBS), PolicyState())  # type: ignore[arg-type]
+    assert z.target == d.target

@@ -6,14 +6,20 @@ that explains its algorithm and parameters (as SGLang's model gateway does):
 - `zmesh.py`: lowest expected TTFT with balance thresholds (the default);
 - `placement.py`: cache-affine placement inside the zmesh policy;
 - `shipping.py`: pulling a peer's cached KV prefix inside the zmesh policy;
-- `random.py`, `round_robin.py`, `consistent_hash.py`, `least_loaded.py`: baselines.
+- `random.py`, `round_robin.py`, `consistent_hash.py`, `least_loaded.py`: baselines;
+- `paper.py`: the P2P paper's design (longest estimated prefix, blind to load);
+- `oracle.py`: lowest estimate, no thresholds (its exact inputs: `zmesh.oracle`).
 
-The simulator's ``paper`` and ``oracle`` policies are built on these (zmesh/sim/core.py).
+A node may be configured with the five of `POLICIES`; `ALL_POLICIES` adds ``paper``
+and ``oracle``, which the simulator and the cluster bench run.
 """
 
 from zmesh.routing.base import (
+    ALL_POLICIES,
     CONSISTENT_HASH,
     LEAST_LOADED,
+    ORACLE,
+    PAPER,
     POLICIES,
     RANDOM,
     REASON_CONSISTENT_HASH,
@@ -35,17 +41,22 @@ from zmesh.routing.base import (
     PolicyState,
     RouteRequest,
     RoutingSettings,
+    SettingError,
     estimate_s,
     gain_threshold,
     is_overloaded,
+    near_best,
 )
 from zmesh.routing.consistent_hash import ring_position
 from zmesh.routing.placement import placement_rank
 from zmesh.routing.registry import POLICY_FNS, decide
 
 __all__ = [
+    "ALL_POLICIES",
     "CONSISTENT_HASH",
     "LEAST_LOADED",
+    "ORACLE",
+    "PAPER",
     "POLICIES",
     "POLICY_FNS",
     "RANDOM",
@@ -68,10 +79,12 @@ __all__ = [
     "PolicyState",
     "RouteRequest",
     "RoutingSettings",
+    "SettingError",
     "decide",
     "estimate_s",
     "gain_threshold",
     "is_overloaded",
+    "near_best",
     "placement_rank",
     "ring_position",
 ]

@@ -9,6 +9,7 @@ candidates arrive with their numbers already estimated.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +45,13 @@ RANDOM = "random"
 ROUND_ROBIN = "round_robin"
 CONSISTENT_HASH = "consistent_hash"
 LEAST_LOADED = "least_loaded"
+PAPER = "paper"
+ORACLE = "oracle"
+# What a node may be configured with.
 POLICIES = (ZMESH, RANDOM, ROUND_ROBIN, CONSISTENT_HASH, LEAST_LOADED)
+# Every registered policy: the node's, plus two that model others' designs (the P2P
+# paper's, and a router with exact knowledge whose candidates a node cannot build).
+ALL_POLICIES = (*POLICIES, PAPER, ORACLE)
 
 MASK64 = (1 << 64) - 1
 
@@ -81,9 +88,22 @@ class RouteRequest:
     block_size: int = 16
 
 
+class SettingError(ValueError):
+    """A routing setting out of range: ``name`` and ``reason`` (the config names the key)."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name} {reason}")
+        self.name = name
+        self.reason = reason
+
+
 @dataclass(frozen=True, slots=True)
 class RoutingSettings:
-    """Policy knobs. Validated on construction so a bad config fails at load time."""
+    """Policy knobs. Validated on construction so a bad config fails at load time.
+
+    The one source of routing defaults: a node's ``[routing]`` config takes its
+    defaults from here (`zmesh.config.RoutingConfig`), and so does the simulator.
+    """
 
     policy: str = ZMESH
     max_hops: int = 1
@@ -91,7 +111,7 @@ class RoutingSettings:
     # Relative bar too: a gain within measurement noise of the local estimate (e.g.
     # two identical nodes whose measured prefill rates differ by a few %) must not
     # pull cold traffic onto whichever node measured fastest.
-    min_gain_frac: float = 0.0
+    min_gain_frac: float = 0.1
     # Nodes whose estimate is within this fraction of the best one count as equally
     # good; among those holding the longest match the placement hash chooses.
     place_slack_frac: float = 0.1
@@ -110,26 +130,21 @@ class RoutingSettings:
     ship_max_tokens: int = 0  # the most a state can carry (the engine's window); 0: no cap
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
+        if self.policy not in ALL_POLICIES:
             raise ValueError(unknown_policy(self.policy))
-        if self.max_hops < 0:
-            raise ValueError(f"max_hops must be >= 0, got {self.max_hops}")
-        if self.min_gain_s < 0:
-            raise ValueError(f"min_gain_s must be >= 0, got {self.min_gain_s}")
-        if not 0.0 <= self.min_gain_frac < 1.0:
-            raise ValueError(f"min_gain_frac must be in [0, 1), got {self.min_gain_frac}")
-        if not 0.0 <= self.place_slack_frac < 1.0:
-            raise ValueError(f"place_slack_frac must be in [0, 1), got {self.place_slack_frac}")
-        if not (0.0 <= self.give_up_s < float("inf")):
-            raise ValueError(f"give_up_s must be >= 0 and finite, got {self.give_up_s}")
-        if self.balance_abs < 0:
-            raise ValueError(f"balance_abs must be >= 0, got {self.balance_abs}")
-        if self.balance_rel < 1.0:
-            raise ValueError(f"balance_rel must be >= 1.0, got {self.balance_rel}")
-        if self.vnodes < 1:
-            raise ValueError(f"vnodes must be >= 1, got {self.vnodes}")
-        if self.ship_min_tokens < 1:
-            raise ValueError(f"ship_min_tokens must be >= 1, got {self.ship_min_tokens}")
+        for name, ok, reason in (
+            ("max_hops", self.max_hops >= 0, ">= 0"),
+            ("min_gain_s", 0.0 <= self.min_gain_s < math.inf, ">= 0"),
+            ("min_gain_frac", 0.0 <= self.min_gain_frac < 1.0, "in [0, 1)"),
+            ("place_slack_frac", 0.0 <= self.place_slack_frac < 1.0, "in [0, 1)"),
+            ("give_up_s", 0.0 <= self.give_up_s < math.inf, ">= 0 and finite"),
+            ("balance_abs", self.balance_abs >= 0, ">= 0"),
+            ("balance_rel", 1.0 <= self.balance_rel < math.inf, ">= 1.0"),
+            ("vnodes", self.vnodes >= 1, ">= 1"),
+            ("ship_min_tokens", self.ship_min_tokens >= 1, ">= 1"),
+        ):
+            if not ok:
+                raise SettingError(name, f"must be {reason}, got {getattr(self, name)}")
 
 
 @dataclass(slots=True)
@@ -198,7 +213,12 @@ def is_overloaded(queue: int, min_queue: int, settings: RoutingSettings) -> bool
 
 
 def unknown_policy(policy: str) -> str:
-    return f"unknown routing policy {policy!r}; known: {', '.join(POLICIES)}"
+    return f"unknown routing policy {policy!r}; known: {', '.join(ALL_POLICIES)}"
+
+
+def near_best(lowest: float, settings: RoutingSettings) -> float:
+    """The highest estimate placement counts as good as ``lowest`` (``place_slack_frac``)."""
+    return lowest + settings.place_slack_frac * lowest
 
 
 def pool_ids(local: Candidate, peers: list[Candidate]) -> list[str]:

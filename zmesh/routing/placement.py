@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 from functools import lru_cache
 
-from zmesh.routing.base import MASK64, Candidate, RouteRequest, RoutingSettings
+from zmesh.routing.base import MASK64, Candidate, RouteRequest, RoutingSettings, near_best
 
 
 def placement_rank(key: int, node_id: str) -> int:
@@ -63,7 +63,7 @@ def place(
     if longest >= len(ids):
         return None  # the whole prompt is cached there: nothing new to place
     lowest = min(est for _, est in eligible)
-    bar = lowest + settings.place_slack_frac * lowest
+    bar = near_best(lowest, settings)
     tied = [ce for ce, b in zip(eligible, blocks, strict=True) if b == longest and ce[1] <= bar]
     if len(tied) < 2:
         return None

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from zmesh.routing.base import (
     CONSISTENT_HASH,
     LEAST_LOADED,
+    ORACLE,
+    PAPER,
     RANDOM,
     REASON_HOP_LIMIT,
     REASON_NO_PEERS,
@@ -30,6 +32,8 @@ from zmesh.routing.base import (
 )
 from zmesh.routing.consistent_hash import decide_consistent_hash
 from zmesh.routing.least_loaded import decide_least_loaded
+from zmesh.routing.oracle import decide_oracle
+from zmesh.routing.paper import decide_paper
 from zmesh.routing.random import decide_random
 from zmesh.routing.round_robin import decide_round_robin
 from zmesh.routing.zmesh import decide_zmesh
@@ -40,6 +44,8 @@ POLICY_FNS: dict[str, PolicyFn] = {
     ROUND_ROBIN: decide_round_robin,
     CONSISTENT_HASH: decide_consistent_hash,
     LEAST_LOADED: decide_least_loaded,
+    PAPER: decide_paper,
+    ORACLE: decide_oracle,
 }
 
 
