@@ -154,10 +154,16 @@ def test_poisson_starts_are_drawn_one_at_a_time_as_if_all_up_front() -> None:
 @pytest.mark.parametrize("policy", ["zmesh", "paper", "least_loaded"])
 @pytest.mark.parametrize("nodes", [5, 20])
 def test_pruned_candidates_decide_like_the_full_list(policy: str, nodes: int) -> None:
-    # verify=True re-decides every request on every alive peer and asserts equality;
-    # 20 nodes uses the shared estimates and their index.
-    f = _run(policy, nodes=nodes, verify=True, delay_s=0.002)
-    assert f["requests"] == 300
+    # verify=True also decides every request on every alive peer, built as a node
+    # builds them (zmesh.candidates); 20 nodes uses the shared estimates and their index.
+    wl = mmlu_workload(300, alpha=1.0, subjects=8, seed=1)
+    cfg = SimConfig(policy=policy, nodes=nodes, n_slots=3, seed=1, verify=True, delay_s=0.002)
+    sim = Simulator(cfg, wl, Arrivals("poisson", rate=0.5))
+    assert sim.run().figures["requests"] == 300
+    assert len(sim.checked) >= 250  # every routed request (fallbacks are not routed)
+    assert len({full for _, full in sim.checked}) > 1  # decisions went several ways
+    mismatched = [(pruned, full) for pruned, full in sim.checked if pruned != full]
+    assert mismatched == []
 
 
 def test_index_matches_equal_the_estimates() -> None:

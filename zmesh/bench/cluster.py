@@ -48,7 +48,8 @@ import zmq.asyncio
 
 from zmesh import protocol as P
 from zmesh.lab import Lab
-from zmesh.routing import Candidate, PolicyState, RouteRequest, RoutingSettings, decide
+from zmesh.oracle import OracleNode, choose, replay
+from zmesh.routing import PolicyState
 from zmesh.sim.cache import SlotCache
 from zmesh.sim.costmodel import PRESETS
 from zmesh.workload import (
@@ -261,7 +262,7 @@ class _Mirror:
 
 
 class Oracle:
-    """Exact mirror of every node (slots, queue), deciding with `routing.decide`."""
+    """Exact mirror of every node (slots, queue), choosing with `zmesh.oracle.choose`."""
 
     def __init__(self, names: Sequence[str], n_slots: int, max_tokens: int) -> None:
         cm = PRESETS["cpu"]
@@ -270,14 +271,6 @@ class Oracle:
         self.base = cm.base_s
         self.names = list(names)
         self.mirrors = {n: _Mirror(SlotCache(n_slots)) for n in names}
-        self.settings = RoutingSettings(policy="zmesh", min_gain_s=0.0, balance_abs=10**9)
-        if "min_gain_frac" in RoutingSettings.__dataclass_fields__:
-            self.settings = RoutingSettings(
-                policy="zmesh",
-                min_gain_s=0.0,
-                balance_abs=10**9,
-                min_gain_frac=0.0,
-            )
         self.state = PolicyState.seeded(0)
         self.max_tokens = max_tokens
         self._tail = -1
@@ -296,54 +289,18 @@ class Oracle:
         """The node to send to, and the tokens its slots will reuse (the mirror's word)."""
         mt = max_tokens or self.max_tokens
         seq = tuple(tokens)
-        cands = []
+        known = []
         for k, name in enumerate(self.names):
             m = self.mirrors[name]
-            cands.append(
-                Candidate(
-                    node_id=name,
-                    is_local=k == 0,
-                    matched_tokens=m.cache.match(seq),
-                    queue_depth=len(m.outstanding),
-                    link_delay_s=0.0,
-                    prefill_s_per_token=self.prefill,
-                    service_s=0.0,
-                    wait_s=self._wait(m, now),
-                )
-            )
-        # Charge for evicting other cached content (one more prefill of it later), or a
-        # greedy router evicts a hot prefix to save a few tokens; decide() keeps ties
-        # local, so the best candidate goes first.
-        rows = []
-        for c in cands:
-            harm = self.mirrors[c.node_id].cache.evicted_tokens(seq) * self.prefill
-            est = c.wait_s + harm + (len(seq) - c.matched_tokens) * self.prefill  # type: ignore[operator]
-            rows.append((est, c, harm))
-        rows.sort(key=lambda r: r[0])
-        cands = [
-            Candidate(
-                c.node_id,
-                j == 0,
-                c.matched_tokens,
-                c.queue_depth,
-                0.0,
-                c.prefill_s_per_token,
-                0.0,
-                True,
-                (c.wait_s or 0.0) + harm,
-            )
-            for j, (_, c, harm) in enumerate(rows)
-        ]
-        req = RouteRequest(prompt_tokens=len(seq), hops=0, head_key=0)
-        target = decide(req, cands, self.settings, self.state).target
-        m = self.mirrors[target]
-        claim = m.cache.claim(seq)
+            known.append(OracleNode(name, k, m.cache, len(m.outstanding), self._wait(m, now)))
+        target, _ = choose(known, seq, self.prefill, self.state)
+        m = self.mirrors[target.node_id]
         tail = tuple(range(self._tail, self._tail - (mt - 1), -1))
         self._tail -= mt
-        m.cache.finish(claim.slot, seq + tail, now=now)
+        claim = replay(m.cache, seq, tail, now)
         predicted = self.base + (len(seq) - claim.reuse) * self.prefill + (mt - 1) * self.decode
         m.outstanding.append((rid, predicted, now))
-        return target, claim.reuse
+        return target.node_id, claim.reuse
 
     def finished(self, target: str, rid: str, done: P.Done | None, now: float) -> None:
         m = self.mirrors[target]

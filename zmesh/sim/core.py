@@ -42,29 +42,40 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zmesh.blocks import BlockHasher
-from zmesh.config import RoutingConfig
+from zmesh.candidates import (
+    PeerRow,
+    backlog_s,
+    contenders,
+    head_key,
+    local_candidate,
+    peer_candidate,
+    predict_s,
+    queue_depth,
+    row_estimate_s,
+    unreported_s,
+)
 from zmesh.gossip import DEFAULT_SNAPSHOT_PART_BLOCKS, LocalAdvert
+from zmesh.oracle import OracleNode, choose, replay
 from zmesh.peers import NEED_SNAPSHOT, OK, PeerEstimate, PeerState, PeerTable
 from zmesh.routing import (
-    POLICIES,
+    ALL_POLICIES,
+    ORACLE,
+    PAPER,
     Candidate,
     PolicyState,
     RouteRequest,
     RoutingSettings,
     decide,
-    estimate_s,
-    is_overloaded,
 )
 from zmesh.sim.cache import SlotCache, TokenCache
 from zmesh.sim.costmodel import PRESETS, CostModel
 from zmesh.sim.tokens import PromptTable
+from zmesh.stats import ewma
 from zmesh.workload import Arrivals, Workload
 
 __all__ = ["SIM_POLICIES", "SimConfig", "SimResult", "Simulator", "simulate"]
 
-PAPER = "paper"
-ORACLE = "oracle"
-SIM_POLICIES = (*POLICIES, PAPER, ORACLE)
+SIM_POLICIES = ALL_POLICIES
 _FINGERPRINT = b"zmesh-sim-model"
 _NO_BALANCE = 10**9  # balance_abs that never triggers (paper policy)
 
@@ -108,7 +119,9 @@ class SimConfig:
     failures: int = 0  # node crashes, spread evenly over the requests
     downtime_s: float = 5.0
     seed: int = 0
-    verify: bool = False  # tests: check every pruned decision against the full candidate list
+    # Tests: decide every request on the full candidate list too, and keep both
+    # decisions (`Simulator.checked`) for the test to compare.
+    verify: bool = False
     # A proposed change, not what node.py does: count the prefixes of requests already
     # queued here, or forwarded by us to a peer, as matched (they will be cached by then).
     pending_prefixes: bool = False
@@ -282,17 +295,6 @@ class _View:
         self.static_key: tuple[int, ...] = ()
 
 
-_NODE_ROUTING_DEFAULTS = {
-    name: getattr(RoutingConfig(), name)
-    for name in RoutingSettings.__dataclass_fields__
-    if name in RoutingConfig.__struct_fields__ and name != "policy"
-}
-
-
-def _ewma(old: float, new: float, alpha: float = 0.2) -> float:
-    return new if old == 0.0 else (1 - alpha) * old + alpha * new
-
-
 class Simulator:
     def __init__(
         self,
@@ -313,23 +315,22 @@ class Simulator:
         self.names = [f"n{i}" for i in range(cfg.nodes)]
         self.by_name = {n: i for i, n in enumerate(self.names)}
         self.policy = cfg.policy
-        base_policy = "zmesh" if cfg.policy in (PAPER, ORACLE) else cfg.policy
-        # A real node's routing defaults (its config's), then this run's overrides.
+        # A real node's routing defaults (RoutingSettings'), then this run's overrides.
         # Without keep-alives a node gives a forward up after forward_timeout_s, so it
         # does not forward where it expects to wait longer than that.
         give_up = 0.0 if cfg.forward_keepalive else cfg.forward_timeout_s
-        overrides = {**_NODE_ROUTING_DEFAULTS, "give_up_s": give_up, **cfg.routing}
+        overrides = {"give_up_s": give_up, **cfg.routing}
         if cfg.policy in (PAPER, ORACLE):
-            # Neither the paper's design nor the oracle places by hash.
+            # Neither has thresholds, a balance rule or placement; `contenders` prunes
+            # the paper's candidates by these.
             overrides.update(
                 min_gain_s=0.0,
+                min_gain_frac=0.0,
                 balance_abs=_NO_BALANCE,
                 place_slack_frac=0.0,
                 give_up_s=0.0,
             )
-            if "min_gain_frac" in RoutingSettings.__dataclass_fields__:
-                overrides["min_gain_frac"] = 0.0
-        self.settings = RoutingSettings(policy=base_policy, **overrides)
+        self.settings = RoutingSettings(policy=cfg.policy, **overrides)
         self.uses_matches = cfg.policy in ("zmesh", PAPER)
         self.limit = cfg.candidate_limit()
         self.shared = cfg.shared_estimates() or self.limit > 0
@@ -389,6 +390,8 @@ class Simulator:
         self.idle_picks = 0  # decisions whose target the picture called idle
         self.stale_idle = 0  # ... while it already had work (queued, running, on its way)
         self.idle_sent: dict[tuple[float, int], int] = {}  # (arrival instant, node) -> picks
+        # verify: (decision on the candidates passed, decision on the full list)
+        self.checked: list[tuple[tuple[str, str], tuple[str, str]]] = []
         self.done = 0
         self.snapshots = 0
         self.deltas_lost = 0
@@ -608,15 +611,13 @@ class Simulator:
         if self.cfg.pending_prefixes:
             queued = list(node.queue) + ([node.running] if node.running is not None else [])
             local_match = max(local_match, self._pending_match(ids, queued))
-        local = Candidate(
-            node_id=node.name,
-            is_local=True,
-            matched_tokens=local_match,
-            queue_depth=0 if paper else self._queue_depth(node),
-            link_delay_s=0.0,
-            prefill_s_per_token=cost.prefill_s_per_token,
-            service_s=service,
-            wait_s=0.0 if paper else self._backlog(node),
+        local = local_candidate(
+            node.name,
+            local_match,
+            0 if paper else self._queue_depth(node),
+            0.0 if paper else self._backlog(node),
+            cost.prefill_s_per_token,
+            service,
         )
         view = self.views[self.view_of[node.idx]]
         policy = self.policy
@@ -627,7 +628,7 @@ class Simulator:
         else:
             cands = [local, *(c for c in self._static_candidates(view) if c.node_id != node.name)]
         bs = self.cfg.block_size
-        head = ids[min(len(ids), max(1, self.cfg.hash_prefix_tokens // bs)) - 1] if ids else 0
+        head = head_key(ids, tokens, bs, self.cfg.hash_prefix_tokens)
         req = RouteRequest(
             prompt_tokens=len(tokens), hops=0, head_key=head, block_ids=ids, block_size=bs
         )
@@ -703,33 +704,29 @@ class Simulator:
         req: RouteRequest,
         pruned: list[Candidate],
     ) -> None:
-        """Assert that the pruned candidates decide as every alive peer would (tests)."""
+        """Decide on every alive peer too, built as `Node._route` builds them (tests)."""
         if self.policy not in ("zmesh", PAPER, "least_loaded"):
             return
-        full = [local]
-        bs = self.cfg.block_size
-        paper = self.policy == PAPER
-        for p, est in self._candidate_peers(view, node.idx, job.ids):
-            q, wait = (0, 0.0) if paper else self._peer_load(node, p, est)
-            full.append(
-                Candidate(
-                    est.node_id,
-                    False,
-                    est.match_blocks(job.ids) * bs if self.uses_matches else 0,
-                    q,
-                    0.0 if paper else self._measured_delay(node.idx, p),
-                    est.prefill_s_per_token or local.prefill_s_per_token,
-                    est.service_s or local.service_s,
-                    True,
-                    wait,
-                )
-            )
         if self.limit and len(view.alive) > self.limit:
             return  # a sampled subset: nothing exact to compare with
+        full = [local]
+        bs = self.cfg.block_size
+        for p, est in self._candidate_peers(view, node.idx, job.ids):
+            full.append(
+                peer_candidate(
+                    est,
+                    est.match_blocks(job.ids) * bs,
+                    inflight=node.inflight.get(p, 0),
+                    unreported_s=self._unreported_s(node, p, est),
+                    link_delay_s=self._measured_delay(node.idx, p),
+                    prefill_s_per_token=local.prefill_s_per_token,
+                    service_s=local.service_s,
+                )
+            )
         state = PolicyState.seeded(0)
         a = decide(req, pruned, self.settings, state)
         b = decide(req, full, self.settings, state)
-        assert (a.target, a.reason) == (b.target, b.reason), (a, b)
+        self.checked.append(((a.target, a.reason), (b.target, b.reason)))
 
     def _pending_match(self, ids: list[int], jobs: list[_Job]) -> int:
         """Tokens of the longest block prefix shared with any of ``jobs``."""
@@ -743,30 +740,25 @@ class Simulator:
             best = max(best, n)
         return best * self.cfg.block_size
 
+    def _unreported_s(self, node: _Node, p: int, est: PeerEstimate) -> float:
+        return unreported_s(
+            ((f.fwd_sent, f.fwd_cost) for f in node.fwd_out.get(p, ())), est.last_heard
+        )
+
     def _peer_load(self, node: _Node, p: int, est: PeerEstimate) -> tuple[int, float]:
-        """(queue, wait) as Node._route computes them: heard load + our own forwards."""
-        heard = est.last_heard or 0.0
-        unreported = 0.0
-        for f in node.fwd_out.get(p, ()):
-            if f.fwd_sent > heard:
-                unreported += f.fwd_cost
-        return est.queue_depth + node.inflight.get(p, 0), est.backlog_s + unreported
+        """(queue, wait) as `peer_candidate` makes them: heard load + our own forwards."""
+        return est.queue_depth + node.inflight.get(p, 0), est.backlog_s + self._unreported_s(
+            node, p, est
+        )
 
     def _zmesh_candidates(
         self, node: _Node, view: _View, job: _Job, local: Candidate
     ) -> list[Candidate]:
-        """Local plus the peers that can win: per matched length, the best estimate.
-
-        Peers with the same match differ only in link delay + wait, so only the lowest
-        estimate of each match length (ties: lowest id, as `decide` breaks them) among
-        those not overloaded can be chosen; the least-queued peer is kept too, since
-        the overload rule compares every queue with the minimum.
-        """
+        """Local plus the peers that can win (`candidates.contenders`)."""
         ids = job.ids
         me = node.idx
         peers = self._candidate_peers(view, me, ids)
         paper = self.policy == PAPER
-        settings = self.settings
         prompt = len(job.tokens)
         bs = self.cfg.block_size
         prefill = self.cost.prefill_s_per_token
@@ -781,7 +773,6 @@ class Simulator:
         spread = self.cfg.delay_spread > 0
         pending = self.cfg.pending_prefixes
         rows = []
-        min_q = local.queue_depth
         for p, est in peers:
             m = mget(p, 0) if mget is not None else est.match_blocks(ids)
             if pending and p in fwd_out:
@@ -798,43 +789,27 @@ class Simulator:
                 if spread:
                     link = self._measured_delay(me, p)
             pf = est.prefill_s_per_token or prefill
-            matched = m * bs
-            if matched > prompt:
-                matched = prompt
-            score = link + (wait if wait > 0.0 else 0.0) + (prompt - matched) * pf
-            rows.append((m, q, score, est.node_id, p, est, wait, link, pf))
-            if q < min_q:
-                min_q = q
-        best: dict[int, tuple[Any, ...]] = {}
-        least: tuple[Any, ...] | None = None
-        give_up = settings.give_up_s or math.inf
-        for row in rows:
-            m, q, score, name = row[0], row[1], row[2], row[3]
-            if least is None or q < least[1]:
-                least = row
-            if is_overloaded(q, min_q, settings) or score > give_up:
-                continue
-            cur = best.get(m)
-            if cur is None or score < cur[2] or (score == cur[2] and name < cur[3]):
-                best[m] = row
-        keep = {row[4]: row for row in best.values()}
-        if least is not None:
-            keep.setdefault(least[4], least)
-        slack = settings.place_slack_frac
-        if slack > 0.0 and not paper and best:
-            # Placement chooses among every node near the best estimate: keep them all.
-            lowest = min(estimate_s(local, prompt), *(row[2] for row in best.values()))
-            bar = lowest + slack * lowest
-            for row in rows:
-                if row[2] <= min(bar, give_up) and not is_overloaded(row[1], min_q, settings):
-                    keep.setdefault(row[4], row)
+            missing = prompt - min(m * bs, prompt)
+            score = row_estimate_s(link, wait, missing, pf)
+            rows.append(PeerRow(m, q, score, est.node_id, (p, est), wait, link, pf))
         cands = [local]
         service = local.service_s
-        for m, q, _, name, _, est, wait, link, pf in keep.values():
+        for row in contenders(rows, local, prompt, self.settings):
+            est = row.ref[1]  # type: ignore[index]
             # The real estimate's match; the index only told us which peers to look at.
-            matched = est.match_blocks(ids) * bs if use_index and not pending else m * bs
+            matched = est.match_blocks(ids) * bs if use_index and not pending else row.blocks * bs
             cands.append(
-                Candidate(name, False, matched, q, link, pf, est.service_s or service, True, wait)
+                Candidate(
+                    row.node_id,
+                    False,
+                    matched,
+                    row.queue,
+                    row.link_s,
+                    row.prefill_s_per_token,
+                    est.service_s or service,
+                    True,
+                    row.wait_s,
+                )
             )
         return cands
 
@@ -849,13 +824,17 @@ class Simulator:
                 best = (q, est.node_id, p, est, wait)
         if best is None:
             return [local]
-        q, name, p, est, wait = best
-        link = self._measured_delay(node.idx, p)
-        pf = est.prefill_s_per_token or local.prefill_s_per_token
-        return [
-            local,
-            Candidate(name, False, 0, q, link, pf, est.service_s or local.service_s, True, wait),
-        ]
+        _, _, p, est, _ = best
+        peer = peer_candidate(
+            est,
+            0,
+            inflight=node.inflight.get(p, 0),
+            unreported_s=self._unreported_s(node, p, est),
+            link_delay_s=self._measured_delay(node.idx, p),
+            prefill_s_per_token=local.prefill_s_per_token,
+            service_s=local.service_s,
+        )
+        return [local, peer]
 
     def _static_candidates(self, view: _View) -> list[Candidate]:
         """Every alive node as a load- and cache-blind candidate (random, round robin, hash).
@@ -967,18 +946,17 @@ class Simulator:
         return out
 
     def _queue_depth(self, node: _Node) -> int:
-        return len(node.queue) + (1 if node.running is not None else 0)
+        return queue_depth(len(node.queue), node.running is not None)
 
     def _backlog(self, node: _Node) -> float:
-        running = 0.0
-        if node.running is not None:
-            running = max(node.running.predicted - (self.now - node.running_since), 0.0)
-        return node.queued_s + running
+        running = node.running
+        predicted = running.predicted if running is not None else None
+        return backlog_s(node.queued_s, predicted, self.now - node.running_since)
 
     def _predict(self, new_tokens: int, max_tokens: int) -> float:
-        # EngineStats.predict_s: answers here always run to max_tokens.
+        # Answers here always run to max_tokens: no completion-length estimate.
         c = self.cost
-        return max(new_tokens, 1) * c.prefill_s_per_token + max_tokens * c.decode_s_per_token
+        return predict_s(new_tokens, max_tokens, c.prefill_s_per_token, c.decode_s_per_token)
 
     # ---- forwarding ---------------------------------------------------------------
 
@@ -1121,7 +1099,7 @@ class Simulator:
             )
             ids = ids + more
         node.cache.finish(job.claim.slot, seq, ids, self.now)
-        node.service_ewma = _ewma(node.service_ewma, self.now - node.running_since)
+        node.service_ewma = ewma(node.service_ewma, self.now - node.running_since)
         node.served += 1
         node.running = None
         self._cache_changed(node)
@@ -1428,49 +1406,28 @@ class Simulator:
     # ---- oracle ------------------------------------------------------------------------
 
     def _oracle_dispatch(self, job: _Job) -> None:
+        """`zmesh.oracle.choose` on every node's mirror; its wait: when it will be free."""
         cost = self.cost
-        prefill = cost.prefill_s_per_token
         mt = self.workload.requests[job.index].max_tokens
         alive = [n for n in self.nodes if n.alive]
         pool = alive
         if self.limit and len(alive) > self.limit:
             pool = self._oracle_pool(alive, job)
-        rows = []
-        prompt = len(job.tokens)
-        for n in pool:
-            matched = n.shadow.match(job.tokens)
-            # Exact wait, plus what evicting other cached content will cost later (one
-            # more prefill of it): without it a greedy router evicts a hot prefix to
-            # save a few tokens.
-            wait = max(n.shadow_free_at - self.now, 0.0)
-            wait += n.shadow.evicted_tokens(job.tokens) * prefill
-            est = wait + (prompt - min(matched, prompt)) * prefill
-            rows.append((est, n.idx, n, matched, wait))
-        rows.sort(key=lambda r: (r[0], r[1]))  # decide() keeps ties local: best one first
-        cands = [
-            Candidate(
-                node_id=n.name,
-                is_local=k == 0,
-                matched_tokens=matched,
-                queue_depth=self._queue_depth(n),
-                link_delay_s=0.0,
-                prefill_s_per_token=prefill,
-                service_s=0.0,
-                wait_s=wait,
+        now = self.now
+        known = [
+            OracleNode(
+                n.name, n.idx, n.shadow, self._queue_depth(n), max(n.shadow_free_at - now, 0.0)
             )
-            for k, (_, _, n, matched, wait) in enumerate(rows)
+            for n in pool
         ]
-        ids = job.ids
-        head = ids[min(len(ids), max(1, self.cfg.hash_prefix_tokens // self.cfg.block_size)) - 1]
-        req = RouteRequest(len(job.tokens), 0, head if ids else 0)
-        d = decide(req, cands, self.settings, self.nodes[0].policy_state)
-        target = self.nodes[self.by_name[d.target]]
-        # Replay the request on the mirror now: that is the cache it will find.
-        claim = target.shadow.claim(job.tokens)
+        chosen, _ = choose(
+            known, job.tokens, cost.prefill_s_per_token, self.nodes[0].policy_state, self.settings
+        )
+        target = self.nodes[chosen.order]
         tail = tuple(-next(self._tail) for _ in range(max(mt - 1, 0)))
-        target.shadow.finish(claim.slot, job.tokens + tail, None, self.now)
+        claim = replay(target.shadow, job.tokens, tail, now)
         self._drain_shadow(target)
-        start = max(target.shadow_free_at, self.now)
+        start = max(target.shadow_free_at, now)
         target.shadow_free_at = start + cost.service_s(len(job.tokens) - claim.reuse, mt)
         job.node = target.idx
         job.reason = "oracle"
