@@ -9,7 +9,10 @@ import sys
 
 import pytest
 
-from zmesh.bench.cluster import Oracle, Record, figures, ratios, steady, tokenize_workload
+from zmesh.bench.figures import figures, ratios, steady
+from zmesh.bench.mirror import Oracle
+from zmesh.bench.sender import Record
+from zmesh.bench.vocab import tokenize_workload
 from zmesh.workload import chat_workload, mmlu_workload
 from zmesh.workload.report import percentile, summarize
 

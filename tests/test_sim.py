@@ -332,7 +332,7 @@ def test_cost_model_is_a_dataclass() -> None:
 def _bursty(
     policy: str, arrivals: str = "bursts", n: int = 400, keepalive: bool = True, **routing: object
 ) -> dict:
-    from zmesh.sim.cli import Cell, run_cell
+    from zmesh.sim.cells import Cell, run_cell
 
     cell = Cell(
         policy=policy,

@@ -14,7 +14,11 @@ replaying, in order, every request it sent there through the engine's slot polic
 (`zmesh.sim.cache.SlotCache`), so it knows the cache each request will find; it
 knows every queue because it is the only sender; it sends each request straight to
 its choice with ``hops`` at the limit, so that node serves it locally. It decides
-with `routing.decide` on those exact figures (no link cost, no balance rule).
+with `zmesh.oracle` (the simulator's oracle too) on those exact figures
+(`zmesh.bench.mirror`).
+
+This module runs the policies; `vocab` tokenizes, `sender` is the client, `mirror`
+the oracle's mirror of the nodes, `figures` the figures per policy.
 
     zmesh bench cluster --quick                  # 3 nodes, 6 subjects, ~3 minutes
     zmesh bench cluster --requests 150 --json    # the measured run of docs/evaluation.md
@@ -30,42 +34,40 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
 import random
 import statistics
-import sys
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import zmq
-import zmq.asyncio
-
 from zmesh import protocol as P
+from zmesh.bench.figures import (
+    ORACLE,
+    ZMESH_SHIP,
+    figures,
+    loadavg,
+    machine,
+    ratios,
+    say,
+    steady,
+)
+from zmesh.bench.mirror import Oracle
+from zmesh.bench.sender import Record, Sender
+from zmesh.bench.vocab import Tokenizer, fitting_subjects, tokenize_workload
 from zmesh.lab import Lab
-from zmesh.oracle import OracleNode, choose, replay
-from zmesh.routing import PolicyState
-from zmesh.sim.cache import SlotCache
-from zmesh.sim.costmodel import PRESETS
 from zmesh.workload import (
     WORKLOADS,
     Arrivals,
     Workload,
-    load_mmlu,
     make_workload,
-    mmlu_prefix,
-    mmlu_question,
     poisson_arrivals,
 )
-from zmesh.workload.report import plot_policy_bars, plot_ttft_cdf, ratio, summarize
+from zmesh.workload.report import plot_policy_bars, plot_ttft_cdf
 
-ORACLE = "oracle"
-ZMESH_SHIP = "zmesh_ship"  # the zmesh policy with KV shipping on (routing.ship)
 POLICIES = (
     "zmesh",
     ZMESH_SHIP,
@@ -76,247 +78,6 @@ POLICIES = (
     ORACLE,
 )
 DEFAULT_OUT = Path("out/bench")
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# ---- tokenizer -----------------------------------------------------------------------
-
-
-class Tokenizer:
-    """The model's tokenizer (vocabulary only: loads in well under a second)."""
-
-    def __init__(self, model_path: str | None = None) -> None:
-        import llama_cpp as ll
-
-        from zmesh.engine import _silence_llama_logs
-        from zmesh.model import resolve_model_path
-
-        self._ll = ll
-        _silence_llama_logs()
-        params = ll.llama_model_default_params()
-        params.vocab_only = True
-        path = resolve_model_path(model_path)
-        self._model = ll.llama_model_load_from_file(str(path).encode(), params)
-        if not self._model:
-            raise RuntimeError(f"could not load the vocabulary of {path}")
-        self._vocab = ll.llama_model_get_vocab(self._model)
-        self.add_bos = bool(ll.llama_vocab_get_add_bos(self._vocab))
-
-    def __call__(self, text: str, bos: bool) -> list[int]:
-        ll = self._ll
-        data = text.encode("utf-8")
-        cap = len(data) + 8
-        buf = (ll.llama_token * cap)()
-        n = ll.llama_tokenize(self._vocab, data, len(data), buf, cap, bos and self.add_bos, True)
-        if n < 0:
-            cap = -n
-            buf = (ll.llama_token * cap)()
-            n = ll.llama_tokenize(
-                self._vocab, data, len(data), buf, cap, bos and self.add_bos, True
-            )
-        return list(buf[:n])
-
-    def close(self) -> None:
-        if self._model:
-            self._ll.llama_model_free(self._model)
-            self._model = None
-
-
-def tokenize_workload(workload: Workload, tok: Tokenizer) -> list[list[int]]:
-    """Token ids per request: the shared prefix tokenized once, then each request's own
-    text; a chat turn extends its parent's tokens, so prefixes match token for token."""
-    prefix_memo: dict[str, list[int]] = {}
-    out: list[list[int]] = []
-    for r in workload.requests:
-        if r.parent >= 0:
-            head = out[r.parent]
-        elif r.prefix in prefix_memo:
-            head = prefix_memo[r.prefix]
-        else:
-            head = prefix_memo[r.prefix] = tok(r.prefix, True)
-        out.append(head + tok(r.suffix, False))
-    return out
-
-
-def fitting_subjects(
-    tok: Tokenizer, max_prompt: int, max_prefix: int, path: str | None = None
-) -> list[str]:
-    """MMLU subjects whose every shipped question fits ``max_prompt`` tokens."""
-    ok = []
-    for subject, (dev, test) in sorted(load_mmlu(path).items()):
-        n_prefix = len(tok(mmlu_prefix(subject, dev), True))
-        if n_prefix > max_prefix:
-            continue
-        if n_prefix + max(len(tok(mmlu_question(q), False)) for q in test) <= max_prompt:
-            ok.append(subject)
-    return ok
-
-
-# ---- a minimal async client (it must set hops for the oracle) --------------------------
-
-
-@dataclass
-class Record:
-    index: int
-    policy: str
-    entry: str
-    sent_at: float = 0.0  # seconds since the run started
-    ttft_s: float = math.nan  # client-side: first streamed chunk (or the answer)
-    e2e_s: float = math.nan
-    served_by: str = ""
-    route_reason: str = ""
-    hops: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    server_ttft_s: float = math.nan
-    queue_s: float = math.nan
-    error: str = ""
-    predicted_cached: int = -1  # oracle: what its mirror of the slots said would be reused
-    shipped_tokens: int = 0  # of cached_tokens, pulled from a peer (zmesh_ship)
-
-
-class _Sender:
-    """One DEALER per node; replies are matched to requests by id."""
-
-    def __init__(self, endpoints: Sequence[str]) -> None:
-        self.ctx = zmq.asyncio.Context()
-        self.socks: dict[str, zmq.asyncio.Socket] = {}
-        self.waiters: dict[str, asyncio.Queue[P.Message]] = {}
-        self.readers: list[asyncio.Task[None]] = []
-        for ep in endpoints:
-            s = self.ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(ep)
-            self.socks[ep] = s
-            self.readers.append(asyncio.create_task(self._read(s)))
-
-    async def _read(self, sock: zmq.asyncio.Socket) -> None:
-        while True:
-            frame = await sock.recv()
-            try:
-                msg = P.decode(frame)
-            except P.ProtocolError:
-                continue
-            q = self.waiters.get(getattr(msg, "request_id", None) or "")
-            if q is not None:
-                q.put_nowait(msg)
-
-    async def generate(
-        self, endpoint: str, tokens: list[int], max_tokens: int, hops: int, rec: Record, t0: float
-    ) -> P.Done | None:
-        rid = uuid.uuid4().hex
-        q: asyncio.Queue[P.Message] = asyncio.Queue()
-        self.waiters[rid] = q
-        msg = P.Generate(
-            request_id=rid,
-            tokens=tokens,
-            params=P.SamplingParams(max_tokens=max_tokens),
-            hops=hops,
-            deadline=time.time() + 600,
-            stream=True,
-        )
-        sent = time.perf_counter()
-        rec.sent_at = sent - t0
-        try:
-            await self.socks[endpoint].send(P.encode(msg))
-            while True:
-                reply = await asyncio.wait_for(q.get(), 600)
-                now = time.perf_counter()
-                if isinstance(reply, P.Chunk):
-                    if math.isnan(rec.ttft_s):
-                        rec.ttft_s = now - sent
-                elif isinstance(reply, P.Done):
-                    rec.e2e_s = now - sent
-                    if math.isnan(rec.ttft_s):
-                        rec.ttft_s = rec.e2e_s
-                    return reply
-                elif isinstance(reply, P.Error):
-                    rec.error = f"{reply.code}: {reply.message}"
-                    return None
-        except TimeoutError:
-            rec.error = "timeout"
-            return None
-        finally:
-            self.waiters.pop(rid, None)
-
-    async def close(self) -> None:
-        for t in self.readers:
-            t.cancel()
-        await asyncio.gather(*self.readers, return_exceptions=True)
-        self.ctx.destroy(linger=0)
-
-
-# ---- the oracle -------------------------------------------------------------------------
-
-
-@dataclass
-class _Mirror:
-    cache: SlotCache
-    # (rid, predicted seconds, dispatched at), in the order the node serves them
-    outstanding: list[tuple[str, float, float]] = field(default_factory=list)
-    last_done: float = 0.0
-
-
-class Oracle:
-    """Exact mirror of every node (slots, queue), choosing with `zmesh.oracle.choose`."""
-
-    def __init__(self, names: Sequence[str], n_slots: int, max_tokens: int) -> None:
-        cm = PRESETS["cpu"]
-        self.prefill = cm.prefill_s_per_token
-        self.decode = cm.decode_s_per_token
-        self.base = cm.base_s
-        self.names = list(names)
-        self.mirrors = {n: _Mirror(SlotCache(n_slots)) for n in names}
-        self.state = PolicyState.seeded(0)
-        self.max_tokens = max_tokens
-        self._tail = -1
-
-    def _wait(self, m: _Mirror, now: float) -> float:
-        if not m.outstanding:
-            return 0.0
-        _, predicted, dispatched = m.outstanding[0]
-        started = max(m.last_done, dispatched)  # the head of the queue is running
-        first = max(predicted - max(now - started, 0.0), 0.0)
-        return first + sum(p for _, p, _ in m.outstanding[1:])
-
-    def choose(
-        self, rid: str, tokens: list[int], now: float, max_tokens: int = 0
-    ) -> tuple[str, int]:
-        """The node to send to, and the tokens its slots will reuse (the mirror's word)."""
-        mt = max_tokens or self.max_tokens
-        seq = tuple(tokens)
-        known = []
-        for k, name in enumerate(self.names):
-            m = self.mirrors[name]
-            known.append(OracleNode(name, k, m.cache, len(m.outstanding), self._wait(m, now)))
-        target, _ = choose(known, seq, self.prefill, self.state)
-        m = self.mirrors[target.node_id]
-        tail = tuple(range(self._tail, self._tail - (mt - 1), -1))
-        self._tail -= mt
-        claim = replay(m.cache, seq, tail, now)
-        predicted = self.base + (len(seq) - claim.reuse) * self.prefill + (mt - 1) * self.decode
-        m.outstanding.append((rid, predicted, now))
-        return target.node_id, claim.reuse
-
-    def finished(self, target: str, rid: str, done: P.Done | None, now: float) -> None:
-        m = self.mirrors[target]
-        m.outstanding = [o for o in m.outstanding if o[0] != rid]
-        m.last_done = now
-        if done is None:
-            return
-        # Learn the real speeds (EWMA), as a node learns its own.
-        new = done.prompt_tokens - done.cached_tokens
-        if new >= 32 and done.prefill_s > 0:
-            self.prefill = 0.8 * self.prefill + 0.2 * (done.prefill_s / new)
-        if done.decode_tps > 0:
-            self.decode = 0.8 * self.decode + 0.2 / done.decode_tps
-
-
-# ---- one policy --------------------------------------------------------------------------
 
 
 @dataclass
@@ -377,7 +138,7 @@ async def run_policy(
         else None
     )
     max_hops = lab.routing.get("max_hops", 1)
-    sender = _Sender(endpoints)
+    sender = Sender(endpoints)
     await asyncio.sleep(0.3)  # let the DEALERs connect
     t0 = time.perf_counter()
     done_count = 0
@@ -413,7 +174,7 @@ async def run_policy(
         done_count += 1
         if progress and (done_count % step == 0 or done_count == total):
             ok = [x.ttft_s for x in records if not math.isnan(x.ttft_s)]
-            _say(
+            say(
                 f"    {policy}: {done_count}/{total} done, "
                 f"mean ttft so far {statistics.fmean(ok) if ok else math.nan:.3f}s, "
                 f"{time.perf_counter() - t0:.0f}s"
@@ -426,85 +187,6 @@ async def run_policy(
     finally:
         await sender.close()
     return records, wall, statuses
-
-
-def figures(
-    records: list[Record], wall: float, names: Sequence[str], statuses: Sequence[P.Status]
-) -> dict[str, Any]:
-    ok = [r for r in records if not r.error and not math.isnan(r.ttft_s)]
-    per_node = [sum(1 for r in ok if r.served_by == n) for n in names]
-    out = summarize(
-        ttft=[r.ttft_s for r in ok],
-        e2e=[r.e2e_s for r in ok],
-        prompt_tokens=[r.prompt_tokens for r in ok],
-        cached_tokens=[r.cached_tokens for r in ok],
-        per_node=per_node,
-        wall_s=wall,
-        forwards=sum(1 for r in ok if r.hops > 0),
-        fallbacks=sum(1 for r in ok if r.route_reason == "fallback"),
-        errors=len(records) - len(ok),
-    )
-    out["server_ttft_mean_s"] = (
-        round(statistics.fmean([r.server_ttft_s for r in ok]), 4) if ok else math.nan
-    )
-    out["wall_s"] = round(wall, 2)
-    reasons: dict[str, int] = {}
-    for r in ok:
-        reasons[r.route_reason] = reasons.get(r.route_reason, 0) + 1
-    out["reasons"] = dict(sorted(reasons.items()))
-    counters: dict[str, int] = {}
-    for st in statuses:
-        for k in (
-            "forwards",
-            "forward_fallbacks",
-            "snapshots_requested",
-            "requests_served",
-            "kv_fetched",
-            "kv_fetched_bytes",
-            "kv_fetch_failed",
-            "kv_import_refused",
-        ):
-            counters[k] = counters.get(k, 0) + int(st.counters.get(k, 0))
-    out["node_counters"] = counters
-    shipped = [r for r in ok if r.shipped_tokens]
-    out["shipped_requests"] = len(shipped)
-    out["shipped_tokens_mean"] = (
-        round(statistics.fmean(r.shipped_tokens for r in shipped), 1) if shipped else 0.0
-    )
-    out["shipped_bytes_per_request"] = (
-        round(counters.get("kv_fetched_bytes", 0) / len(ok)) if ok else 0
-    )
-    # Seconds per prefilled token on cold requests: shows CPU contention (ours or others').
-    cold = [
-        (r.server_ttft_s - r.queue_s) / (r.prompt_tokens - r.cached_tokens)
-        for r in ok
-        if r.prompt_tokens - r.cached_tokens >= 100
-    ]
-    out["cold_prefill_s_per_token"] = round(statistics.fmean(cold), 5) if cold else math.nan
-    mirrored = [r for r in ok if r.predicted_cached >= 0]
-    if mirrored:
-        # How often the oracle's slot mirror named the reuse the engine really got.
-        exact = sum(r.predicted_cached == r.cached_tokens for r in mirrored)
-        out["oracle_mirror_exact"] = round(exact / len(mirrored), 4)
-    return out
-
-
-def steady(records: list[Record], warmup: int) -> dict[str, float]:
-    """Mean / p99 TTFT and hit rate without the first ``warmup`` requests (cold start)."""
-    rest = [r for r in records[warmup:] if not r.error and not math.isnan(r.ttft_s)]
-    if not rest:
-        return {}
-    xs = sorted(r.ttft_s for r in rest)
-    prompt = sum(r.prompt_tokens for r in rest)
-    return {
-        "requests": len(rest),
-        "ttft_mean_s": round(statistics.fmean(xs), 4),
-        "ttft_p99_s": round(xs[min(len(xs) - 1, math.ceil(0.99 * len(xs)) - 1)], 4),
-        "hit_rate": round(sum(r.cached_tokens for r in rest) / prompt, 4) if prompt else 0.0,
-    }
-
-
-# ---- the whole benchmark --------------------------------------------------------------------
 
 
 def build_plan(args: argparse.Namespace, tok: Tokenizer) -> Plan:
@@ -560,13 +242,13 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         tok.close()
     wl = plan.workload
     n_prompt = statistics.fmean(len(t) for t in plan.tokens)
-    _say(
+    say(
         f"zmesh bench cluster: {args.nodes} nodes x {args.slots} slots, {wl.name} "
         f"alpha {args.alpha}, {len(wl)} requests ({len(wl.group_counts())} prefix groups, "
         f"mean prompt {n_prompt:.0f} tokens), {plan.arrivals.describe()}, "
         f"policies {','.join(args.policies)}"
     )
-    _say(f"  requests per group: {dict(sorted(wl.group_counts().items(), key=lambda kv: -kv[1]))}")
+    say(f"  requests per group: {dict(sorted(wl.group_counts().items(), key=lambda kv: -kv[1]))}")
     results: dict[str, Any] = {}
     all_records: dict[str, list[Record]] = {p: [] for p in args.policies}
     walls: dict[str, float] = dict.fromkeys(args.policies, 0.0)
@@ -591,20 +273,20 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 },
                 workdir=run_dir / f"{policy}-{rnd + 1}",
             )
-            _say(f"  [{tag}] starting {args.nodes} nodes (logs in {lab.workdir})")
+            say(f"  [{tag}] starting {args.nodes} nodes (logs in {lab.workdir})")
             lab.start()
             try:
                 t = await lab.wait_converged(timeout=180)
-                _say(f"  [{tag}] converged in {t:.1f}s; sending {len(wl)} requests")
+                say(f"  [{tag}] converged in {t:.1f}s; sending {len(wl)} requests")
                 records, wall, statuses = await run_policy(policy, plan, lab, progress=True)
             finally:
                 lab.stop()
-            loads[policy].append(_loadavg())
+            loads[policy].append(loadavg())
             all_records[policy].extend(records)
             walls[policy] += wall
             statuses_by[policy].extend(statuses)
             f = figures(records, wall, [n.name for n in lab.nodes], statuses)
-            _say(
+            say(
                 f"  [{tag}] ttft mean {f['ttft_mean_s']:.3f}s p99 {f['ttft_p99_s']:.3f}s, "
                 f"hit {f['hit_rate']:.3f}, spread {f['load_spread']:.2f}, "
                 f"forwards {f['forwards']}, fallbacks {f['fallbacks']}, errors {f['errors']}, "
@@ -624,60 +306,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "workload": wl.params | {"name": wl.name},
         "arrivals": asdict(plan.arrivals),
-        "machine": _machine(),
+        "machine": machine(),
         "policies": results,
         "ratios": ratios(results),
         "records": {p: [asdict(r) for r in recs] for p, recs in all_records.items()},
         "_ttfts": ttfts,
-    }
-
-
-def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """The Done-criteria ratios, on mean TTFT over all requests."""
-    out: dict[str, float] = {}
-    z = results.get("zmesh")
-    if z is None:
-        return out
-    for name, f in results.items():
-        if name != "zmesh":
-            out[f"zmesh_over_{name}"] = round(ratio(z["ttft_mean_s"], f["ttft_mean_s"]), 3)
-    if "random" in results:
-        out["random_over_zmesh"] = round(
-            ratio(results["random"]["ttft_mean_s"], z["ttft_mean_s"]), 3
-        )
-    ship = results.get(ZMESH_SHIP)
-    if ship is not None:
-        for name in ("random", ORACLE):
-            if name in results:
-                out[f"{name}_over_zmesh_ship"] = round(
-                    ratio(results[name]["ttft_mean_s"], ship["ttft_mean_s"]), 3
-                )
-    return out
-
-
-def _loadavg() -> float:
-    """The 1-minute load average (other users of the machine skew timings)."""
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return math.nan
-
-
-def _machine() -> dict[str, Any]:
-    import os
-    import platform
-
-    cpu = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpus": os.cpu_count(),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
     }
 
 
@@ -761,10 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.nodes} real nodes x {args.slots} slots, {out['workload']['name']} "
         f"alpha {args.alpha:g}, {args.requests} requests"
     )
-    plot_policy_bars(out["policies"], args.out / f"{stem}.png", title, _say)
+    plot_policy_bars(out["policies"], args.out / f"{stem}.png", title, say)
     plot_ttft_cdf(ttfts, args.out / f"{stem}-ttft-cdf.png", title)
-    _say(f"zmesh bench cluster: done in {time.monotonic() - t0:.0f}s; wrote {path} (+ PNG plots)")
-    _say(f"  ratios (mean TTFT): {out['ratios']}")
+    say(f"zmesh bench cluster: done in {time.monotonic() - t0:.0f}s; wrote {path} (+ PNG plots)")
+    say(f"  ratios (mean TTFT): {out['ratios']}")
     if args.json:
         print(json.dumps({k: v for k, v in out.items() if k != "records"}))
     return 0

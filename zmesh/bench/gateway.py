@@ -40,19 +40,10 @@ from typing import Any
 
 import aiohttp
 
-from zmesh.bench.cluster import (
-    Plan,
-    Record,
-    Tokenizer,
-    _loadavg,
-    _machine,
-    _say,
-    build_parser,
-    build_plan,
-    drive,
-    figures,
-    steady,
-)
+from zmesh.bench.cluster import Plan, build_parser, build_plan, drive
+from zmesh.bench.figures import figures, loadavg, machine, say, steady
+from zmesh.bench.sender import Record
+from zmesh.bench.vocab import Tokenizer
 from zmesh.lab import Lab, free_ports
 from zmesh.workload.report import plot_policy_bars, ratio
 
@@ -192,7 +183,7 @@ async def bench_workload(args: argparse.Namespace, workload: str) -> dict[str, A
     finally:
         tok.close()
     wl = plan.workload
-    _say(
+    say(
         f"zmesh bench gateway: {wl.name}, {len(wl)} requests on {args.nodes} nodes x "
         f"{args.slots} slots, {plan.arrivals.describe()}, systems {','.join(args.systems)}"
     )
@@ -223,10 +214,10 @@ async def bench_workload(args: argparse.Namespace, workload: str) -> dict[str, A
             lab.stop()
         f = figures(recs, wall, [n.name for n in lab.nodes], statuses)
         f["steady"] = steady(recs, args.warmup)
-        f["load_average"] = round(_loadavg(), 2)
+        f["load_average"] = round(loadavg(), 2)
         out[system] = f
         records[system] = [asdict(r) for r in recs]
-        _say(
+        say(
             f"  [{system}] ttft mean {f['ttft_mean_s']:.3f}s p99 {f['ttft_p99_s']:.3f}s, "
             f"hit {f['hit_rate']:.3f}, spread {f['load_spread']:.2f}, errors {f['errors']}, "
             f"{wall:.1f}s, load average {f['load_average']}"
@@ -283,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = {
         "command": "bench gateway",
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "machine": _machine(),
+        "machine": machine(),
         "workloads": {
             w: {k: v for k, v in r.items() if k != "records"} for w, r in results.items()
         },
@@ -293,12 +284,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for w, r in results.items():
         title = f"{args.nodes} nodes x {args.slots} slots, {w}, {args.requests} requests over HTTP"
-        plot_policy_bars(r["systems"], args.out / f"{stem}-{w}.png", title, _say)
+        plot_policy_bars(r["systems"], args.out / f"{stem}-{w}.png", title, say)
         line = {
             s: (f["ttft_mean_s"], f["ttft_p99_s"], f["hit_rate"]) for s, f in r["systems"].items()
         }
-        _say(f"  {w}: (mean TTFT, p99 TTFT, hit rate) {line}; ratios {r['ratios']}")
-    _say(f"zmesh bench gateway: done in {time.monotonic() - t0:.0f}s; wrote {path} (+ PNG plots)")
+        say(f"  {w}: (mean TTFT, p99 TTFT, hit rate) {line}; ratios {r['ratios']}")
+    say(f"zmesh bench gateway: done in {time.monotonic() - t0:.0f}s; wrote {path} (+ PNG plots)")
     if args.json:
         print(json.dumps(summary))
     return 0

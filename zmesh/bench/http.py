@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 
 from zmesh import protocol as P
-from zmesh.bench.cluster import _loadavg, _say
+from zmesh.bench.figures import loadavg, say
 from zmesh.client import AsyncClient
 from zmesh.lab import Lab
 from zmesh.workload.report import percentile
@@ -88,7 +88,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "zeromq": z,
         "http": h,
         "http_minus_zeromq_p50_ms": round(h["p50_ms"] - z["p50_ms"], 3),
-        "load_average": _loadavg(),
+        "load_average": loadavg(),
     }
 
 
@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = asyncio.run(bench(args))
     z, h = out["zeromq"], out["http"]
-    _say(
+    say(
         f"zmesh bench http: TTFT p50 ZeroMQ {z['p50_ms']} ms, HTTP {h['p50_ms']} ms: "
         f"HTTP adds {out['http_minus_zeromq_p50_ms']} ms"
     )

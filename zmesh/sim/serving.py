@@ -1,0 +1,260 @@
+"""Serving in the simulator: forwards, a node's FIFO queue, the slot cache, crashes.
+
+A node serves one request at a time from its queue (`max_queue`), its service time
+from the cost model on what its cache (`SlotCache`/`TokenCache`) misses; its load
+(queue depth, backlog, the prediction of each request) is `zmesh.candidates`'. A
+forward whose peer fails or is suspected (or, without keep-alives, times out) is
+served again by its entry. A crash loses the node's queue and cache; it restarts
+empty with a new epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from zmesh.candidates import (
+    backlog_s,
+    predict_s,
+    queue_depth,
+)
+from zmesh.routing import (
+    ORACLE,
+)
+from zmesh.sim.base import SimBase
+from zmesh.sim.config import (
+    DONE,
+    DROPPED,
+    FINISHED,
+    FWD,
+    FWD_TIMEOUT,
+    HB,
+    QUEUED,
+    RECOVER,
+    RUNNING,
+    WAIT,
+)
+from zmesh.sim.state import Job, SimNode
+from zmesh.stats import ewma
+
+
+class ServingMixin(SimBase):
+    def _queue_depth(self, node: SimNode) -> int:
+        return queue_depth(len(node.queue), node.running is not None)
+
+    def _backlog(self, node: SimNode) -> float:
+        running = node.running
+        predicted = running.predicted if running is not None else None
+        return backlog_s(node.queued_s, predicted, self.now - node.running_since)
+
+    def _predict(self, new_tokens: int, max_tokens: int) -> float:
+        # Answers here always run to max_tokens: no completion-length estimate.
+        c = self.cost
+        return predict_s(new_tokens, max_tokens, c.prefill_s_per_token, c.decode_s_per_token)
+
+    def _forward(self, node: SimNode, job: Job, target: int) -> None:
+        job.forwarded = True
+        job.fwd_sent = self.now
+        job.node = target
+        view = self.views[self.view_of[node.idx]]
+        est = view.table.get(self.names[target])
+        matched = est.match_blocks(job.ids) * self.cfg.block_size if est is not None else 0
+        mt = self.workload.requests[job.index].max_tokens
+        job.fwd_cost = self._predict(len(job.tokens) - matched, mt)
+        node.inflight[target] = node.inflight.get(target, 0) + 1
+        node.fwd_out.setdefault(target, []).append(job)
+        self.nodes[target].incoming += 1
+        self._push(self.now + self._delay(node.idx, target), FWD, job, self.nodes[target].gen)
+        if not self.cfg.forward_keepalive:
+            self._push(self.now + self.cfg.forward_timeout_s, FWD_TIMEOUT, job, None)
+
+    def _forward_over(self, job: Job) -> None:
+        """The entry's forward bookkeeping ends (answer relayed, or fell back)."""
+        entry = self.nodes[job.entry]
+        t = job.node
+        left = entry.inflight.get(t, 0) - 1
+        if left > 0:
+            entry.inflight[t] = left
+        else:
+            entry.inflight.pop(t, None)
+        lst = entry.fwd_out.get(t)
+        if lst is not None:
+            with contextlib.suppress(ValueError):
+                lst.remove(job)
+            if not lst:
+                del entry.fwd_out[t]
+
+    def _on_fwd(self, job: Job, gen: int) -> None:
+        target = self.nodes[job.node]
+        target.incoming = max(target.incoming - 1, 0)
+        if job.state != WAIT:
+            return  # fell back already, or its entry died
+        if not target.alive or target.gen != gen:
+            return  # lost with the node: the entry falls back on timeout or suspicion
+        self._enqueue(target, job)
+
+    def _fallback(self, job: Job) -> None:
+        """Serve a forwarded request at its entry (the peer failed or timed out)."""
+        if job.state in (FINISHED, DROPPED) or not job.forwarded:
+            return
+        target = self.nodes[job.node]
+        if job.state == QUEUED:
+            try:
+                target.queue.remove(job)
+                target.queued_s = max(target.queued_s - job.predicted, 0.0)
+            except ValueError:
+                pass
+        # A running one keeps running (a prefill cannot be cancelled); its answer is dropped.
+        job.state = DROPPED
+        self._forward_over(job)
+        self.fallbacks += 1
+        entry = self.nodes[job.entry]
+        if not entry.alive:
+            self._finish_failed(job.index, job.stream)
+            return
+        retry = job.retry_at(entry.idx)
+        retry.reason = "fallback"
+        self._enqueue(entry, retry)
+
+    def _on_fwd_timeout(self, job: Job, _: Any) -> None:
+        if job.state in (FINISHED, DROPPED):
+            return
+        if job.state == RUNNING and job.first_at + job.ret_delay <= self.now:
+            return  # its first token reached the entry in time
+        self._fallback(job)
+
+    def _enqueue(self, node: SimNode, job: Job) -> None:
+        if len(node.queue) >= self.cfg.max_queue:
+            if job.forwarded:
+                self._fallback(job)
+            else:
+                self.rejected += 1
+                job.state = DROPPED
+                self._finish_failed(job.index, job.stream)
+            return
+        mt = self.workload.requests[job.index].max_tokens
+        job.predicted = self._predict(len(job.tokens) - node.cache.match(job.tokens), mt)
+        job.state = QUEUED
+        node.queue.append(job)
+        node.queued_s += job.predicted
+        self._load_changed(node)
+        if node.running is None:
+            self._start_next(node)
+
+    def _start_next(self, node: SimNode) -> None:
+        while node.queue:
+            job = node.queue.popleft()
+            node.queued_s = max(node.queued_s - job.predicted, 0.0)
+            if job.state != QUEUED:
+                continue
+            self._start(node, job)
+            return
+        node.running = None
+
+    def _start(self, node: SimNode, job: Job) -> None:
+        job.state = RUNNING
+        job.run_node = node.idx
+        node.running = job
+        node.running_since = self.now
+        claim = node.cache.claim(job.tokens)
+        job.claim = claim
+        job.cached = claim.reuse
+        mt = self.workload.requests[job.index].max_tokens
+        cost = self.cost
+        ttft = cost.ttft_s(len(job.tokens) - claim.reuse)
+        service = ttft + max(mt - 1, 0) * cost.decode_s_per_token
+        if self.cfg.service_noise > 0:
+            f = self.noise_rng.lognormvariate(0.0, self.cfg.service_noise)
+            ttft *= f
+            service *= f
+        job.first_at = self.now + ttft
+        if job.forwarded:
+            job.ret_delay = self._delay(node.idx, job.entry)
+        self._load_changed(node)
+        self._cache_changed(node)
+        self._push(self.now + service, DONE, job, node.gen)
+
+    def _on_done(self, job: Job, gen: int) -> None:
+        node = self.nodes[job.run_node]
+        if node.gen != gen or node.running is not job:
+            return  # the node crashed meanwhile
+        mt = self.workload.requests[job.index].max_tokens
+        tail = tuple(-next(self._tail) for _ in range(max(mt - 1, 0)))
+        seq = job.tokens + tail
+        ids = job.ids
+        n_full = len(seq) // self.cfg.block_size
+        if n_full > len(ids):
+            more = (
+                self.hasher.block_ids(seq, len(ids), ids[-1]) if ids else self.hasher.block_ids(seq)
+            )
+            ids = ids + more
+        node.cache.finish(job.claim.slot, seq, ids, self.now)
+        node.service_ewma = ewma(node.service_ewma, self.now - node.running_since)
+        node.served += 1
+        node.running = None
+        self._cache_changed(node)
+        self._load_changed(node)
+        if job.state == RUNNING:
+            self._complete(job, node)
+        self._start_next(node)
+
+    def _complete(self, job: Job, node: SimNode) -> None:
+        job.state = FINISHED
+        job.done_at = self.now
+        i = job.index
+        self.ttft[i] = job.first_at + job.ret_delay - job.sent_at
+        self.e2e[i] = self.now + job.ret_delay - job.sent_at
+        self.served_by[i] = node.idx
+        self.cached[i] = job.cached
+        self.forwarded[i] = job.forwarded
+        if self.cfg.diagnose:
+            self._note_done(job, node)
+        if job.forwarded:
+            self._forward_over(job)
+        self.done += 1
+        self._stream_step(job, self.now + job.ret_delay)
+
+    def _on_fail(self, idx: int, _: Any) -> None:
+        node = self.nodes[idx]
+        if not node.alive or sum(n.alive for n in self.nodes) <= 1:
+            return
+        node.alive = False
+        node.gen += 1
+        lost = list(node.queue) + ([node.running] if node.running is not None else [])
+        node.queue.clear()
+        node.queued_s = 0.0
+        node.running = None
+        for job in lost:
+            if job.forwarded:
+                job.state = WAIT  # its entry falls back once it notices
+            else:
+                job.state = DROPPED
+                self._finish_failed(job.index, job.stream)
+        # Forwards this node had sent die with it (their clients were connected here).
+        for lst in node.fwd_out.values():
+            for job in lst:
+                if job.state == QUEUED:
+                    owner = self.nodes[job.node]
+                    try:
+                        owner.queue.remove(job)
+                        owner.queued_s = max(owner.queued_s - job.predicted, 0.0)
+                    except ValueError:
+                        pass
+                if job.state in (WAIT, QUEUED, RUNNING):
+                    job.state = DROPPED
+                    self._finish_failed(job.index, job.stream)
+        node.fwd_out.clear()
+        node.inflight.clear()
+        self._push(self.now + self.cfg.downtime_s, RECOVER, idx)
+
+    def _on_recover(self, idx: int, _: Any) -> None:
+        node = self.nodes[idx]
+        node.alive = True
+        node.gen += 1
+        node.flush_pending = False
+        node.service_ewma = 0.0
+        self._boot(node)  # a restart: empty cache, new epoch
+        if self.policy == ORACLE:
+            node.shadow = self._new_cache()
+            node.shadow_free_at = self.now
+        self._push(self.now + self.cfg.heartbeat_s * self.rng.random(), HB, idx, node.gen)

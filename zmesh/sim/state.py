@@ -1,0 +1,146 @@
+"""The simulator's state: a request (`Job`), a modelled node (`SimNode`), a peer table (`View`)."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from zmesh.gossip import LocalAdvert
+from zmesh.peers import PeerEstimate, PeerTable
+from zmesh.routing import (
+    Candidate,
+    PolicyState,
+)
+from zmesh.sim.cache import SlotCache, TokenCache
+from zmesh.sim.config import (
+    WAIT,
+)
+
+
+class Job:
+    __slots__ = (
+        "best",
+        "best_nodes",
+        "cached",
+        "claim",
+        "done_at",
+        "entry",
+        "first_at",
+        "forwarded",
+        "fwd_cost",
+        "fwd_sent",
+        "ids",
+        "index",
+        "node",
+        "predicted",
+        "reason",
+        "ret_delay",
+        "run_node",
+        "sent_at",
+        "state",
+        "stream",
+        "tokens",
+    )
+
+    def __init__(self, index: int, tokens: tuple[int, ...], ids: list[int], entry: int) -> None:
+        self.index = index
+        self.tokens = tokens
+        self.ids = ids
+        self.entry = entry
+        self.node = entry
+        self.sent_at = 0.0
+        self.state = WAIT
+        self.forwarded = False
+        self.fwd_sent = 0.0
+        self.fwd_cost = 0.0
+        self.predicted = 0.0
+        self.first_at = 0.0
+        self.done_at = 0.0
+        self.ret_delay = 0.0
+        self.cached = 0
+        self.claim: Any = None
+        self.reason = ""
+        self.stream = -1
+        self.run_node = -1
+        self.best = 0  # diagnose: longest real cached match over the nodes at arrival
+        self.best_nodes: tuple[int, ...] = ()  # ... and the nodes holding it
+
+    def retry_at(self, node: int) -> Job:
+        """A copy of this request to serve at ``node`` (the original is abandoned)."""
+        job = Job(self.index, self.tokens, self.ids, self.entry)
+        job.node = node
+        job.sent_at = self.sent_at
+        job.stream = self.stream
+        job.best, job.best_nodes = self.best, self.best_nodes
+        return job
+
+
+class SimNode:
+    __slots__ = (
+        "advert",
+        "alive",
+        "busy",
+        "cache",
+        "epoch",
+        "flush_pending",
+        "fwd_out",
+        "gen",
+        "idx",
+        "incoming",
+        "inflight",
+        "load_changed",
+        "name",
+        "phase",
+        "policy_state",
+        "queue",
+        "queued_s",
+        "running",
+        "running_since",
+        "served",
+        "service_ewma",
+        "shadow",
+        "shadow_free_at",
+        "view",
+    )
+
+    # Set by the simulator when the node (re)starts, not at construction.
+    advert: LocalAdvert
+    cache: SlotCache | TokenCache
+    epoch: int
+    phase: float
+    policy_state: PolicyState
+    shadow: SlotCache | TokenCache
+
+    def __init__(self, idx: int, name: str) -> None:
+        self.idx = idx
+        self.name = name
+        self.alive = True
+        self.gen = 0  # bumps on crash: events of an older life are ignored
+        self.queue: deque[Job] = deque()
+        self.running: Job | None = None
+        self.running_since = 0.0
+        self.queued_s = 0.0
+        self.busy = False
+        self.flush_pending = False
+        self.load_changed = False
+        self.served = 0
+        self.service_ewma = 0.0
+        self.inflight: dict[int, int] = {}  # peer -> our forwards not finished
+        self.fwd_out: dict[int, list[Job]] = {}  # peer -> forwards not finished
+        self.shadow_free_at = 0.0
+        self.incoming = 0  # forwards on their way here (diagnose: the real load)
+
+
+class View:
+    """A real `PeerTable`: one node's knowledge of its peers, or everyone's (shared)."""
+
+    __slots__ = ("alive", "holders", "indexed", "owner", "static", "static_key", "table")
+
+    def __init__(self, owner: int, table: PeerTable, index: bool) -> None:
+        self.owner = owner  # node index, or -1 for the shared view
+        self.table = table
+        self.alive: list[tuple[int, PeerEstimate]] = []
+        self.holders: dict[int, set[int]] | None = {} if index else None
+        self.indexed: dict[int, tuple[object, set[int]]] = {}
+        self.static: list[Candidate] = []
+        self.static_key: tuple[int, ...] = ()
