@@ -8,11 +8,12 @@ calibrated from the engine benchmark), the engine's slot policy (`cache.py`), li
 (per-message delay with jitter, FIFO per link, loss of gossip messages), node crashes.
 
 A node here behaves like `node.py`: an entry node routes the request (candidates
-built as `Node._route` builds them: local tree match, each alive peer's estimated
-match, heard queue + our in-flight forwards, heard backlog + forwards the peer has
-not reported yet, measured link delay), forwards at most once, serves FIFO, flushes
-its cache deltas every ``delta_s`` and heartbeats every ``heartbeat_s`` and at the next
-tick after its load changed. A failed or timed-out forward is served by the entry.
+built by `zmesh.candidates`, as a node builds them: local tree match, each alive
+peer's estimated match, heard queue + our in-flight forwards, heard backlog +
+forwards the peer has not reported yet, measured link delay), forwards at most once,
+serves FIFO, flushes its cache deltas every ``delta_s`` and heartbeats every
+``heartbeat_s`` and at the next tick after its load changed. A failed or timed-out
+forward is served by the entry.
 
 Scale (1,000 nodes): ``estimates="shared"`` keeps one estimate per node that every
 peer reads (each message delivered once, with a sampled delay) instead of one per
@@ -22,11 +23,15 @@ sample, instead of all peers. Both are documented approximations; below 64 nodes
 the defaults are exact (per-receiver estimates for up to 8 nodes, all peers as
 candidates).
 
-Policies: the five of `routing.POLICIES`, plus ``paper`` (the P2P paper's design:
-the longest estimated prefix wins, blind to delay and load; run through
-`decide` with delays and queues zeroed and the balance rule off) and ``oracle`` (a
-client-side router with exact, instant knowledge of every node's cache - including
-what queued requests will leave in it - and of every queue).
+Policies: every one of `routing.ALL_POLICIES`: the five a node runs, ``paper``
+(the P2P paper's design: the longest estimated prefix wins, blind to delay and load)
+and ``oracle`` (`zmesh.oracle`: a client-side router with exact, instant knowledge
+of every node's cache - including what queued requests will leave in it - and of
+every queue).
+
+Layout: this module holds the event loop (`Simulator.run`); `base` the set-up and
+state every mixin shares; `arrivals`, `routing`, `serving`, `gossip`, `mirror` and
+`results` one job each (see their headers).
 """
 
 from __future__ import annotations
