@@ -172,7 +172,7 @@ def test_a_node_stops_while_a_request_waits_for_its_pull(pair: Pair) -> None:
             busy = await _prime_b_and_make_it_busy(pair, c)
             # The holder stays connected but cuts node-a off: the fetch is never answered.
             cut = P.FaultSettings(partition=["node-a"])
-            pair.b.loop.call_soon_threadsafe(pair.b.node._apply_faults, cut, "test")
+            pair.b.loop.call_soon_threadsafe(pair.b.node.transport.faults.apply, cut, "test")
             asked = asyncio.create_task(
                 c.generate(FEW_SHOT + QUESTION, max_tokens=4, endpoint=pair.a_serve)
             )

@@ -48,17 +48,20 @@ def test_who_counts_as_a_client(engine: Engine) -> None:
     try:
         node.peers.upsert("peer-x", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2", time.monotonic())
         env = [b"\x00ident"]
-        assert node._client_of(env, P.Generate(request_id="r", prompt="x"), None) == b"\x00ident"
+        assert (
+            node.admission.client_of(env, P.Generate(request_id="r", prompt="x"), None)
+            == b"\x00ident"
+        )
         # Keyless: a forward from a known peer is the peer's, not a client's.
         fwd = P.Generate(request_id="r", prompt="x", hops=1, origin="peer-x")
-        assert node._client_of(env, fwd, None) is None
+        assert node.admission.client_of(env, fwd, None) is None
         stranger = P.Generate(request_id="r", prompt="x", hops=1, origin="nobody")
-        assert node._client_of(env, stranger, None) == b"\x00ident"
+        assert node.admission.client_of(env, stranger, None) == b"\x00ident"
         # Keyed: the CURVE key decides, whatever the message claims.
         app = AuthorizedKey(public=b"k" * 40, name="app", role="client")
         peer = AuthorizedKey(public=b"n" * 40, name="node-b", role="node")
-        assert node._client_of(env, fwd, app) == b"k" * 40
-        assert node._client_of(env, P.Generate(request_id="r", prompt="x"), peer) is None
+        assert node.admission.client_of(env, fwd, app) == b"k" * 40
+        assert node.admission.client_of(env, P.Generate(request_id="r", prompt="x"), peer) is None
     finally:
         node.ctx.destroy(linger=0)
 

@@ -25,6 +25,7 @@ from zmesh.config import ConfigError, EngineConfig, Seed, config_from_dict, dump
 from zmesh.engine import Engine
 from zmesh.lab import Lab, free_ports
 from zmesh.node import Node
+from zmesh.node.admission import scope as scope_of
 from zmesh.security import (
     AuthorizedKey,
     client_socket,
@@ -130,7 +131,7 @@ def test_scope_of_a_request_is_its_caller(engine: Engine) -> None:
             (app, fwd, b"k" * 40),  # a client key: all its connections, whatever it claims
             (peer, fwd, b"\x00conn"),  # a node key: its connection
         ]:
-            assert node._scope(env, caller) == scope, (caller, msg)
+            assert scope_of(env, caller) == scope, (caller, msg)
     finally:
         node.ctx.destroy(linger=0)
 

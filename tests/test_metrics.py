@@ -3,14 +3,13 @@ prometheus_client's own text parser."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import urllib.request
-from collections.abc import Iterator
-from types import SimpleNamespace
+from collections.abc import Callable, Iterator
 
 import pytest
 from meshkit import RunningNode
-from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from zmesh import protocol as P
@@ -18,7 +17,7 @@ from zmesh.client import Client
 from zmesh.config import ConfigError, EngineConfig, NodeConfig, config_from_dict
 from zmesh.engine import Engine
 from zmesh.lab import free_ports
-from zmesh.metrics import NodeMetrics, metrics_bind_host
+from zmesh.metrics import metrics_bind_host
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 SHARED = "Metrics test. " + "Shared preamble about rivers and their deltas. " * 12
@@ -100,20 +99,18 @@ def test_metrics_listen_on_the_serve_host(serve: str, host: str) -> None:
     assert metrics_bind_host(serve) == host
 
 
-def test_counter_names_map_to_metrics() -> None:
-    cfg = config_from_dict(
-        {"node_id": "n", "serve_addr": "tcp://127.0.0.1:1", "gossip_addr": "tcp://127.0.0.1:2"}
-    )
-    fake = SimpleNamespace(
-        node_id="n", config=cfg, engine=SimpleNamespace(model_path="/m.gguf"), log=None
-    )
-    m = NodeMetrics(fake)  # type: ignore[arg-type]
-    m._take_snapshot = lambda: None  # type: ignore[method-assign,assignment,return-value]
-    for name in ["requests_received", "route_prefix", "route_prefix", "forwards"]:
-        m.count(name)
-    m.count("requests_overloaded")
-    m.count("snapshots_served", 3)
-    m.count("prompt_tokens", 40)
+def on_loop(running: RunningNode, fn: Callable[[], object]) -> None:
+    """Run ``fn`` on the node's event-loop thread (where the node counts) and wait."""
+
+    async def call() -> None:
+        fn()
+
+    asyncio.run_coroutine_threadsafe(call(), running.loop).result(timeout=10)
+
+
+def test_counter_names_map_to_metrics(engines: list[Engine]) -> None:
+    """Each counter name a real node counts lands in its metric; the gauges come from
+    the node's status view."""
     done = P.Done(
         request_id="r",
         text="x",
@@ -129,10 +126,26 @@ def test_counter_names_map_to_metrics() -> None:
         prefill_s=0.01,
         decode_tps=50.0,
     )
-    m.answered(done, local=True, evicted_tokens=12)
-    m.answered(done, local=False)
-    s = parse(generate_latest(m.registry).decode())
-    assert value(s, "zmesh_node_info", node_id="n", policy="zmesh", model="/m.gguf") == 1
+    ports = free_ports(3)
+    running = RunningNode(node_config("n", ports, []), engines[0])
+    try:
+        node = running.node
+
+        def events() -> None:
+            for name in ["requests_received", "route_prefix", "route_prefix", "forwards"]:
+                node.count(name)
+            node.count("requests_overloaded")
+            node.count("snapshots_served", 3)
+            node.count("prompt_tokens", 40)
+            node.metrics.answered(done, local=True, evicted_tokens=12)
+            node.metrics.answered(done, local=False)
+
+        on_loop(running, events)
+        s = scrape(ports[2])
+        model = str(node.engine.model_path)
+    finally:
+        running.stop()
+    assert value(s, "zmesh_node_info", node_id="n", policy="zmesh", model=model) == 1
     assert value(s, "zmesh_requests_received_total") == 1
     assert value(s, "zmesh_route_decisions_total", reason="prefix") == 2
     assert value(s, "zmesh_forwards_total") == 1
@@ -148,6 +161,10 @@ def test_counter_names_map_to_metrics() -> None:
     assert value(s, "zmesh_completion_tokens_total") == 4
     assert value(s, "zmesh_evictions_total") == 1
     assert value(s, "zmesh_evicted_tokens_total") == 12
+    # The gauges: an idle node with two slots and no peers.
+    assert value(s, "zmesh_slots_total") == 2
+    assert value(s, "zmesh_queue_depth") == 0
+    assert value(s, "zmesh_peers", state="alive") == 0
 
 
 # ---- real nodes, scraped over HTTP ----------------------------------------------------

@@ -30,7 +30,7 @@ from zmesh.client import (
 )
 from zmesh.config import ConfigError, SecurityConfig, config_from_dict
 from zmesh.lab import Lab
-from zmesh.node import Node
+from zmesh.node.admission import forbidden
 from zmesh.security import (
     DOMAIN_GOSSIP,
     DOMAIN_SERVE,
@@ -138,15 +138,15 @@ def test_zap_rules(tmp_path: Path) -> None:
 
     node_key, app_key = by_name["node"], by_name["app"]
     gen = P.Generate(request_id="r", prompt="hi", tenant="acme")
-    assert Node._forbidden(node_key, msgs := gen) is None
-    assert Node._forbidden(app_key, msgs) is None
+    assert forbidden(node_key, msgs := gen) is None
+    assert forbidden(app_key, msgs) is None
     assert "tenant 'beta'" in (
-        Node._forbidden(app_key, P.Generate(request_id="r", prompt="hi", tenant="beta")) or ""
+        forbidden(app_key, P.Generate(request_id="r", prompt="hi", tenant="beta")) or ""
     )
-    assert Node._forbidden(app_key, P.SnapshotRequest(request_id="s", node_id="x")) is not None
-    assert Node._forbidden(node_key, P.SnapshotRequest(request_id="s", node_id="x")) is None
-    assert Node._forbidden(app_key, P.StatusRequest(request_id="s")) is None
-    assert Node._forbidden(None, P.StatusRequest(request_id="s")) is not None
+    assert forbidden(app_key, P.SnapshotRequest(request_id="s", node_id="x")) is not None
+    assert forbidden(node_key, P.SnapshotRequest(request_id="s", node_id="x")) is None
+    assert forbidden(app_key, P.StatusRequest(request_id="s")) is None
+    assert forbidden(None, P.StatusRequest(request_id="s")) is not None
     assert AuthorizedKey(public=b"k", name="n").may_use_tenant("any")
 
 

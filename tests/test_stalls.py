@@ -429,7 +429,9 @@ def test_one_peer_cannot_set_a_nodes_own_cost_estimate(engine: Engine) -> None:
                 # A short prompt: the engine measures no prefill rate from it.
                 done = await rc.ask(ep, generate(f"est-{n}", "Hi", 2), 60)
                 assert isinstance(done, P.Done), done
-                own.append(running.node._last_route[running.node.node_id].prefill_s_per_token)
+                own.append(
+                    running.node.pipeline.last_route[running.node.node_id].prefill_s_per_token
+                )
         finally:
             await rc.close()
             for p in liars:

@@ -13,6 +13,10 @@ Whoever can write the node's files can change its faults, so the file needs no
 authentication; leave `control_file` unset outside labs. `zmesh.lab.Lab` writes one
 per node (`partition`, `heal`, `set_delay`, `set_faults`).
 
+`FaultInjector` applies the faults in effect to one node's links: its transport
+hands it every send to a peer while a fault is on (cut by a partition, or held in
+the `DelayLine`), and its receive loops ask it whether a peer is cut off.
+
 Sans-IO apart from reading that file; `DelayLine` needs a running event loop.
 """
 
@@ -36,6 +40,7 @@ __all__ = [
     "DelayLine",
     "FaultControl",
     "FaultError",
+    "FaultInjector",
     "fault_problem",
     "parse_faults",
 ]
@@ -162,3 +167,91 @@ class DelayLine:
                 continue
             self._frames.popleft()
             self._send(sock, frames)
+
+
+class FaultInjector:
+    """The faults in effect on one node's links (config [faults], or the control file).
+
+    Off, a send costs its caller one bool test (`on`). ROUTER replies count as peer
+    traffic by identity, learned from a peer's forwards, pings and snapshot requests
+    (`remember`), so replies to a peer are delayed or cut too.
+    """
+
+    def __init__(
+        self,
+        control: FaultControl,
+        send: Callable[[Any, list[bytes]], bool],
+        count: Callable[..., None],
+        log: Any,
+    ) -> None:
+        self.control = control
+        self._send = send
+        self._count = count
+        self.log = log
+        self.delayed = DelayLine(send)
+        self.on = False
+        self.delay_s = 0.0
+        self.partition: frozenset[str] = frozenset()
+        # Which ROUTER identity is which peer, both ways (one identity per peer).
+        self.peer_idents: dict[bytes, str] = {}
+        self._ident_of_peer: dict[str, bytes] = {}
+
+    @property
+    def current(self) -> FaultSettings:
+        return self.control.current
+
+    def poll(self) -> None:
+        """Apply the control file's settings if they changed (logged if unusable)."""
+        try:
+            changed = self.control.poll()
+        except FaultError as exc:
+            self._count("faults_invalid")
+            self.log.warning("fault.invalid", error=str(exc))
+            return
+        if changed is not None:
+            self.apply(*changed)
+
+    def apply(self, f: FaultSettings, source: str) -> None:
+        self.delay_s = f.delay_ms / 1000
+        self.partition = frozenset(f.partition)
+        # The delay line stays in the path until it drains, so nothing overtakes.
+        self.on = bool(self.delay_s or self.partition or len(self.delayed))
+        if self.on or f.drop_deltas or source != "config":
+            self._count("faults_changed")
+            self.log.warning(
+                "fault.changed",
+                source=source,
+                delay_ms=f.delay_ms,
+                partition=sorted(f.partition),
+                drop_deltas=f.drop_deltas,
+            )
+
+    def send(self, sock: Any, frames: list[bytes], peer: str) -> bool:
+        """A send to a peer while faults are on: cut by a partition, or delayed."""
+        if peer in self.partition:
+            self._count("fault_dropped_out")
+            return True  # lost on the way, as on a cut link: the sender cannot tell
+        if self.delay_s > 0 or len(self.delayed):
+            if self.delayed.push(sock, frames, self.delay_s):
+                return True
+            self._count("fault_delay_overflow")
+            return False
+        return self._send(sock, frames)
+
+    def cut_off(self, peer: str | None) -> bool:
+        """Whether a message from ``peer`` is ignored because of an injected partition."""
+        if peer is None or peer not in self.partition:
+            return False
+        self._count("fault_dropped_in")
+        return True
+
+    def remember(self, ident: bytes, node: str) -> None:
+        """``ident`` is ``node``'s ROUTER identity now (a reconnect replaces the old one)."""
+        old = self._ident_of_peer.get(node)
+        if old != ident:  # a reconnect: one identity per peer, so this stays small
+            self.peer_idents.pop(old or b"", None)
+            self.peer_idents[ident] = node
+            self._ident_of_peer[node] = ident
+
+    def forget(self, node: str) -> None:
+        self.peer_idents.pop(self._ident_of_peer.pop(node, b""), None)

@@ -2,9 +2,11 @@
 
 Counters and the TTFT histogram are updated by the node's event loop as things
 happen (`count`, `answered`, `heartbeat`). Gauges (queue depth, slots, per-peer
-gossip lag and estimate age) are read at scrape time from a snapshot taken *on the
-loop thread*, so a scrape never walks a peer table the loop is changing.
-Each node has its own registry: several nodes can share a process (tests).
+gossip lag and estimate age) are read at scrape time from a `StatusView` the node
+makes *on its loop thread* (`zmesh.node.status`), so a scrape never walks a peer table
+the loop is changing. This module knows nothing else of the node: the view is its
+whole input, and it is declared here so that the node imports metrics, never the
+other way round. Each node has its own registry: several nodes can share a process.
 
 Every metric is listed, with its meaning, in README.md ("Metrics").
 """
@@ -15,7 +17,7 @@ import asyncio
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -30,15 +32,15 @@ if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
     from zmesh import protocol as P
-    from zmesh.node import Node
+    from zmesh.config import NodeConfig
 
-__all__ = ["TTFT_BUCKETS", "NodeMetrics", "metrics_bind_host"]
+__all__ = ["TTFT_BUCKETS", "NodeMetrics", "PeerView", "StatusView", "metrics_bind_host"]
 
 # Seconds; from a warm cache hit (~30 ms) to a cold long prompt on a busy CPU node.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SNAPSHOT_TIMEOUT_S = 2.0  # a scrape waits this long for the loop, then skips the gauges
 
-# Node._count names with a metric of their own; any other name is counted in
+# NodeContext.count names with a metric of their own; any other name is counted in
 # zmesh_events_total{event=name}, so a new counter is never silently dropped.
 _FAILED = {
     "requests_invalid": "invalid_request",
@@ -65,6 +67,35 @@ def metrics_bind_host(serve_addr: str) -> str:
     if host in ("*", "0.0.0.0"):
         return "0.0.0.0"
     return host.strip("[]").replace("*", "::") or "::"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerView:
+    """One peer as the node's table holds it, at the time of the view."""
+
+    node_id: str
+    state: str  # alive, suspect or dead
+    last_heard: float | None  # monotonic; None: learned of, never heard
+    learned_at: float  # monotonic
+    epoch: int
+    seq: int  # the delta seq our estimate of it has reached
+    n_blocks: int  # prefix blocks our estimate says it holds
+    link_delay_s: float
+    queue_depth: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatusView:
+    """A node's state, read on its loop thread: what `Status` and the gauges report."""
+
+    at: float  # time.monotonic() when the view was taken
+    queue_depth: int
+    backlog_s: float
+    slots_used: int
+    slots_total: int
+    blocks: int  # prefix blocks this node advertises
+    advert_seq: int
+    peers: tuple[PeerView, ...] = ()
 
 
 @dataclass(slots=True)
@@ -173,11 +204,12 @@ class _StateCollector(Collector):
 class NodeMetrics:
     """The metrics of one node; `start()` serves them over HTTP when `metrics_port` > 0."""
 
-    def __init__(self, node: Node) -> None:
-        self._node = node
+    def __init__(self, config: NodeConfig, model: str, log: Any = None) -> None:
         self.registry = CollectorRegistry()
-        self.port = node.config.metrics_port
-        self.host = metrics_bind_host(node.config.serve_addr)
+        self.port = config.metrics_port
+        self.host = metrics_bind_host(config.serve_addr)
+        self.log = log
+        self._view: Callable[[], StatusView] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._server: WSGIServer | None = None
@@ -189,9 +221,7 @@ class NodeMetrics:
             ["node_id", "policy", "model"],
             registry=r,
         )
-        info.labels(
-            node.node_id, node.config.routing.policy, str(getattr(node.engine, "model_path", ""))
-        ).set(1)
+        info.labels(config.node_id, config.routing.policy, model).set(1)
         self.received = Counter(
             "zmesh_requests_received", "Generate requests accepted for routing.", registry=r
         )
@@ -255,7 +285,7 @@ class NodeMetrics:
     # ---- updates (event loop thread) ---------------------------------------------
 
     def count(self, name: str, n: int = 1) -> None:
-        """Mirror of `Node._count`: each counter name lands in its metric."""
+        """Mirror of `NodeContext.count`: each counter name lands in its metric."""
         if name == "requests_received":
             self.received.inc(n)
         elif name in _FAILED:
@@ -293,17 +323,18 @@ class NodeMetrics:
 
     # ---- scrape-time state ---------------------------------------------------------
 
-    def _take_snapshot(self) -> _Snapshot:
-        node = self._node
-        now = time.monotonic()
+    def _take_snapshot(self) -> _Snapshot | None:
+        if self._view is None:
+            return None
+        view = self._view()
         rows = []
-        for p in node.peers.all():
+        for p in view.peers:
             g = self._gossip.get(p.node_id)
             rows.append(
                 _PeerRow(
                     peer=p.node_id,
-                    state=getattr(p.state, "value", str(p.state)),
-                    estimate_age_s=now
+                    state=p.state,
+                    estimate_age_s=view.at
                     - (p.last_heard if p.last_heard is not None else p.learned_at),
                     seq_lag=max(g.seq - p.seq, 0) if g is not None else 0,
                     gossip_lag_s=g.lag_s if g is not None else None,
@@ -316,12 +347,12 @@ class NodeMetrics:
         for gone in set(self._gossip) - {r.peer for r in rows}:
             del self._gossip[gone]
         return _Snapshot(
-            queue_depth=node.queue_depth(),
-            backlog_s=node.backlog_s(),
-            slots_used=node.engine.busy_slots(),
-            slots_total=node.engine.n_slots,
-            blocks=node.advert.n_blocks,
-            advert_seq=node.advert.seq,
+            queue_depth=view.queue_depth,
+            backlog_s=view.backlog_s,
+            slots_used=view.slots_used,
+            slots_total=view.slots_total,
+            blocks=view.blocks,
+            advert_seq=view.advert_seq,
             peers=rows,
         )
 
@@ -330,7 +361,7 @@ class NodeMetrics:
         loop = self._loop
         if loop is None or loop.is_closed() or threading.get_ident() == self._loop_thread:
             return self._take_snapshot()
-        fut: Future[_Snapshot] = Future()
+        fut: Future[_Snapshot | None] = Future()
 
         def take() -> None:
             try:
@@ -346,9 +377,11 @@ class NodeMetrics:
 
     # ---- HTTP server -----------------------------------------------------------------
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Serve /metrics on (host, metrics_port) from a daemon thread; port 0: off."""
+    def start(self, loop: asyncio.AbstractEventLoop, view: Callable[[], StatusView]) -> None:
+        """Serve /metrics on (host, metrics_port) from a daemon thread; port 0: off.
+        ``view`` is called on ``loop``'s thread (this one) at each scrape."""
         self._loop, self._loop_thread = loop, threading.get_ident()
+        self._view = view
         if self.port <= 0 or self._server is not None:
             return
         try:
@@ -357,7 +390,8 @@ class NodeMetrics:
             raise OSError(
                 exc.errno, f"metrics: cannot listen on {self.host}:{self.port}: {exc.strerror}"
             ) from exc
-        self._node.log.info("metrics.started", host=self.host, port=self.port)
+        if self.log is not None:
+            self.log.info("metrics.started", host=self.host, port=self.port)
 
     def stop(self) -> None:
         if self._server is not None:

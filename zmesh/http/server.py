@@ -199,13 +199,13 @@ class HttpFront:
         # compare_digest against every key: the time taken says nothing of which matched.
         found = [(n, k) for raw, n, k in self._keys if hmac.compare_digest(raw, given)]
         if not found:
-            self.node._count("http_auth_failed")
+            self.node.count("http_auth_failed")
             self.log.warning("http.auth_failed", peer=request.remote)
             raise ApiError(401, "invalid API key", "authentication_error", "invalid_api_key")
         name, key = found[0]
         tenant = wanted or key.tenants[0]
         if tenant not in key.tenants:
-            self.node._count("requests_forbidden")
+            self.node.count("requests_forbidden")
             self.log.warning("auth.forbidden", key_name=name, tenant=tenant, via="http")
             raise ApiError(
                 403, f"key {name!r} may not use tenant {tenant!r}", "permission_error", "forbidden"

@@ -1,0 +1,426 @@
+"""A request's way through a node once admitted: route, forward or queue, deadlines.
+
+`accept` tokenizes (off the loop), builds the routing candidates (this node from its
+engine and load, each live peer from its estimate) and asks `routing.decide`. A
+forward goes out once, under a fresh wire id, and its replies are relayed under the
+caller's id; it falls back to local service when it cannot be sent, errs, times out
+(`forward_timeout_s` to the first reply, then `PROGRESS_MISSES` keep-alive periods) or
+its peer turns suspect, unless the deadline has passed. A caller's Cancel follows its
+forward to the peer. A "shipped" decision starts the KV pull while the job queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from zmesh import protocol as P
+from zmesh.engine import EngineError
+from zmesh.kvpeer import KvPeer
+from zmesh.kvstate import KvState
+from zmesh.node.context import NodeContext
+from zmesh.node.load import (
+    DEFAULT_DECODE_S_PER_TOKEN,
+    DEFAULT_PREFILL_S_PER_TOKEN,
+    DEFAULT_SERVICE_S,
+    Job,
+    Load,
+    expired,
+    peer_median,
+)
+from zmesh.node.transport import Transport
+from zmesh.peers import PeerEstimate
+from zmesh.routing import (
+    Candidate,
+    Decision,
+    PolicyState,
+    RouteRequest,
+    RoutingSettings,
+    decide,
+)
+
+DEFAULT_LINK_DELAY_S = 0.001
+# A forwarder waits this long past a request's deadline for the peer's own
+# deadline_exceeded (which says where the time went) before answering it itself.
+DEADLINE_GRACE_S = 0.25
+# A forward whose peer sent Progress waits this many of its keep-alive periods for the
+# next frame before serving locally.
+PROGRESS_MISSES = 3
+_FALLBACK = object()  # sentinel pushed into a forward's queue when its peer fails
+
+
+@dataclass(slots=True)
+class Forward:
+    target: str
+    sent_at: float  # monotonic
+    cost_s: float  # predicted service time at the target
+    request_id: str = ""  # the caller's id; the peer knows it by its wire id (see forward)
+    scope: bytes = b""  # the caller's scope: its Cancel follows the forward
+    cancelled: bool = False  # the caller cancelled: never served here instead
+    replies: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        ctx: NodeContext,
+        transport: Transport,
+        load: Load,
+        kv: KvPeer,
+        enqueue: Callable[[Job], bool],
+    ) -> None:
+        self._c = ctx
+        self._t = transport
+        self._load = load
+        self._kv = kv
+        self._enqueue = enqueue
+        r = ctx.config.routing
+        self.settings = RoutingSettings(
+            policy=r.policy,
+            max_hops=r.max_hops,
+            min_gain_s=r.min_gain_s,
+            min_gain_frac=r.min_gain_frac,
+            place_slack_frac=r.place_slack_frac,
+            balance_abs=r.balance_abs,
+            balance_rel=r.balance_rel,
+            ship=r.ship,
+            ship_min_tokens=r.ship_min_tokens,
+            ship_max_tokens=ctx.engine.max_ship_tokens,
+            # No give-up: a forward is waited for while the peer sends Progress.
+            give_up_s=0.0,
+        )
+        self.policy_state = PolicyState.seeded(int.from_bytes(ctx.node_id.encode()[:8], "little"))
+        self.last_route: dict[str, Candidate] = {}
+        self.forwards: dict[str, Forward] = {}  # by wire id
+        # Tokenizing is off the loop (a long prompt takes seconds) and not queued behind
+        # the engine's work: routing needs the tokens before the request is queued.
+        self.tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+
+    async def accept(
+        self,
+        envelope: list[bytes],
+        msg: P.Generate,
+        received: float,
+        client: bytes | None,
+        scope: bytes,
+    ) -> bool:
+        """Route and serve or relay an admitted request; True once queued for the worker
+        (which then owns its in-flight count)."""
+        c = self._c
+        rid = msg.request_id
+        c.count("requests_received")
+        c.log.info(
+            "request.received", request_id=rid, hops=msg.hops, origin=msg.origin, tenant=msg.tenant
+        )
+        if expired(msg):
+            self._t.deadline_error(envelope, rid, "deadline passed before the request arrived")
+            return False
+        try:
+            tokens = await asyncio.get_running_loop().run_in_executor(
+                self.tokenizer, c.engine.prompt_tokens, msg.prompt, msg.tokens
+            )
+        except EngineError as exc:
+            c.count("requests_failed")
+            c.log.warning("request.failed", request_id=rid, code=exc.code, error=exc.message)
+            self._t.reply_error(envelope, rid, exc.code, exc.message)
+            return False
+        path = [*((msg.origin and [msg.origin]) or []), c.node_id]
+        decision = self.route(msg, tokens)
+        attempt = 0
+        if decision.forward:
+            outcome = await self.forward(envelope, msg, decision, tokens, scope)
+            if outcome == "done":
+                return False
+            attempt = 1 if outcome == "partial" else 0
+            c.count("forward_fallbacks")
+            reason = "fallback"
+        else:
+            reason = decision.reason
+        new_tokens = len(tokens) - c.engine.local_match(tokens, c.namespace(msg.tenant))
+        kv_pull = self._start_pull(msg, decision, tokens)
+        if kv_pull is not None:
+            new_tokens = len(tokens) - decision.pull_tokens
+        job = Job(
+            msg=msg,
+            reply_to=envelope,
+            tokens=tokens,
+            received_at=received,
+            route_reason=reason,
+            route_path=path,
+            attempt=attempt,
+            predicted_s=self._load.predict_s(max(new_tokens, 1), msg.params.max_tokens),
+            client=client,
+            scope=scope,
+            kv_pull=kv_pull,
+            pulled_from=decision.pull_from if kv_pull is not None else None,
+        )
+        if not self._enqueue(job) and kv_pull is not None:
+            kv_pull.cancel()
+            return False
+        return True
+
+    def _start_pull(
+        self, msg: P.Generate, decision: Decision, tokens: list[int]
+    ) -> asyncio.Task[KvState] | None:
+        """Start pulling the prefix a "shipped" decision names, while the job queues."""
+        if decision.pull_from is None:
+            return None
+        peer = self._c.peers.get(decision.pull_from)
+        dealer = self._t.dealer_for(peer) if peer else None
+        if peer is None or dealer is None:
+            return None
+        return asyncio.create_task(
+            self._kv.fetch(
+                dealer,
+                peer.node_id,
+                peer.link_delay_s or DEFAULT_LINK_DELAY_S,
+                msg.tenant,
+                tokens[: decision.pull_tokens],
+                msg.deadline,
+                msg.request_id,
+            )
+        )
+
+    # ---- routing -----------------------------------------------------------
+
+    def route(self, msg: P.Generate, tokens: list[int]) -> Decision:
+        c = self._c
+        t0 = time.perf_counter()
+        ns = c.namespace(msg.tenant)
+        hasher = c.engine.hasher(ns)
+        ids = hasher.block_ids(tokens)
+        bs = hasher.block_size
+        local_match = c.engine.local_match(tokens, ns)
+        st = c.engine.stats
+        prefill = st.prefill_s_per_token or peer_median(
+            c.peers.alive(), "prefill_s_per_token", DEFAULT_PREFILL_S_PER_TOKEN
+        )
+        service = st.service_s or peer_median(c.peers.alive(), "service_s", DEFAULT_SERVICE_S)
+        cands = [
+            Candidate(
+                node_id=c.node_id,
+                is_local=True,
+                matched_tokens=local_match,
+                queue_depth=self._load.depth(),
+                link_delay_s=0.0,
+                prefill_s_per_token=prefill,
+                service_s=service,
+                wait_s=self._load.backlog_s(),
+            )
+        ]
+        ship = self.settings.ship
+        for peer in c.peers.alive():
+            link = peer.link_delay_s or DEFAULT_LINK_DELAY_S
+            cands.append(
+                Candidate(
+                    node_id=peer.node_id,
+                    is_local=False,
+                    matched_tokens=peer.match_blocks(ids) * bs,
+                    queue_depth=peer.queue_depth + peer.inflight,
+                    link_delay_s=link,
+                    prefill_s_per_token=peer.prefill_s_per_token or prefill,
+                    service_s=peer.service_s or service,
+                    wait_s=peer.backlog_s + self._unreported_forwards_s(peer),
+                    ship_s_per_token=self._kv.costs.ship_s_per_token(peer.node_id)
+                    if ship
+                    else None,
+                    # The round trip, and the holder's pause until its next decode step.
+                    ship_fixed_s=2 * link + DEFAULT_DECODE_S_PER_TOKEN,
+                )
+            )
+        head = (
+            ids[min(len(ids), max(1, c.config.routing.hash_prefix_tokens // bs)) - 1]
+            if ids
+            else hash(tuple(tokens[:bs])) & (2**64 - 1)
+        )
+        req = RouteRequest(
+            prompt_tokens=len(tokens), hops=msg.hops, head_key=head, block_ids=ids, block_size=bs
+        )
+        decision = decide(req, cands, self.settings, self.policy_state)
+        c.count(f"route_{decision.reason}")
+        self.last_route = {cd.node_id: cd for cd in cands}
+        c.log.info(
+            "route.decided",
+            request_id=msg.request_id,
+            policy=self.settings.policy,
+            prompt_tokens=len(tokens),
+            local_match=local_match,
+            candidates={
+                cd.node_id: {"match": cd.matched_tokens, "queue": cd.queue_depth} for cd in cands
+            },
+            decide_us=round((time.perf_counter() - t0) * 1e6, 1),
+            **decision.log_fields(),
+        )
+        return decision
+
+    def _unreported_forwards_s(self, peer: PeerEstimate) -> float:
+        """Work we sent to ``peer`` since its last heartbeat, which cannot include it yet."""
+        heard = peer.last_heard or 0.0
+        return sum(
+            f.cost_s
+            for f in self.forwards.values()
+            if f.target == peer.node_id and f.sent_at > heard
+        )
+
+    # ---- forwarding ----------------------------------------------------------
+
+    async def forward(
+        self,
+        envelope: list[bytes],
+        msg: P.Generate,
+        decision: Decision,
+        tokens: list[int],
+        scope: bytes,
+    ) -> str:
+        """Relay the request through a peer: "done", or "none"/"partial" to fall back."""
+        c, t = self._c, self._t
+        peer = c.peers.get(decision.target)
+        dealer = t.dealer_for(peer) if peer else None
+        rid = msg.request_id
+        # A fresh id on the wire for every forward: ids are per caller, and a late reply
+        # to an abandoned forward must never answer a later one of the same id. The
+        # caller's id as its prefix keeps it traceable in the peer's logs.
+        wid = f"{rid[: P.MAX_ID_CHARS - 17]}~{os.urandom(8).hex()}"
+        fwd_msg = msgspec.structs.replace(
+            msg, request_id=wid, hops=msg.hops + 1, origin=c.node_id, progress=True
+        )
+        if dealer is None or peer is None or not t.send(dealer, [], fwd_msg):
+            c.log.warning(
+                "request.fallback", request_id=rid, target=decision.target, why="peer not connected"
+            )
+            return "none"
+        target = self.last_route.get(peer.node_id)
+        new_tokens = len(tokens) - (target.matched_tokens if target else 0)
+        fwd = self.forwards[wid] = Forward(
+            target=peer.node_id,
+            sent_at=time.monotonic(),
+            cost_s=self._load.predict_s(max(new_tokens, 1), msg.params.max_tokens),
+            request_id=rid,
+            scope=scope,
+        )
+        peer.inflight += 1
+        c.count("forwards")
+        c.log.info(
+            "request.forwarded",
+            request_id=rid,
+            wire_id=wid,
+            target=peer.node_id,
+            reason=decision.reason,
+        )
+        relayed = False
+        timeout = gap = c.config.routing.forward_timeout_s
+        try:
+            while True:
+                try:
+                    reply = await asyncio.wait_for(
+                        fwd.replies.get(), self._forward_wait_s(msg, gap)
+                    )
+                except TimeoutError:
+                    reply, why = _FALLBACK, f"no reply for {gap:g}s"
+                else:
+                    why = "peer failed"
+                if isinstance(reply, P.Progress):
+                    # The peer holds the request (queued or running): a long answer is
+                    # no failure, so wait while its keep-alives come and it stays alive.
+                    gap = max(timeout, PROGRESS_MISSES * reply.interval_s)
+                    continue
+                if expired(msg) and (reply is _FALLBACK or isinstance(reply, P.Error)):
+                    # Too late to start over here: answer once, with the peer's own
+                    # deadline error when it sent one, and stop the peer's work.
+                    if isinstance(reply, P.Error) and reply.code == P.DEADLINE_EXCEEDED:
+                        t.reply(envelope, reply)
+                        c.log.info("request.deadline_relayed", request_id=rid, peer=peer.node_id)
+                    else:
+                        t.send(dealer, [], P.Cancel(request_id=wid))
+                        t.deadline_error(envelope, rid, f"deadline passed at {peer.node_id}")
+                    return "done"
+                if fwd.cancelled and (reply is _FALLBACK or isinstance(reply, P.Error)):
+                    return "done"  # cancelled by its caller: nothing to serve here
+                if reply is _FALLBACK or isinstance(reply, P.Error):
+                    detail = reply.message if isinstance(reply, P.Error) else why
+                    c.log.warning(
+                        "request.fallback",
+                        request_id=rid,
+                        target=peer.node_id,
+                        why=detail,
+                        partial=relayed,
+                    )
+                    t.send(dealer, [], P.Cancel(request_id=wid))
+                    return "partial" if relayed else "none"
+                if isinstance(reply, P.Chunk):
+                    relayed = True
+                    t.reply(envelope, reply)
+                elif isinstance(reply, P.Done):
+                    self._check_served_by(reply, peer.node_id)
+                    reply.route_reason = decision.reason
+                    reply.route_path = [c.node_id, reply.served_by]
+                    t.reply(envelope, reply)
+                    c.count("requests_forwarded_ok")
+                    c.metrics.answered(reply, local=False)
+                    return "done"
+        finally:
+            self.forwards.pop(wid, None)
+            peer.inflight = max(0, peer.inflight - 1)
+
+    def on_reply(self, msg: P.Chunk | P.Done | P.Error | P.Progress) -> None:
+        """A peer's reply to one of our forwards (by wire id); others are stale."""
+        fwd = self.forwards.get(msg.request_id or "")
+        if fwd is not None:
+            msg.request_id = fwd.request_id  # relayed under the caller's own id
+            fwd.replies.put_nowait(msg)
+
+    def _check_served_by(self, done: P.Done, target: str) -> None:
+        """A forwarded answer was served by the peer it went to, or by a node we know
+        that the peer says it relayed it to (max_hops > 1). Any other claim is logged
+        and replaced by the peer's id: the peer answers for what it sent."""
+        claimed = done.served_by
+        relayed = (
+            done.route_path == [target, claimed]
+            and claimed != self._c.node_id
+            and self._c.peers.get(claimed) is not None
+        )
+        if claimed == target or relayed:
+            return
+        self._c.count("forwards_served_by_mismatch")
+        self._c.log.warning(
+            "request.served_by_mismatch",
+            request_id=done.request_id,
+            target=target,
+            claimed=claimed,
+            route_path=done.route_path,
+        )
+        done.served_by = target
+
+    def _forward_wait_s(self, msg: P.Generate, wait: float) -> float:
+        """How long to wait for a peer's next reply: ``wait``, cut short by the request's
+        deadline (plus a grace for the peer's own deadline error)."""
+        if msg.deadline is not None:
+            wait = min(wait, max(msg.deadline - time.time(), 0.0) + DEADLINE_GRACE_S)
+        return wait
+
+    def cancel_forwards(self, scope: bytes, rid: str) -> None:
+        """A caller cancels a request this node forwarded: the Cancel follows it to the
+        peer (under the forward's wire id), whose cancelled Done is then relayed."""
+        for wid, fwd in self.forwards.items():
+            if fwd.scope == scope and fwd.request_id == rid:
+                fwd.cancelled = True
+                peer = self._c.peers.get(fwd.target)
+                dealer = self._t.dealer_for(peer) if peer else None
+                if dealer is not None:
+                    self._t.send(dealer, [], P.Cancel(request_id=wid))
+                    self._c.log.info("request.cancel_forwarded", request_id=rid, target=fwd.target)
+
+    def fail_forwards_to(self, node_id: str) -> None:
+        """``node_id`` turned suspect, dead or was forgotten: its forwards and KV pulls
+        fall back at once."""
+        for fwd in self.forwards.values():
+            if fwd.target == node_id:
+                fwd.replies.put_nowait(_FALLBACK)
+        self._kv.fail_pulls(node_id)
