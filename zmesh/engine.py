@@ -127,6 +127,14 @@ def _silence_llama_logs() -> None:
     ll.llama_log_set(_cb, ctypes.c_void_p(0))
 
 
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return any(line.startswith("flags") and " amx_tile" in line for line in f)
+    except OSError:
+        return False
+
+
 class Engine:
     def __init__(self, config: EngineConfig | None = None, hash_key: bytes = DEFAULT_KEY) -> None:
         self.config = cfg = config or EngineConfig()
@@ -162,6 +170,10 @@ class Engine:
         ll.llama_backend_init()
         mparams = ll.llama_model_default_params()
         mparams.n_gpu_layers = cfg.n_gpu_layers
+        # llama.cpp's AMX matmul (an "extra" CPU buffer type) dies with SIGSEGV on
+        # this project's AMX machines (sandboxed Sapphire Rapids): keep weights in
+        # plain CPU buffers there. Elsewhere the extra types (CPU repack) stay on.
+        mparams.use_extra_bufts = not _cpu_has_amx()
         self._model = ll.llama_model_load_from_file(str(self.model_path).encode(), mparams)
         if not self._model:
             raise EngineError("internal", f"llama.cpp could not load {self.model_path}")
