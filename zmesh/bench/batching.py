@@ -137,8 +137,10 @@ def run(
     n_slots: int,
     prefill_chunk: int,
     n_gpu_layers: int,
+    model_path: str | None = None,
 ) -> dict[str, Any]:
     cfg = EngineConfig(
+        model_path=model_path,
         n_slots=n_slots,
         slot_ctx=max(256, prompt_tokens + max_tokens + 16),
         n_threads=n_threads,

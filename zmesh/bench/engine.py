@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slots", type=int, default=3, help="batching: KV slots")
     ap.add_argument("--prefill-chunk", type=int, default=128, help="batching: chunk size")
     ap.add_argument("--gpu-layers", type=int, default=0, help="layers offloaded (-1: all)")
+    ap.add_argument("--model", help="batching: a GGUF file (default: the packaged model)")
     args = ap.parse_args(argv)
     if args.concurrency:
         from zmesh.bench.batching import run as run_batching
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             n_slots=args.slots,
             prefill_chunk=args.prefill_chunk,
             n_gpu_layers=args.gpu_layers,
+            model_path=args.model,
         )
         print(json.dumps(res) if args.json else json.dumps(res, indent=1))
         return 0
