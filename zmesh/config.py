@@ -119,6 +119,10 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # A text prompt longer than this many characters per allowed token is refused
     # before it is tokenized (tokenizing megabytes takes seconds).
     prompt_chars_per_token: int = 32
+    # Prompt tokens prefilled per step while other slots decode: a long prompt
+    # delays each of their tokens by one chunk, never by its whole prefill.
+    prefill_chunk: int = 128
+    max_running: int = 0  # requests decoding at once; 0: n_slots, 1: one at a time
 
     def __post_init__(self) -> None:
         if self.model_path is not None and not self.model_path:
@@ -140,6 +144,10 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 "max_prompt_tokens",
                 f"must be in 0..slot_ctx-1 ({self.slot_ctx - 1}), got {self.max_prompt_tokens}",
             )
+        if self.prefill_chunk < 1:
+            _fail("prefill_chunk", f"must be >= 1, got {self.prefill_chunk}")
+        if self.max_running < 0:
+            _fail("max_running", f"must be >= 0 (0 = n_slots), got {self.max_running}")
         if not 1 <= self.prompt_chars_per_token <= 4096:
             _fail(
                 "prompt_chars_per_token", f"must be in 1..4096, got {self.prompt_chars_per_token}"

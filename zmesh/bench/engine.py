@@ -8,6 +8,10 @@ the wire carries it, imported into a second engine, and the request served there
 (export, import and the TTFT after the import; the wire itself is `bench cluster`'s).
 
     python -m zmesh.bench.engine [--suffixes 20] [--prefix-tokens 600] [--json]
+
+With ``--concurrency 1,3,6`` it measures continuous batching instead
+(zmesh/bench/batching.py): closed-loop clients, and with ``--sequential`` the
+one-at-a-time engine in the same run.
 """
 
 from __future__ import annotations
@@ -158,15 +162,42 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--suffixes", type=int, default=20, help="distinct suffixes (default 20)")
     ap.add_argument("--prefix-tokens", type=int, default=600, help="shared prefix size")
-    ap.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request")
+    ap.add_argument(
+        "--max-tokens", type=int, help="tokens generated per request (16; batching: 64)"
+    )
     ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0 = all cores)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--concurrency", help="batching: client levels, e.g. 1,3,6")
+    ap.add_argument("--sequential", action="store_true", help="batching: also one at a time")
+    ap.add_argument("--requests", type=int, default=24, help="batching: requests per run")
+    ap.add_argument("--prompt-tokens", type=int, default=160, help="batching: prompt size")
+    ap.add_argument("--slots", type=int, default=3, help="batching: KV slots")
+    ap.add_argument("--prefill-chunk", type=int, default=128, help="batching: chunk size")
+    ap.add_argument("--gpu-layers", type=int, default=0, help="layers offloaded (-1: all)")
+    ap.add_argument("--model", help="batching: a GGUF file (default: the packaged model)")
     args = ap.parse_args(argv)
+    if args.concurrency:
+        from zmesh.bench.batching import run as run_batching
+
+        res = run_batching(
+            [int(x) for x in args.concurrency.split(",")],
+            args.sequential,
+            n_requests=args.requests,
+            prompt_tokens=args.prompt_tokens,
+            max_tokens=args.max_tokens or 64,
+            n_threads=args.threads,
+            n_slots=args.slots,
+            prefill_chunk=args.prefill_chunk,
+            n_gpu_layers=args.gpu_layers,
+            model_path=args.model,
+        )
+        print(json.dumps(res) if args.json else json.dumps(res, indent=1))
+        return 0
     print(
         f"engine benchmark: {args.suffixes} suffixes on a ~{args.prefix_tokens}-token prefix",
         file=sys.stderr,
     )
-    res = run(args.suffixes, args.prefix_tokens, args.max_tokens, args.threads)
+    res = run(args.suffixes, args.prefix_tokens, args.max_tokens or 16, args.threads)
     if args.json:
         print(json.dumps(res))
     else:

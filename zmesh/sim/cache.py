@@ -1,15 +1,15 @@
 """Models of a node's KV cache over the real `RadixTree` (block ids from the real hasher).
 
-- `SlotCache`: the engine's slot pool (zmesh/engine.py `_claim_slot`): a request
+- `SlotCache`: the engine's slot pool: the engine's own slot policy
+  (zmesh/slots.py `choose`) over the slots' contents, without llama.cpp. A request
   reuses the slot with the longest common prefix, continuing in place when most of
   that slot is its prefix, else sharing the prefix into a free or least-recently-used
   slot. The tree runs in owned mode (one owner per slot), exactly as in the engine, so
   its block events are what a real node would advertise. Used by the simulator's
   nodes and by the cluster benchmark's oracle to mirror real nodes.
+  `tests/test_slots.py` runs one recorded request sequence through the real engine and
+  through this model: same slot, cached tokens and evictions, request by request.
 - `TokenCache`: SGLang-style radix cache under a token budget (LRU leaf eviction).
-
-The engine itself cannot run without llama.cpp, so the slot *policy* is modelled
-here; `tests/test_sim.py` checks the model against the real engine, request by request.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import cast
 
 from zmesh.blocks import BlockHasher
 from zmesh.radix import BlockEvents, RadixTree
+from zmesh.slots import Choice, SlotView, choose
 
 __all__ = ["Claim", "KnownIdsHasher", "SlotCache", "TokenCache"]
 
@@ -81,31 +82,31 @@ class SlotCache:
         return self.tree.match(tokens).length
 
     def claim(self, tokens: tuple[int, ...]) -> Claim:
-        """Pick the slot for ``tokens`` and cut it back to the reusable prefix.
+        """Pick the slot for ``tokens`` and cut it back to the reusable prefix
+        (`zmesh.slots.choose`, as the engine does; no slot is ever busy here)."""
+        c = self._choose(tokens)
+        if c.in_place:
+            if c.reuse < len(self.slots[c.slot]):
+                self._set(c.slot, self.slots[c.slot][: c.reuse])
+        elif c.source is not None:
+            self._set(c.slot, self.slots[c.source][: c.reuse])
+        elif c.evicted:
+            self._set(c.slot, ())
+        return Claim(c.slot, c.reuse, c.evicted)
 
-        Mirrors `Engine._claim_slot`: best = the lowest-numbered slot with the longest
-        common prefix; keep one prompt token to decode; continue in place when the
-        prefix is at least half the slot (or there is one slot), else share the prefix
-        into a free slot or the least recently used other one.
-        """
+    def _choose(self, tokens: tuple[int, ...]) -> Choice:
+        # The tree's match is the longest common prefix over the slots, and its
+        # owners are the slots holding all of it: the lowest of them is the policy's
+        # best, and the other slots cannot change the choice.
         m = self.tree.match(tokens)
         best = _lowest_slot(m.owners)
-        reuse = min(m.length, len(tokens) - 1)
-        if best is not None and reuse > 0:
-            held = len(self.slots[best])
-            if 2 * reuse >= held or self.n_slots == 1:
-                if reuse < held:
-                    self._set(best, self.slots[best][:reuse])
-                return Claim(best, reuse, 0)
-        target = self._victim(best if reuse > 0 else None)
-        evicted = len(self.slots[target])
-        if best is not None and reuse > 0:
-            self._set(target, self.slots[best][:reuse])
-        else:
-            reuse = 0
-            if evicted:
-                self._set(target, ())
-        return Claim(target, reuse, evicted)
+        views = [
+            SlotView(len(s), m.length if i == best else 0, self.last_used[i])
+            for i, s in enumerate(self.slots)
+        ]
+        choice = choose(views, len(tokens))
+        assert choice is not None  # no slot is busy here: there is always a target
+        return choice
 
     def finish(
         self,
@@ -132,21 +133,8 @@ class SlotCache:
         charges for it: a greedy router that ignores it evicts a hot prefix to save a
         few tokens of prefill.
         """
-        m = self.tree.match(tokens)
-        reuse = min(m.length, len(tokens) - 1)
-        best = _lowest_slot(m.owners) if reuse > 0 else None
-        if best is not None and (2 * reuse >= len(self.slots[best]) or self.n_slots == 1):
-            return 0
-        if any(not s for s in self.slots):
-            return 0
-        return len(self.slots[self._victim(best)])
-
-    def _victim(self, exclude: int | None) -> int:
-        for i, s in enumerate(self.slots):
-            if not s:
-                return i
-        pool = [i for i in range(self.n_slots) if i != exclude] or list(range(self.n_slots))
-        return min(pool, key=self.last_used.__getitem__)
+        c = self._choose(tokens)
+        return 0 if c.in_place else c.evicted
 
     def _set(self, slot: int, tokens: tuple[int, ...]) -> None:
         self.slots[slot] = tokens

@@ -1,0 +1,88 @@
+"""KV shipping at the engine: export a slot's cached prefix, import a shipped one.
+
+Both run under the llama.cpp lock, so any thread may call them; the node runs them on
+the engine thread between two steps (`Engine.call_between_steps`). An export reads a
+busy slot's stable prefix too (shared into the scratch sequence, nothing copied); an
+import only ever lands in an idle slot.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from collections.abc import Sequence
+
+import llama_cpp as ll
+
+from zmesh.engine.pool import SlotPool
+from zmesh.kvstate import KvRefused, KvState, make_state, verify
+from zmesh.slots import victim
+
+
+class KvPool(SlotPool):
+    def export_prefix(
+        self, tokens: Sequence[int], namespace: str, min_tokens: int = 1
+    ) -> KvState | None:
+        """The KV state of the longest prefix of ``tokens`` that a slot of ``namespace``
+        holds, or None if none holds ``min_tokens`` of it. The slot itself is untouched:
+        its prefix is shared into the scratch sequence (no copy), read out, and dropped."""
+        with self._llama:
+            best, common = self._longest_holder(tokens, namespace)
+            common = min(common, self.max_ship_tokens)
+            if best is None or common < max(min_tokens, 1):
+                return None
+            scratch = self._scratch_seq
+            ll.llama_memory_seq_rm(self._mem, scratch, -1, -1)
+            ll.llama_memory_seq_cp(self._mem, best.seq, scratch, 0, common)
+            try:
+                size = ll.llama_state_seq_get_size(self._ctx, scratch)
+                buf = (ctypes.c_uint8 * size)()
+                written = ll.llama_state_seq_get_data(self._ctx, buf, size, scratch)
+                payload = ctypes.string_at(buf, written)
+            finally:
+                ll.llama_memory_seq_rm(self._mem, scratch, -1, -1)
+            return make_state(self.kv_layout, namespace, list(best.tokens[:common]), payload)
+
+    def import_prefix(self, state: KvState, namespace: str) -> int:
+        """Load a shipped prefix into an idle slot of ``namespace``; returns the tokens
+        now cached that were not before (0 if a slot already held as much). Raises
+        `KvRefused` for a state that does not fit this engine, or when every slot is
+        busy; then no slot or tree holds any of it."""
+        verify(state, self.kv_layout, namespace, self.max_prompt_tokens)
+        tokens = list(state.header.tokens)
+        bad = next((t for t in tokens if not 0 <= t < self.n_vocab), None)
+        if bad is not None:
+            raise KvRefused("tokens", f"token id {bad} outside 0..{self.n_vocab - 1}")
+        with self._llama:
+            holder, held = self._longest_holder(tokens, namespace)
+            if held >= len(tokens):
+                return 0
+            views = self._views(tokens, namespace)
+            exclude = holder.seq if holder is not None else None
+            index = victim(views, exclude)
+            if index is None and holder is not None and not holder.busy:
+                index = holder.seq  # the only idle slot: the longer import replaces it
+            if index is None:
+                raise KvRefused("busy", "every slot runs a request")
+            target = self._slots[index]
+            if target.tokens:
+                self.stats.evictions += 1
+                self.stats.evicted_tokens += len(target.tokens)
+            self._truncate(target, 0)
+            payload = state.payload
+            buf = (ctypes.c_uint8 * len(payload)).from_buffer_copy(payload)
+            read = ll.llama_state_seq_set_data(self._ctx, buf, len(payload), target.seq)
+            pos_min = ll.llama_memory_seq_pos_min(self._mem, target.seq)
+            pos_max = ll.llama_memory_seq_pos_max(self._mem, target.seq)
+            if read == 0 or pos_min != 0 or pos_max + 1 != len(tokens):
+                ll.llama_memory_seq_rm(self._mem, target.seq, -1, -1)
+                raise KvRefused(
+                    "rejected",
+                    f"llama.cpp did not load the state (read {read} bytes, "
+                    f"positions {pos_min}..{pos_max} for {len(tokens)} tokens)",
+                )
+            target.namespace = namespace
+            target.tokens = tokens
+            target.last_used = time.monotonic()
+            self._publish(target)
+            return len(tokens) - held

@@ -1,0 +1,88 @@
+"""The engine's plain types: errors, a request, its result, running statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from zmesh.protocol import SamplingParams
+
+MIN_SLOT_CTX = 64
+
+
+class EngineError(Exception):
+    """A request the engine cannot serve; ``code`` is a protocol error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(slots=True)
+class Request:
+    """One generation request as `Engine.submit` takes it: exactly one of ``prompt``
+    (text) or ``tokens`` (ids). ``deadline`` is wall-clock (``time.time()``) seconds;
+    past it, like after ``should_stop()`` turns true, the request ends "cancelled" at
+    the next step boundary."""
+
+    prompt: str | bytes | None = None
+    tokens: Sequence[int] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    namespace: str = "default"
+    deadline: float | None = None
+    should_stop: Callable[[], bool] | None = None
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    text: str
+    finish_reason: str  # "stop" | "length" | "eog" | "cancelled"
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    ttft_s: float  # from submit to the first token, waiting for a slot included
+    prefill_s: float  # from taking a slot to the first token
+    decode_s: float
+    slot: int
+    evicted_tokens: int = 0
+    queue_s: float = 0.0  # waiting for a slot
+
+    @property
+    def decode_tps(self) -> float:
+        return self.completion_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+@dataclass(slots=True)
+class EngineStats:
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    evictions: int = 0
+    evicted_tokens: int = 0
+    prefill_s_per_token: float = 0.0  # EWMA over prefills of a useful size
+    service_s: float = 0.0  # EWMA of the whole request time
+    decode_s_per_token: float = 0.0  # EWMA
+    completion_tokens: float = 0.0  # EWMA: how long answers really are
+    steps: int = 0  # llama_decode calls made by `Engine.step`
+
+    def predict_s(
+        self, new_prompt_tokens: int, max_tokens: int, default_prefill: float, default_decode: float
+    ) -> float:
+        """Predicted service time of a request that must prefill ``new_prompt_tokens``."""
+        prefill = self.prefill_s_per_token or default_prefill
+        decode = self.decode_s_per_token or default_decode
+        expect = (
+            min(max_tokens, 2 * self.completion_tokens) if self.completion_tokens else max_tokens
+        )
+        return new_prompt_tokens * prefill + expect * decode
+
+
+@dataclass(frozen=True, slots=True)
+class StepReport:
+    """What one `Engine.step` did (tests count steps with it, not time)."""
+
+    index: int  # llama_decode calls so far, this one included (0: none made)
+    decoded: tuple[int, ...] = ()  # slots that decoded one sampled token
+    prefill: tuple[int, int] | None = None  # (slot, prompt tokens) of the prefill chunk
+    finished: int = 0  # requests that ended in this step
