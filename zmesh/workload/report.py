@@ -151,6 +151,10 @@ def plot_policy_bars(
         ax.set_xticks(list(x))
         ax.set_xticklabels(names, rotation=30, ha="right")
     fig.suptitle(title)
+    return _save(plt, fig, path)
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -178,8 +182,4 @@ def plot_ttft_cdf(
     ax.grid(True, alpha=0.3)
     ax.legend()
     ax.set_title(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
