@@ -155,6 +155,10 @@ class Tally:
     def done(self) -> list[P.Done]:
         return [f[0] for f in self.finals.values() if isinstance(f[0], P.Done)]
 
+    def answered(self) -> int:
+        """Requests with a final reply so far."""
+        return sum(1 for f in self.finals.values() if f)
+
 
 class RawClient:
     """One DEALER per endpoint; counts every reply frame by request id, so a request
@@ -275,3 +279,12 @@ async def keep_busy(
 
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
     return sent
+
+
+async def more_answers(tally: Tally, n: int, timeout: float) -> None:
+    """Return once ``n`` more requests have their final reply than when called: traffic
+    flowed through the mesh as it is now (rather than for a guessed time)."""
+    want, give_up = tally.answered() + n, time.monotonic() + timeout
+    while tally.answered() < want:
+        assert time.monotonic() < give_up, f"{want - tally.answered()} answers missing"
+        await asyncio.sleep(0.05)

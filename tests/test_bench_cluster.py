@@ -97,6 +97,31 @@ def test_figures_and_ratios() -> None:
     assert r == {"zmesh_over_random": 0.25, "zmesh_over_oracle": 1.25, "random_over_zmesh": 4.0}
 
 
+def test_ratios_of_bench_and_simulator_share_one_rule() -> None:
+    """One function (workload.report.ttft_ratios) behind both; the keys stay each one's."""
+    from zmesh.sim.cells import ratios as sim_ratios
+
+    res = {
+        n: {"ttft_mean_s": t}
+        for n, t in (("zmesh", 0.5), ("random", 2.0), ("oracle", 0.4), ("zmesh_ship", 0.25))
+    }
+    assert ratios(res) == {
+        "zmesh_over_random": 0.25,
+        "zmesh_over_oracle": 1.25,
+        "zmesh_over_zmesh_ship": 2.0,
+        "random_over_zmesh": 4.0,
+        "random_over_zmesh_ship": 8.0,
+        "oracle_over_zmesh_ship": 1.6,
+    }
+    assert sim_ratios(res) == {
+        "zmesh_ttft_over_random": 0.25,
+        "zmesh_ttft_over_oracle": 1.25,
+        "zmesh_ttft_over_zmesh_ship": 2.0,
+        "random_ttft_over_zmesh": 4.0,
+    }
+    assert ratios({"random": {"ttft_mean_s": 1.0}}) == {} == sim_ratios({})
+
+
 def test_percentile_and_summarize_edges() -> None:
     assert math.isnan(percentile([], 0.5))
     assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0

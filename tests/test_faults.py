@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from meshkit import RawClient, Tally, generate, keep_busy, log_events
+from meshkit import RawClient, Tally, generate, keep_busy, log_events, more_answers
 
 from zmesh import protocol as P
 from zmesh.client import Client
@@ -90,7 +90,9 @@ def test_delay_line_holds_frames_in_order_without_blocking() -> None:
         assert line.push(None, [b"1"], 0.10)
         assert line.push(None, [b"2"], 0.0)  # a shorter delay never overtakes
         assert time.monotonic() - t0 < 0.01  # push returns at once
-        await asyncio.sleep(0.2)
+        give_up = time.monotonic() + 10
+        while len(sent) < 2 and time.monotonic() < give_up:  # both frames out
+            await asyncio.sleep(0.01)
         task.cancel()
         assert [f for _, f in sent] == [b"1", b"2"]
         assert all(t - t0 >= 0.09 for t, _ in sent)
@@ -203,7 +205,7 @@ def test_partition_loses_no_request_and_the_mesh_reconverges_after_heal(lab: Lab
             flow = asyncio.create_task(
                 keep_busy(rc, lab.endpoints, PROMPTS, stop, deadline_s=DEADLINE_S)
             )
-            await asyncio.sleep(1.5)
+            await more_answers(rc.tally, 6, timeout=DEADLINE_S + 10)  # traffic flows
             lab.partition(2)
             await lab.wait_faults()
             during = await cut_apart(lab, victim, timeout=60)
@@ -211,7 +213,7 @@ def test_partition_loses_no_request_and_the_mesh_reconverges_after_heal(lab: Lab
             lab.heal(2)
             await lab.wait_faults()
             alive_in = await all_alive(lab, timeout=15) + (time.monotonic() - t_heal)
-            await asyncio.sleep(1.0)
+            await more_answers(rc.tally, 6, timeout=DEADLINE_S + 10)  # and after the heal
             stop.set()
             await asyncio.wait_for(flow, DEADLINE_S + 10)
             await rc.drain()
@@ -273,7 +275,7 @@ def test_link_delay_is_measured_and_routing_still_answers_everything(lab: Lab) -
                 if min(after.values()) > delay_ms / 1000 / 4 or time.monotonic() > give_up:
                     break
                 await asyncio.sleep(0.25)
-            await asyncio.sleep(1.0)
+            await more_answers(rc.tally, 6, timeout=DEADLINE_S + 10)  # traffic on the slow link
             stop.set()
             await asyncio.wait_for(flow, DEADLINE_S + 10)
             await rc.drain()

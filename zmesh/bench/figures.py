@@ -12,7 +12,7 @@ from typing import Any
 
 from zmesh import protocol as P
 from zmesh.bench.sender import Record
-from zmesh.workload.report import ratio, summarize
+from zmesh.workload.report import summarize, ttft_ratios
 
 ORACLE = "oracle"
 ZMESH_SHIP = "zmesh_ship"  # the zmesh policy with KV shipping on (routing.ship)
@@ -99,26 +99,8 @@ def steady(records: list[Record], warmup: int) -> dict[str, float]:
 
 
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """The Done-criteria ratios, on mean TTFT over all requests."""
-    out: dict[str, float] = {}
-    z = results.get("zmesh")
-    if z is None:
-        return out
-    for name, f in results.items():
-        if name != "zmesh":
-            out[f"zmesh_over_{name}"] = round(ratio(z["ttft_mean_s"], f["ttft_mean_s"]), 3)
-    if "random" in results:
-        out["random_over_zmesh"] = round(
-            ratio(results["random"]["ttft_mean_s"], z["ttft_mean_s"]), 3
-        )
-    ship = results.get(ZMESH_SHIP)
-    if ship is not None:
-        for name in ("random", ORACLE):
-            if name in results:
-                out[f"{name}_over_zmesh_ship"] = round(
-                    ratio(results[name]["ttft_mean_s"], ship["ttft_mean_s"]), 3
-                )
-    return out
+    """The Done-criteria ratios, on mean TTFT over all requests (with KV shipping's)."""
+    return ttft_ratios(results, ship=ZMESH_SHIP, over_ship=("random", ORACLE))
 
 
 def loadavg() -> float:

@@ -26,7 +26,7 @@ from zmesh.workload import (
     make_workload,
     shared_prefix_workload,
 )
-from zmesh.workload.report import ratio
+from zmesh.workload.report import ttft_ratios
 
 
 def say(msg: str) -> None:
@@ -226,18 +226,7 @@ def jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def ratios(policies: dict[str, dict[str, Any]]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    z = policies.get("zmesh")
-    if z is None:
-        return out
-    for name, f in policies.items():
-        if name != "zmesh":
-            out[f"zmesh_ttft_over_{name}"] = round(ratio(z["ttft_mean_s"], f["ttft_mean_s"]), 3)
-    if "random" in policies:
-        out["random_ttft_over_zmesh"] = round(
-            ratio(policies["random"]["ttft_mean_s"], z["ttft_mean_s"]), 3
-        )
-    return out
+    return ttft_ratios(policies, tag="ttft_")
 
 
 def print_table(policies: dict[str, dict[str, Any]]) -> None:

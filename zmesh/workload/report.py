@@ -14,7 +14,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["percentile", "plot_policy_bars", "plot_ttft_cdf", "ratio", "summarize"]
+__all__ = [
+    "percentile",
+    "plot_policy_bars",
+    "plot_ttft_cdf",
+    "ratio",
+    "summarize",
+    "ttft_ratios",
+]
 
 
 def percentile(xs: Sequence[float], q: float) -> float:
@@ -27,6 +34,38 @@ def percentile(xs: Sequence[float], q: float) -> float:
 
 def ratio(a: float, b: float) -> float:
     return a / b if b else math.nan
+
+
+def ttft_ratios(
+    results: Mapping[str, Mapping[str, Any]],
+    *,
+    tag: str = "",
+    ship: str | None = None,
+    over_ship: Sequence[str] = (),
+) -> dict[str, float]:
+    """The Done-criteria ratios on mean TTFT over all requests: zmesh over every other
+    policy, random over zmesh and, where policy `ship` (zmesh with KV shipping) ran,
+    each of `over_ship` over it. `tag` goes before "over" in the keys: the cluster
+    bench writes `zmesh_over_random`, the simulator `zmesh_ttft_over_random`."""
+    out: dict[str, float] = {}
+    z = results.get("zmesh")
+    if z is None:
+        return out
+    for name, f in results.items():
+        if name != "zmesh":
+            out[f"zmesh_{tag}over_{name}"] = round(ratio(z["ttft_mean_s"], f["ttft_mean_s"]), 3)
+    if "random" in results:
+        out[f"random_{tag}over_zmesh"] = round(
+            ratio(results["random"]["ttft_mean_s"], z["ttft_mean_s"]), 3
+        )
+    shipped = results.get(ship) if ship is not None else None
+    if shipped is not None:
+        for name in over_ship:
+            if name in results:
+                out[f"{name}_{tag}over_zmesh_ship"] = round(
+                    ratio(results[name]["ttft_mean_s"], shipped["ttft_mean_s"]), 3
+                )
+    return out
 
 
 def _r(x: float, nd: int = 4) -> float:
@@ -112,6 +151,10 @@ def plot_policy_bars(
         ax.set_xticks(list(x))
         ax.set_xticklabels(names, rotation=30, ha="right")
     fig.suptitle(title)
+    return _save(plt, fig, path)
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -139,8 +182,4 @@ def plot_ttft_cdf(
     ax.grid(True, alpha=0.3)
     ax.legend()
     ax.set_title(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

@@ -1,84 +1,29 @@
-"""Client library: any node is an entry point; failover to the next one when it is down.
-
-    from zmesh import Client
-    with Client(["tcp://127.0.0.1:5555", "tcp://127.0.0.1:5565"]) as c:
-        done = c.generate("The capital of France is", max_tokens=8)
-        print(done.text, done.served_by, done.cached_tokens, done.route_reason)
-
-`AsyncClient` is the same API for asyncio code. One DEALER socket per endpoint with
-ZMQ_IMMEDIATE, so a request is never queued for a node that is not connected.
-
-A mesh that runs with keys (CurveZMQ) needs the client's key pair and each node's
-public key: `Client(endpoints, client_key="keys/app.key_secret",
-server_key={"tcp://10.0.0.1:5555": "keys/node-a.key", ...})` (one key or file for
-every endpoint also works). A node that does not know the client's key refuses the
-handshake: the client raises `AuthenticationFailed` at once.
-"""
+"""`AsyncClient`: generate, stream and status over asyncio, with failover across
+endpoints within one timeout (one answer delivered, whatever the retries)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from concurrent.futures import Future
-from typing import Any, cast
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
 
-import zmq
 import zmq.asyncio
 
 from zmesh import protocol as P
-from zmesh.security import KeyPair, SecurityError, client_socket, load_keypair, load_public_key
-
-Completion = P.Done  # the final answer, with its provenance
-
-
-class ZmeshError(Exception):
-    """Base class of every error the client raises."""
-
-
-class RequestError(ZmeshError):
-    """A node answered with an error (bad request, prompt too long, overloaded...)."""
-
-    def __init__(self, code: str, message: str, node_id: str | None = None) -> None:
-        super().__init__(f"{code}: {message}" + (f" (node {node_id})" if node_id else ""))
-        self.code, self.message, self.node_id = code, message, node_id
-
-
-class RequestTimeout(ZmeshError, TimeoutError):
-    """No endpoint answered within the timeout."""
-
-
-class NoEndpointAvailable(ZmeshError):
-    """None of the endpoints accepted a connection."""
-
-
-class AuthenticationFailed(NoEndpointAvailable):
-    """A node refused this client's key, or the CURVE handshake failed (wrong server key,
-    or keys on one side only). Subclasses NoEndpointAvailable: the request went nowhere."""
-
-
-_MONITOR_EVENTS = (
-    zmq.EVENT_CONNECTED
-    | zmq.EVENT_CONNECT_RETRIED
-    | zmq.EVENT_DISCONNECTED
-    | zmq.EVENT_HANDSHAKE_SUCCEEDED
-    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+from zmesh.client.endpoint import Endpoint
+from zmesh.client.errors import (
+    AuthenticationFailed,
+    NoEndpointAvailable,
+    RequestError,
+    RequestTimeout,
+    ZmeshError,
 )
-
-# ZMTP heartbeats on every client socket. libzmq's I/O thread answers PINGs whatever
-# the node's Python is doing, so a node that is alive but busy keeps its connection,
-# while one that is frozen (SIGSTOP) or whose host vanished without a FIN stops
-# answering and the connection is dropped within IVL + TIMEOUT (about 2 s). A node
-# that dies outright closes its sockets and is noticed at once.
-HEARTBEAT_IVL_MS = 500
-HEARTBEAT_TIMEOUT_MS = 1500
-HEARTBEAT_TTL_MS = 10_000  # the node may drop us after this long without a sign of life
+from zmesh.client.shown import Shown
+from zmesh.security import KeyPair, SecurityError, load_keypair, load_public_key
 
 # Errors worth retrying on another node; the rest would fail anywhere.
 _RETRYABLE = {P.OVERLOADED, P.UNAVAILABLE, P.INTERNAL}
@@ -88,177 +33,6 @@ def _is_duplicate(err: P.Error) -> bool:
     """The node still runs a copy of this request id (our abandoned attempt, or the
     copy its dead entry node forwarded to it). The node has no code of its own for it."""
     return err.code == P.INVALID_REQUEST and "already in flight" in err.message
-
-
-class _Endpoint:
-    """One DEALER to one node, its socket monitor and its health.
-
-    The monitor drives failover: a dropped connection fails every request waiting on
-    it at once (its replies would go to an identity the node's ROUTER no longer knows),
-    and an endpoint whose connection failed stays `failed` (tried last) until libzmq's
-    own reconnect attempts, which go on in the background, complete a handshake again.
-    """
-
-    def __init__(
-        self,
-        ctx: zmq.asyncio.Context,
-        address: str,
-        counters: Counter[str],
-        keys: KeyPair | None = None,
-        server_key: bytes | None = None,
-    ) -> None:
-        self.address = address
-        self.counters = counters
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.IMMEDIATE, 1)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES)
-        self.sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-        self.sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TTL_MS)
-        self.curve = keys is not None and server_key is not None
-        if keys is not None and server_key is not None:
-            client_socket(self.sock, keys, server_key)
-        self.monitor = self.sock.get_monitor_socket(_MONITOR_EVENTS)
-        self.sock.connect(address)
-        # request id -> queue of replies; None in the queue: the connection dropped.
-        self.waiters: dict[str, asyncio.Queue[P.Message | None]] = {}
-        self.up = False  # a handshake completed and the connection has not dropped since
-        self.failed = False  # a request could not use it since it was last up
-        self.retrying = False  # the last connect was refused; libzmq will try again
-        self._connected = False
-        self.auth_error: str | None = None
-        self.tasks = [
-            asyncio.create_task(self.read_loop()),
-            asyncio.create_task(self.monitor_loop()),
-        ]
-
-    async def read_loop(self) -> None:
-        while True:
-            frame = await self.sock.recv()
-            try:
-                msg = P.decode(frame)
-            except P.ProtocolError:
-                continue  # nothing to route it to; the node logs its own side
-            q = self.waiters.get(getattr(msg, "request_id", None) or "")
-            if q is not None:
-                q.put_nowait(msg)
-            else:
-                self.counters["late_replies"] += 1  # an abandoned attempt's: dropped
-
-    async def monitor_loop(self) -> None:
-        from zmq.utils.monitor import parse_monitor_message
-
-        bad_handshake = (
-            f"CURVE handshake with {self.address} failed: wrong server key, "
-            "or the node runs without keys"
-        )
-        while True:
-            kind = parse_monitor_message(await self.monitor.recv_multipart())["event"]
-            if kind == zmq.EVENT_CONNECTED:
-                self._connected, self.retrying = True, False
-            elif kind == zmq.EVENT_CONNECT_RETRIED:
-                self.retrying = True
-            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.up, self.failed = True, False
-            elif kind == zmq.EVENT_DISCONNECTED:
-                if self.curve and self._connected and not self.up:
-                    self.auth_error = self.auth_error or bad_handshake
-                self.up = self._connected = False
-                for q in self.waiters.values():
-                    q.put_nowait(None)
-            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                self.auth_error = self.auth_error or (
-                    f"{self.address} refused this client's key: "
-                    "is its public key in the node's authorized_dir / authorized_keys?"
-                )
-            elif self.curve:  # HANDSHAKE_FAILED_PROTOCOL / _NO_DETAIL
-                self.auth_error = self.auth_error or bad_handshake
-
-    async def send(
-        self, frame: bytes, rid: str, connect_timeout: float, patient: bool = True
-    ) -> asyncio.Queue[P.Message | None] | None:
-        """Send once connected and return the queue its replies arrive on; None if no
-        connection came up in time (or, not `patient`, the node refused the connect)."""
-        give_up = time.monotonic() + connect_timeout
-        while True:
-            # DONTWAIT: done at once, zmq.Again inside while not connected. Through the
-            # asyncio socket (not a sync shadow), so the reader waiting on the same
-            # socket is woken if the send consumed the edge of its zmq FD.
-            fut = cast("asyncio.Future[Any]", self.sock.send(frame, flags=zmq.DONTWAIT))
-            exc = fut.exception() if fut.done() else None
-            if exc is None:
-                # Registered with no await since the send: no reply can slip past, and
-                # a drop seen from now on is this attempt's.
-                q: asyncio.Queue[P.Message | None] = asyncio.Queue()
-                self.waiters[rid] = q
-                return q
-            if not isinstance(exc, zmq.Again):
-                raise exc
-            if self.auth_error is not None:
-                raise AuthenticationFailed(self.auth_error)
-            if time.monotonic() >= give_up or (self.retrying and not patient):
-                self.failed = True
-                return None
-            await asyncio.sleep(0.01)
-
-    def cancel(self, rid: str) -> None:
-        """Best effort: ask the node to stop working on a request nobody waits for."""
-        if self.sock.closed:
-            return
-        fut = cast(
-            "asyncio.Future[Any]",
-            self.sock.send(P.encode(P.Cancel(request_id=rid)), flags=zmq.DONTWAIT),
-        )
-        if fut.done():
-            fut.exception()  # zmq.Again when not connected: nothing to cancel there
-
-    def close(self) -> None:
-        for t in self.tasks:
-            t.cancel()
-        self.sock.disable_monitor()
-        self.monitor.close(linger=0)
-        self.sock.close(linger=0)
-
-
-class _Shown:
-    """What the caller has seen of one streamed answer, so that a retry on another node
-    repeats nothing (see `AsyncClient.stream`)."""
-
-    def __init__(self, rid: str) -> None:
-        self.rid = rid
-        self.text = ""  # delivered in the current attempt
-        self.attempt = 0  # the attempt the caller sees
-        self.index = 0
-        self.source: tuple[int, int] = (0, 0)  # (client attempt, the node's attempt)
-        self.source_text = ""
-
-    def chunk(self, tries: int, ch: P.Chunk) -> P.Chunk | None:
-        if (tries, ch.attempt) != self.source:
-            if tries == self.source[0]:
-                # The node itself restarted (its forward failed): a visible restart,
-                # as the node reports it.
-                self.attempt, self.index, self.text = self.attempt + 1, 0, ""
-            self.source, self.source_text = (tries, ch.attempt), ""
-        self.source_text += ch.text
-        return self._show(self.source_text, final=False)
-
-    def done(self, done: P.Done) -> P.Chunk | None:
-        """A last chunk when the final text is not what the chunks delivered."""
-        return None if done.text == self.text else self._show(done.text, final=True)
-
-    def _show(self, full: str, final: bool) -> P.Chunk | None:
-        if full.startswith(self.text):
-            new = full[len(self.text) :]
-        elif self.text.startswith(full) and not final:
-            return None  # a retry still repeating what was delivered
-        else:  # the retry's text departs from what was delivered: restart visibly
-            self.attempt, self.index, new = self.attempt + 1, 0, full
-        if not new:
-            return None
-        self.text = full
-        self.index += 1
-        return P.Chunk(request_id=self.rid, index=self.index - 1, text=new, attempt=self.attempt)
 
 
 class AsyncClient:
@@ -308,21 +82,19 @@ class AsyncClient:
         # A shared context (inproc:// endpoints need the binder's) is not ours to end.
         self._own_ctx = context is None
         self._ctx = context or zmq.asyncio.Context()
-        self._eps: dict[str, _Endpoint] = {}
+        self._eps: dict[str, Endpoint] = {}
 
-    def _ep(self, address: str) -> _Endpoint:
+    def _ep(self, address: str) -> Endpoint:
         if address not in self._eps:
             server_key = None
             if self._keys is not None:
                 server_key = self._server_keys.get(address, self._default_server_key)
                 if server_key is None:
                     raise NoEndpointAvailable(f"no server key known for {address}")
-            self._eps[address] = _Endpoint(
-                self._ctx, address, self.counters, self._keys, server_key
-            )
+            self._eps[address] = Endpoint(self._ctx, address, self.counters, self._keys, server_key)
         return self._eps[address]
 
-    def _reset(self, ep: _Endpoint) -> None:
+    def _reset(self, ep: Endpoint) -> None:
         """A fresh socket for an endpoint whose connection dropped, still marked failed:
         nothing still on its way over the old one (say, the replies of a copy of a
         request the node kept running) can reach a later attempt on this endpoint."""
@@ -453,7 +225,7 @@ class AsyncClient:
         pending = [endpoint] if endpoint else self._order()
         busy: list[str] = []  # refused: still running an abandoned copy of this request
         backoff = 0.05
-        shown = _Shown(rid)
+        shown = Shown(rid)
         tries = 0  # sends, numbering the sources of chunks
         failed_over = False  # an attempt failed and the next send is its retry
         last_error: ZmeshError = NoEndpointAvailable(f"no endpoint reachable: {pending}")
@@ -561,58 +333,3 @@ class AsyncClient:
         if not isinstance(reply, P.Status):
             raise ZmeshError(f"unexpected reply {type(reply).__name__}")
         return reply
-
-
-class Client:
-    """Blocking client: an `AsyncClient` driven by a private event-loop thread."""
-
-    def __init__(self, endpoints: str | Sequence[str], **kwargs: Any) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, daemon=True, name="zmesh-client"
-        )
-        self._thread.start()
-        self._async = self._call(self._make(endpoints, kwargs))
-
-    @staticmethod
-    async def _make(endpoints: str | Sequence[str], kwargs: dict[str, Any]) -> AsyncClient:
-        return AsyncClient(endpoints, **kwargs)
-
-    def _call(self, coro: Any) -> Any:
-        fut: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        return fut.result()
-
-    def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> P.Done:
-        return self._call(self._async.generate(prompt, **kwargs))
-
-    def status(self, endpoint: str | None = None, timeout: float = 5.0) -> P.Status:
-        return self._call(self._async.status(endpoint, timeout))
-
-    @property
-    def counters(self) -> Counter[str]:
-        return self._async.counters
-
-    def stream(self, prompt: str | Sequence[int], **kwargs: Any) -> Iterator[P.Chunk | P.Done]:
-        agen = self._async.stream(prompt, **kwargs)
-        try:
-            while True:
-                try:
-                    yield self._call(agen.__anext__())
-                except StopAsyncIteration:
-                    return
-        finally:
-            if self._loop.is_running():  # a stream dropped early: cancel it on the node
-                self._call(agen.aclose())
-
-    def close(self) -> None:
-        if self._loop.is_running():
-            self._call(self._async.close())
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5)
-            self._loop.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
