@@ -3,6 +3,7 @@ cached, that every request is answered once, and that pruning keeps the decision
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
@@ -151,3 +152,18 @@ def test_import_grows_the_cache_by_what_it_returns(
         assert new == (0 if before >= len(prefix) else len(prefix) - before)
         if new:
             assert cache.match(prefix) == len(prefix)
+
+
+def test_sim_ship_cli_tiny(tmp_path, capsys) -> None:
+    from zmesh.sim.cli import main
+
+    argv = ["ship", "--workloads", "shared", "--nodes", "4", "--requests", "120"]
+    argv += ["--delays-ms", "1", "--alphas", "1", "--bandwidths-mbit", "100,10000"]
+    assert main([*argv, "--jobs", "1", "--out", str(tmp_path), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [r["bandwidth_mbit"] for r in res["rows"]] == [100, 10000]
+    for r in res["rows"]:
+        assert r["zmesh_ttft_s"] > 0 and r["oracle_ttft_s"] > 0 and r["ship_ttft_s"] > 0
+        assert r["pulls_per_request"] >= 0 and r["mb_per_request"] >= 0
+    assert res["summary"]["slow_link"]["bandwidth_mbit"] == 100
+    assert (tmp_path / "ship-n4.json").exists()
