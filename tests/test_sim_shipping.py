@@ -147,7 +147,13 @@ def test_import_grows_the_cache_by_what_it_returns(
             cache.finish(claim.slot, tuple(s))
         prefix = tuple(shipped)
         before = cache.match(prefix)
+        evicts = cache.import_evicts(prefix)
+        slots = list(cache.slots) if isinstance(cache, SlotCache) else []
         new = cache.import_prefix(prefix)
+        if isinstance(cache, SlotCache) and new:
+            # import_evicts named what the import overwrote: the slot it landed in.
+            (changed,) = [i for i, old in enumerate(slots) if cache.slots[i] != old] or [-1]
+            assert changed >= 0 and len(slots[changed]) == evicts
         assert cache.match(prefix) == (before + new if new else before)
         assert new == (0 if before >= len(prefix) else len(prefix) - before)
         if new:

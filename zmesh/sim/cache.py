@@ -142,6 +142,12 @@ class SlotCache:
         self.last_used[target] = self._clock
         return len(tokens) - m.length
 
+    def import_evicts(self, tokens: Sequence[int]) -> int:
+        """Cached tokens that importing a prefix of ``tokens`` longer than this cache's
+        match would overwrite: the slot `import_prefix` picks (0 if one is free)."""
+        m = self.tree.match(tokens)
+        return len(self.slots[self._victim(_lowest_slot(m.owners) if m.length > 0 else None)])
+
     def evicted_tokens(self, tokens: tuple[int, ...]) -> int:
         """Tokens of other cached content that serving ``tokens`` would overwrite.
 
@@ -201,6 +207,9 @@ class TokenCache:
         self.tree.insert(tokens)
         self.tree.evict(self.max_tokens)
         return len(tokens) - held
+
+    def import_evicts(self, tokens: Sequence[int]) -> int:
+        return 0  # LRU leaves go under the token budget; not modelled
 
     def claim(self, tokens: tuple[int, ...]) -> Claim:
         reuse = min(self.tree.match(tokens, touch=True).length, len(tokens) - 1)

@@ -9,6 +9,8 @@ sample. ``verify`` decides on the full list as well (tests compare the two).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from zmesh.candidates import (
     PeerRow,
     contenders,
@@ -53,6 +55,8 @@ class RoutingMixin(SimBase):
             cost.prefill_s_per_token,
             service,
         )
+        if self.settings.ship:
+            local = replace(local, ship_evict_tokens=node.cache.import_evicts(tokens))
         view = self.views[self.view_of[node.idx]]
         policy = self.policy
         if policy in ("zmesh", PAPER):
