@@ -63,7 +63,12 @@ def _policies(text: str) -> list[str]:
 
 def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--workload", default="mmlu", choices=WORKLOADS)
-    ap.add_argument("--requests", type=int, default=4000, help="requests per run (default 4000)")
+    ap.add_argument(
+        "--requests",
+        type=int,
+        default=4000,
+        help="requests per run (run 4000, sweep max(3000, 60 x nodes), ship 2000, scale 1e6)",
+    )
     ap.add_argument("--slots", type=int, default=4, help="KV slots per node (default 4)")
     ap.add_argument(
         "--subjects",

@@ -42,11 +42,15 @@ def add_ship_parser(
         "--workloads",
         type=lambda t: [w for w in t.split(",") if w],
         default=["mmlu", "shared"],
-        help=f"comma list of {', '.join(WORKLOADS)} (default mmlu,shared: the hotspot)",
+        help=f"comma list of {', '.join(WORKLOADS)} (default mmlu,shared: the hotspot); "
+        "replaces --workload",
     )
     p.add_argument("--nodes", type=int, default=8)
     p.add_argument(
-        "--bandwidths-mbit", type=floats, default=[100, 1000, 10000], help="comma list, Mbit/s"
+        "--bandwidths-mbit",
+        type=floats,
+        default=[100, 1000, 10000],
+        help="comma list, Mbit/s, for zmesh_ship (replaces --bandwidth-mbit)",
     )
     p.add_argument("--delays-ms", type=floats, default=[1, 10, 50], help="comma list")
     p.add_argument("--alphas", type=floats, default=[0.5, 1.0, 1.5], help="comma list")
@@ -75,6 +79,8 @@ def cmd_ship(args: argparse.Namespace) -> int:
                     "subjects": subjects_for(args, args.nodes),
                     "groups": args.groups,
                     "jitter": args.jitter,
+                    "loss": args.loss,
+                    "failures": args.failures,
                     "concurrency": args.concurrency,
                     **cell_shape(args, args.nodes),
                 }
