@@ -173,3 +173,12 @@ def test_sim_ship_cli_tiny(tmp_path, capsys) -> None:
         assert r["pulls_per_request"] >= 0 and r["mb_per_request"] >= 0
     assert res["summary"]["slow_link"]["bandwidth_mbit"] == 100
     assert (tmp_path / "ship-n4.json").exists()
+
+
+def test_node_crashes_during_pulls_leave_every_request_answered_at_most_once() -> None:
+    sim = _sim(10_000.0, 0.0005, failures=3, downtime_s=2.0)
+    f = sim.run().figures
+    assert f["ship_pulls"] >= 5
+    assert f["requests"] + f["errors"] == 400
+    assert sum(sim.answers.values()) == f["requests"]
+    assert set(sim.answers.values()) == {1}

@@ -194,6 +194,12 @@ def _print_diagnosis(policies: dict[str, dict[str, Any]]) -> None:
     matched them best when they arrived, the prefill that cost; and bursts that sent
     several requests to one node the load picture called idle."""
     for name, f in policies.items():
+        if "ship_pulls" in f:
+            say(
+                f"{name:<16}KV pulls {f['ship_pulls']} (imported {f['ship_imported']}, "
+                f"nothing usable {f['ship_failed']}), {f['shipped_tokens']} tokens, "
+                f"{f['shipped_bytes_per_request'] / 1e3:.1f} KB per request"
+            )
         d = f.get("diagnosis")
         if not d:
             continue
