@@ -70,6 +70,20 @@ def test_an_idle_holder_gets_the_forward_and_shipping_off_never_pulls() -> None:
     assert off.reason != REASON_SHIPPED and off.pull_from is None
 
 
+def test_a_pull_pays_for_the_slot_its_import_evicts() -> None:
+    # The same busy holder as above; but the import here would overwrite 1,000 cached
+    # tokens that someone must prefill again (~1 s): forwarding or a local prefill wins.
+    from dataclasses import replace
+
+    here = node("m", local=True)
+    busy = node("h", matched=1024, wait=2.0)
+    assert route([replace(here, ship_evict_tokens=0), busy]).reason == REASON_SHIPPED
+    d = route([replace(here, ship_evict_tokens=1000), busy])
+    assert d.reason != REASON_SHIPPED and d.pull_from is None
+    # A small eviction does not change the pull.
+    assert route([replace(here, ship_evict_tokens=16), busy]).reason == REASON_SHIPPED
+
+
 def test_a_slow_link_is_never_worth_a_pull() -> None:
     # 100 Mbit/s at ~18 KB per token: ~1.5 ms per token, slower than prefill here.
     slow = 18_000 / 12.5e6

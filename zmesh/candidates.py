@@ -11,6 +11,8 @@ what a node does:
   count it yet), added to the backlog that peer advertised;
 - `local_candidate`, `peer_candidate`: the `Candidate` rows `decide` takes;
 - `borrowed_rate`: a rate not measured yet, from peers on like hardware;
+- `ship_s_per_token`, `ship_fixed_s`: what pulling a peer's cached prefix costs
+  (KV shipping: the two `Candidate` fields `routing/shipping.py` reads);
 - `contenders`: for a caller with many peers (the simulator at 1,000 nodes), the
   peers that can still win a ``zmesh`` / ``paper`` decision, so it need not build
   the rest. The decision on them is the one the full list gives.
@@ -50,6 +52,8 @@ __all__ = [
     "peer_candidate",
     "predict_s",
     "queue_depth",
+    "ship_fixed_s",
+    "ship_s_per_token",
     "unreported_s",
 ]
 
@@ -124,6 +128,22 @@ def borrowed_rate(values: Iterable[float], default: float) -> float:
         return default
     median = known[len(known) // 2]
     return min(max(median, default / BORROW_FACTOR), default * BORROW_FACTOR)
+
+
+def ship_s_per_token(
+    bytes_per_token: float, bandwidth_bytes_per_s: float, import_s_per_token: float
+) -> float:
+    """Seconds per token to bring a peer's KV here and load it: the wire (bytes per
+    token over the link's bandwidth) plus the import into this engine."""
+    return bytes_per_token / bandwidth_bytes_per_s + import_s_per_token
+
+
+def ship_fixed_s(
+    link_delay_s: float, decode_s_per_token: float = DEFAULT_DECODE_S_PER_TOKEN
+) -> float:
+    """A pull's cost that does not grow with its size: the round trip (ask, answer),
+    and the holder's pause until its next decode step, between which it exports."""
+    return 2 * link_delay_s + decode_s_per_token
 
 
 def local_candidate(

@@ -360,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
 
     p = sub.add_parser("sim", help="simulator: run, sweep, scale (`zmesh sim X --help`)")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="run | sweep | scale, and options")
+    p.add_argument(
+        "args", nargs=argparse.REMAINDER, help="run | sweep | ship | scale | plot, and options"
+    )
     return ap
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from zmesh import protocol as P
+from zmesh.candidates import ship_s_per_token
 from zmesh.kvstate import KvRefused, KvState, pack, unpack
 from zmesh.stats import ewma
 
@@ -113,4 +114,5 @@ class ShipCosts:
     def ship_s_per_token(self, peer: str) -> float:
         """Seconds per token to bring ``peer``'s KV here and load it (wire + import)."""
         bandwidth = self.bandwidth_bps.get(peer) or self.start_bandwidth_bps
-        return self.bytes_per_token / bandwidth + self.bytes_per_token * self.import_s_per_byte
+        per_token = self.bytes_per_token
+        return ship_s_per_token(per_token, bandwidth, per_token * self.import_s_per_byte)

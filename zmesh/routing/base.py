@@ -74,6 +74,10 @@ class Candidate:
     # pause between its decode steps). None: this peer's KV cannot be pulled.
     ship_s_per_token: float | None = None
     ship_fixed_s: float = 0.0
+    # KV shipping (local only): cached tokens that importing a pulled prefix here would
+    # overwrite (the slot it lands in); their prefill is charged to the pull, as the
+    # oracle charges evictions. 0: a free slot, or not known.
+    ship_evict_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

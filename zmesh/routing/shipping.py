@@ -5,8 +5,14 @@ prompt than this node and whose KV can be pulled (``ship_s_per_token`` set), pre
 
     ship_s = ship_fixed_s + matched_peer * ship_s_per_token
     est    = max(wait_here, ship_s) + (prompt_tokens - matched_peer) * prefill_here
+             + evicted_here * prefill_here
 
 The fetch runs while the request waits in this node's queue, hence the max. The
+import lands in a slot (a free one, else the least recently used): ``evicted_here``
+(the local candidate's ``ship_evict_tokens``) is what it overwrites, prefilled again
+by whoever needs it next, as the oracle charges evictions; without that charge the
+simulator's MMLU runs (4 slots per node) lost more to evicted subjects than the pulls
+saved (docs/evaluation.md, "Simulator: KV shipping"). The
 per-token cost is bytes per token / the link's measured bandwidth plus the measured
 import seconds per token (`zmesh.kvtransfer.ShipCosts`); the fixed part is the round
 trip plus the holder's pause between decode steps. The lowest ``est`` is the pull
@@ -35,6 +41,8 @@ def best_pull(
     here = min(max(local.matched_tokens, 0), prompt)
     # The local estimate without its prefill: the wait (and link delay, 0 here).
     wait_here = estimate_s(local, prompt) - (prompt - here) * local.prefill_s_per_token
+    # What the import evicts must be prefilled again by whoever needs it next.
+    evict_s = max(local.ship_evict_tokens, 0) * local.prefill_s_per_token
     best: tuple[Candidate, int, float, float] | None = None
     for p in peers:
         if p.ship_s_per_token is None or not p.alive:
@@ -46,7 +54,7 @@ def best_pull(
         if tokens - here < settings.ship_min_tokens:
             continue
         ship_s = p.ship_fixed_s + tokens * p.ship_s_per_token
-        est = max(wait_here, ship_s) + (prompt - tokens) * local.prefill_s_per_token
+        est = max(wait_here, ship_s) + (prompt - tokens) * local.prefill_s_per_token + evict_s
         if best is None or est < best[2] or (est == best[2] and p.node_id < best[0].node_id):
             best = (p, tokens, est, ship_s)
     return best

@@ -23,6 +23,7 @@ from zmesh.peers import PeerEstimate, PeerTable
 from zmesh.routing import (
     ORACLE,
     PAPER,
+    ZMESH,
     Candidate,
     PolicyState,
     RouteRequest,
@@ -32,6 +33,7 @@ from zmesh.sim.cache import SlotCache, TokenCache
 from zmesh.sim.config import (
     FINGERPRINT,
     NO_BALANCE,
+    ZMESH_SHIP,
     SimConfig,
     SimResult,
 )
@@ -61,12 +63,19 @@ class SimBase:
         self.prompts = PromptTable(workload, self.hasher)
         self.names = [f"n{i}" for i in range(cfg.nodes)]
         self.by_name = {n: i for i, n in enumerate(self.names)}
-        self.policy = cfg.policy
+        # zmesh_ship is the zmesh policy with shipping on; the rest route as named.
+        self.policy = ZMESH if cfg.policy == ZMESH_SHIP else cfg.policy
         # A real node's routing defaults (RoutingSettings'), then this run's overrides.
         # Without keep-alives a node gives a forward up after forward_timeout_s, so it
         # does not forward where it expects to wait longer than that.
         give_up = 0.0 if cfg.forward_keepalive else cfg.forward_timeout_s
-        overrides = {"give_up_s": give_up, **cfg.routing}
+        ship = {"ship": True} if cfg.policy == ZMESH_SHIP else {}
+        overrides = {
+            "give_up_s": give_up,
+            "ship_max_tokens": cfg.ship_max_tokens,
+            **ship,
+            **cfg.routing,
+        }
         if cfg.policy in (PAPER, ORACLE):
             # Neither has thresholds, a balance rule or placement; `contenders` prunes
             # the paper's candidates by these.
@@ -77,8 +86,8 @@ class SimBase:
                 place_slack_frac=0.0,
                 give_up_s=0.0,
             )
-        self.settings = RoutingSettings(policy=cfg.policy, **overrides)
-        self.uses_matches = cfg.policy in ("zmesh", PAPER)
+        self.settings = RoutingSettings(policy=self.policy, **overrides)
+        self.uses_matches = self.policy in (ZMESH, PAPER)
         self.limit = cfg.candidate_limit()
         self.shared = cfg.shared_estimates() or self.limit > 0
         self.nodes = [SimNode(i, n) for i, n in enumerate(self.names)]
@@ -129,6 +138,9 @@ class SimBase:
         self.prompt_len = [0] * n
         self.forwarded = [False] * n
         self.fallbacks = 0
+        # KV shipping: counts, and when each direction of a link is free (shipping.py).
+        self.ship_stats = {"pulls": 0, "imported": 0, "failed": 0, "tokens": 0, "bytes": 0.0}
+        self.link_free: dict[tuple[int, int], float] = {}
         self.failed = 0
         self.rejected = 0
         self.reasons: dict[str, int] = {}
@@ -250,6 +262,13 @@ class SimBase:
         def _complete(self, job: Job, node: SimNode) -> None: ...
         def _on_fail(self, idx: int, _: Any) -> None: ...
         def _on_recover(self, idx: int, _: Any) -> None: ...
+        def _ship_terms(self, me: int, holder: int, link_s: float) -> tuple[float, float]: ...
+        def _start_pull(self, node: SimNode, job: Job, holder: int, tokens: int) -> None: ...
+        def _on_kv_fetch(self, job: Job, gen: int) -> None: ...
+        def _on_kv_ready(self, job: Job, n: int) -> None: ...
+        def _wait_for_pull(self, node: SimNode, job: Job) -> None: ...
+        def _import_pull(self, node: SimNode, job: Job) -> float: ...
+        def _ship_figures(self) -> dict[str, Any]: ...
         def _oracle_dispatch(self, job: Job) -> None: ...
         def _drain_shadow(self, node: SimNode) -> None: ...
         def _oracle_pool(self, alive: list[SimNode], job: Job) -> list[SimNode]: ...

@@ -126,6 +126,29 @@ class SlotCache:
         self._clock = max(self._clock + 1e-9, now) if now is not None else self._clock + 1.0
         self.last_used[slot] = self._clock
 
+    def import_prefix(
+        self, tokens: tuple[int, ...], ids: list[int] | None = None, now: float | None = None
+    ) -> int:
+        """Load a shipped prefix, as `Engine.import_prefix` does: into a free slot or the
+        least recently used one other than the longest holder's; returns the tokens now
+        cached that were not before (0 if a slot already held as much)."""
+        m = self.tree.match(tokens)
+        if m.length >= len(tokens):
+            return 0
+        target = self._victim(_lowest_slot(m.owners) if m.length > 0 else None)
+        if self.hasher is not None and ids is not None:
+            self.hasher.remember(tokens, ids)
+        self._set(target, tokens)
+        self._clock = max(self._clock + 1e-9, now) if now is not None else self._clock + 1.0
+        self.last_used[target] = self._clock
+        return len(tokens) - m.length
+
+    def import_evicts(self, tokens: Sequence[int]) -> int:
+        """Cached tokens that importing a prefix of ``tokens`` longer than this cache's
+        match would overwrite: the slot `import_prefix` picks (0 if one is free)."""
+        m = self.tree.match(tokens)
+        return len(self.slots[self._victim(_lowest_slot(m.owners) if m.length > 0 else None)])
+
     def evicted_tokens(self, tokens: tuple[int, ...]) -> int:
         """Tokens of other cached content that serving ``tokens`` would overwrite.
 
@@ -159,6 +182,22 @@ class TokenCache:
 
     def evicted_tokens(self, tokens: tuple[int, ...]) -> int:
         return 0  # LRU leaves go under the token budget; not modelled for the oracle
+
+    def import_prefix(
+        self, tokens: tuple[int, ...], ids: list[int] | None = None, now: float | None = None
+    ) -> int:
+        """Insert a shipped prefix; returns the tokens now cached that were not before."""
+        held = self.tree.match(tokens).length
+        if held >= len(tokens):
+            return 0
+        if self.hasher is not None and ids is not None:
+            self.hasher.remember(tokens, ids)
+        self.tree.insert(tokens)
+        self.tree.evict(self.max_tokens)
+        return len(tokens) - held
+
+    def import_evicts(self, tokens: Sequence[int]) -> int:
+        return 0  # LRU leaves go under the token budget; not modelled
 
     def claim(self, tokens: tuple[int, ...]) -> Claim:
         reuse = min(self.tree.match(tokens, touch=True).length, len(tokens) - 1)

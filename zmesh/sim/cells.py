@@ -92,6 +92,7 @@ class Cell:
     forward_timeout_s: float = 5.0
     keepalive: bool = True
     entry: str = "random"
+    bandwidth_mbit: float = 1000.0  # every link's, for KV shipping (zmesh_ship)
 
     def build(self) -> tuple[SimConfig, Workload, Arrivals]:
         cost = load_cost_model(self.cost)
@@ -139,6 +140,7 @@ class Cell:
             forward_timeout_s=self.forward_timeout_s,
             forward_keepalive=self.keepalive,
             entry=self.entry,
+            bandwidth_mbit=self.bandwidth_mbit,
         )
         return cfg, wl, arrivals
 
@@ -197,6 +199,7 @@ def cell_shape(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
         "forward_timeout_s": args.forward_timeout_s,
         "keepalive": args.keepalive,
         "entry": args.entry,
+        "bandwidth_mbit": getattr(args, "bandwidth_mbit", 1000.0),
     }
 
 

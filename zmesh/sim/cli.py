@@ -1,7 +1,9 @@
-"""`zmesh sim`: run the simulator once, sweep delay x skew x nodes, or the 1,000-node case.
+"""`zmesh sim`: run the simulator once, sweep delay x skew x nodes, KV shipping's sweep
+(bandwidth x delay x skew), or the 1,000-node case.
 
     zmesh sim run   [--nodes 8] [--workload mmlu] [--alpha 1.0] [--delay-ms 1] [--policies ...]
     zmesh sim sweep [--nodes 4,16,64] [--delays-ms 0.1,1,10,50,200] [--alphas 0,0.5,1,1.5]
+    zmesh sim ship  [--bandwidths-mbit 100,1000,10000] [--delays-ms 1,10,50] [--alphas ...]
     zmesh sim scale [--nodes 1000] [--requests 1000000]
     zmesh sim plot out/sim/sweep-mmlu-cpu.json   # redraw a sweep's heatmaps
 
@@ -31,6 +33,7 @@ from zmesh.sim.cells import (
     subjects_for,
 )
 from zmesh.sim.core import SIM_POLICIES
+from zmesh.sim.shipsweep import add_ship_parser
 from zmesh.sim.sweep import cmd_plot, cmd_sweep
 from zmesh.workload import (
     WORKLOADS,
@@ -60,7 +63,12 @@ def _policies(text: str) -> list[str]:
 
 def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--workload", default="mmlu", choices=WORKLOADS)
-    ap.add_argument("--requests", type=int, default=4000, help="requests per run (default 4000)")
+    ap.add_argument(
+        "--requests",
+        type=int,
+        default=4000,
+        help="requests per run (run 4000, sweep max(3000, 60 x nodes), ship 2000, scale 1e6)",
+    )
     ap.add_argument("--slots", type=int, default=4, help="KV slots per node (default 4)")
     ap.add_argument(
         "--subjects",
@@ -114,6 +122,12 @@ def _common(ap: argparse.ArgumentParser) -> None:
         help="override a routing setting (RoutingSettings field), e.g. --set place_slack_frac=0",
     )
     ap.add_argument("--jitter", type=float, default=0.2, help="extra delay: delay*jitter*Exp(1)")
+    ap.add_argument(
+        "--bandwidth-mbit",
+        type=float,
+        default=1000.0,
+        help="every link's bandwidth for KV shipping (policy zmesh_ship), Mbit/s (default 1000)",
+    )
     ap.add_argument("--loss", type=float, default=0.0, help="gossip message loss (0..1)")
     ap.add_argument("--failures", type=int, default=0, help="node crashes during the run")
     ap.add_argument(
@@ -180,6 +194,12 @@ def _print_diagnosis(policies: dict[str, dict[str, Any]]) -> None:
     matched them best when they arrived, the prefill that cost; and bursts that sent
     several requests to one node the load picture called idle."""
     for name, f in policies.items():
+        if "ship_pulls" in f:
+            say(
+                f"{name:<16}KV pulls {f['ship_pulls']} (imported {f['ship_imported']}, "
+                f"nothing usable {f['ship_failed']}), {f['shipped_tokens']} tokens, "
+                f"{f['shipped_bytes_per_request'] / 1e3:.1f} KB per request"
+            )
         d = f.get("diagnosis")
         if not d:
             continue
@@ -270,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alphas", type=_floats, default=[0.0, 0.5, 1.0, 1.5], help="comma list")
     p.add_argument("--policies", type=_policies, default=list(SIM_POLICIES))
     p.set_defaults(func=cmd_sweep)
+
+    add_ship_parser(sub, _common, _floats, _ints)
 
     p = sub.add_parser("plot", help="redraw a sweep's heatmaps from its JSON")
     p.add_argument("file", help="sweep-*.json written by `zmesh sim sweep`")

@@ -10,15 +10,19 @@ from zmesh.routing import (
 )
 from zmesh.sim.costmodel import PRESETS, CostModel
 
-__all__ = ["SIM_POLICIES", "SimConfig", "SimResult"]
+__all__ = ["SIM_POLICIES", "ZMESH_SHIP", "SimConfig", "SimResult"]
 
-SIM_POLICIES = ALL_POLICIES
+# ``zmesh_ship``: the zmesh policy with KV shipping on (routing ``ship``), as in
+# `zmesh bench cluster`; the other names are `routing.ALL_POLICIES`.
+ZMESH_SHIP = "zmesh_ship"
+SIM_POLICIES = (*ALL_POLICIES, ZMESH_SHIP)
 FINGERPRINT = b"zmesh-sim-model"
 NO_BALANCE = 10**9  # balance_abs that never triggers (paper policy)
 
 # Event kinds (ints: heap tuples compare them only on time ties).
 ARRIVE, FWD, DONE, FLUSH, HB, DELIVER, SNAPREQ, SNAPPARTS = range(8)
 TICK, FAIL, RECOVER, FWD_TIMEOUT, STREAM, OPEN = range(8, 14)
+KV_FETCH, KV_READY = range(14, 16)
 
 # Job states.
 WAIT, QUEUED, RUNNING, FINISHED, DROPPED = range(5)
@@ -56,6 +60,17 @@ class SimConfig:
     failures: int = 0  # node crashes, spread evenly over the requests
     downtime_s: float = 5.0
     seed: int = 0
+    # KV shipping (policy zmesh_ship; `shipping.py`). Every link's bandwidth; the
+    # state's size and the engine's export and import times were measured on this
+    # project's machine (2 CPU cores, gemma-3-270m Q4_K_M, llama.cpp state calls): a
+    # 512-token prefix is 9.4 MB (18.4 KB per token), exported in 28 ms and imported
+    # in 22 ms. ship_max_tokens: the model's sliding window (Engine.max_ship_tokens).
+    bandwidth_mbit: float = 1000.0  # a LAN
+    ship_bytes_per_token: float = 9.4e6 / 512
+    ship_export_s_per_token: float = 0.028 / 512
+    ship_import_s_per_token: float = 0.022 / 512
+    ship_max_tokens: int = 512
+    ship_timeout_s: float = 5.0  # a pull from a holder that died is given up then
     # Tests: decide every request on the full candidate list too, and keep both
     # decisions (`Simulator.checked`) for the test to compare.
     verify: bool = False
@@ -82,6 +97,8 @@ class SimConfig:
             raise ValueError("estimates must be auto, shared or per_node")
         if self.delay_s < 0 or self.jitter < 0 or not 0 <= self.loss < 1:
             raise ValueError("delay_s and jitter must be >= 0, loss in [0, 1)")
+        if self.bandwidth_mbit <= 0 or self.ship_bytes_per_token <= 0:
+            raise ValueError("bandwidth_mbit and ship_bytes_per_token must be > 0")
 
     def shared_estimates(self) -> bool:
         return self.estimates == "shared" or (self.estimates == "auto" and self.nodes > 8)

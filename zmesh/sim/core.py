@@ -27,11 +27,12 @@ Policies: every one of `routing.ALL_POLICIES`: the five a node runs, ``paper``
 (the P2P paper's design: the longest estimated prefix wins, blind to delay and load)
 and ``oracle`` (`zmesh.oracle`: a client-side router with exact, instant knowledge
 of every node's cache - including what queued requests will leave in it - and of
-every queue).
+every queue); and ``zmesh_ship``: zmesh with KV shipping on (`shipping`).
 
 Layout: this module holds the event loop (`Simulator.run`); `base` the set-up and
-state every mixin shares; `arrivals`, `routing`, `serving`, `gossip`, `mirror` and
-`results` one job each (see their headers).
+state every mixin shares; `arrivals`, `routing`, `serving`, `shipping` (KV pulls,
+policy ``zmesh_ship``), `gossip`, `mirror` and `results` one job each (see their
+headers).
 """
 
 from __future__ import annotations
@@ -53,12 +54,21 @@ from zmesh.sim.mirror import MirrorMixin
 from zmesh.sim.results import ResultsMixin
 from zmesh.sim.routing import RoutingMixin
 from zmesh.sim.serving import ServingMixin
+from zmesh.sim.shipping import ShippingMixin
 from zmesh.workload import Arrivals, Workload
 
 __all__ = ["SIM_POLICIES", "SimConfig", "SimResult", "Simulator", "simulate"]
 
 
-class Simulator(ArrivalsMixin, RoutingMixin, ServingMixin, GossipMixin, MirrorMixin, ResultsMixin):
+class Simulator(
+    ArrivalsMixin,
+    RoutingMixin,
+    ServingMixin,
+    ShippingMixin,
+    GossipMixin,
+    MirrorMixin,
+    ResultsMixin,
+):
     """One simulated cluster: `run` pops events off the heap until every request is done."""
 
     def run(self) -> SimResult:
@@ -86,6 +96,8 @@ class Simulator(ArrivalsMixin, RoutingMixin, ServingMixin, GossipMixin, MirrorMi
             self._on_fwd_timeout,
             self._on_stream,
             self._on_open,
+            self._on_kv_fetch,
+            self._on_kv_ready,
         ]
         heap = self._heap
         pop = heapq.heappop

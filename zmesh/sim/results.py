@@ -92,6 +92,8 @@ class ResultsMixin(SimBase):
         figures["snapshots"] = self.snapshots
         figures["deltas_lost"] = self.deltas_lost
         figures["reasons"] = dict(sorted(self.reasons.items()))
+        if self.settings.ship:
+            figures.update(self._ship_figures())
         if self.cfg.diagnose:
             figures["diagnosis"] = self._diagnosis()
         figures["sim_s"] = round(self.now, 3)

@@ -9,6 +9,8 @@ sample. ``verify`` decides on the full list as well (tests compare the two).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from zmesh.candidates import (
     PeerRow,
     contenders,
@@ -53,6 +55,8 @@ class RoutingMixin(SimBase):
             cost.prefill_s_per_token,
             service,
         )
+        if self.settings.ship:
+            local = replace(local, ship_evict_tokens=node.cache.import_evicts(tokens))
         view = self.views[self.view_of[node.idx]]
         policy = self.policy
         if policy in ("zmesh", PAPER):
@@ -71,6 +75,8 @@ class RoutingMixin(SimBase):
         d = decide(req, cands, self.settings, node.policy_state)
         self.reasons[d.reason] = self.reasons.get(d.reason, 0) + 1
         target = self.by_name[d.target]
+        if d.pull_from is not None:  # "shipped": pull while the request queues here
+            self._start_pull(node, job, self.by_name[d.pull_from], d.pull_tokens)
         if self.cfg.diagnose:
             picked = next(c for c in cands if c.node_id == d.target)
             self._note_pick(job, target, picked.queue_depth == 0)
@@ -92,16 +98,21 @@ class RoutingMixin(SimBase):
             return  # a sampled subset: nothing exact to compare with
         full = [local]
         bs = self.cfg.block_size
+        ship = self.settings.ship
         for p, est in self._candidate_peers(view, node.idx, job.ids):
+            link = self._measured_delay(node.idx, p)
+            per_token, fixed = self._ship_terms(node.idx, p, link) if ship else (None, 0.0)
             full.append(
                 peer_candidate(
                     est,
                     est.match_blocks(job.ids) * bs,
                     inflight=node.inflight.get(p, 0),
                     unreported_s=self._unreported_s(node, p, est),
-                    link_delay_s=self._measured_delay(node.idx, p),
+                    link_delay_s=link,
                     prefill_s_per_token=local.prefill_s_per_token,
                     service_s=local.service_s,
+                    ship_s_per_token=per_token,
+                    ship_fixed_s=fixed,
                 )
             )
         state = PolicyState.seeded(0)
@@ -175,10 +186,18 @@ class RoutingMixin(SimBase):
             rows.append(PeerRow(m, q, score, est.node_id, (p, est), wait, link, pf))
         cands = [local]
         service = local.service_s
-        for row in contenders(rows, local, prompt, self.settings):
-            est = row.ref[1]  # type: ignore[index]
+        keep = contenders(rows, local, prompt, self.settings)
+        ship = self.settings.ship
+        if ship:
+            # Every peer a pull could come from (`best_pull`'s own filter) may win it.
+            enough = local.matched_tokens + self.settings.ship_min_tokens
+            kept = {id(row) for row in keep}
+            keep += [r for r in rows if r.blocks * bs >= enough and id(r) not in kept]
+        for row in keep:
+            p, est = row.ref  # type: ignore[misc]
             # The real estimate's match; the index only told us which peers to look at.
             matched = est.match_blocks(ids) * bs if use_index and not pending else row.blocks * bs
+            per_token, fixed = self._ship_terms(me, p, row.link_s) if ship else (None, 0.0)
             cands.append(
                 Candidate(
                     row.node_id,
@@ -190,6 +209,8 @@ class RoutingMixin(SimBase):
                     est.service_s or service,
                     True,
                     row.wait_s,
+                    per_token,
+                    fixed,
                 )
             )
         return cands

@@ -34,6 +34,7 @@ from zmesh.sim.config import (
     RUNNING,
     WAIT,
 )
+from zmesh.sim.shipping import PULL_PENDING
 from zmesh.sim.state import Job, SimNode
 from zmesh.stats import ewma
 
@@ -152,6 +153,12 @@ class ServingMixin(SimBase):
         node.running = None
 
     def _start(self, node: SimNode, job: Job) -> None:
+        import_s = 0.0
+        if job.pull_from >= 0:  # KV shipping (shipping.py): wait for the pull, import it
+            if job.pull_got == PULL_PENDING:
+                self._wait_for_pull(node, job)
+                return
+            import_s = self._import_pull(node, job)
         job.state = RUNNING
         job.run_node = node.idx
         node.running = job
@@ -167,6 +174,8 @@ class ServingMixin(SimBase):
             f = self.noise_rng.lognormvariate(0.0, self.cfg.service_noise)
             ttft *= f
             service *= f
+        ttft += import_s
+        service += import_s
         job.first_at = self.now + ttft
         if job.forwarded:
             job.ret_delay = self._delay(node.idx, job.entry)
@@ -178,6 +187,10 @@ class ServingMixin(SimBase):
         node = self.nodes[job.run_node]
         if node.gen != gen or node.running is not job:
             return  # the node crashed meanwhile
+        if job.paused > 0.0:  # a peer's KV export paused it (shipping.py)
+            self._push(self.now + job.paused, DONE, job, gen)
+            job.paused = 0.0
+            return
         mt = self.workload.requests[job.index].max_tokens
         tail = tuple(-next(self._tail) for _ in range(max(mt - 1, 0)))
         seq = job.tokens + tail

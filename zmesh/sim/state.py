@@ -32,7 +32,11 @@ class Job:
         "ids",
         "index",
         "node",
+        "paused",
         "predicted",
+        "pull_from",
+        "pull_got",
+        "pull_n",
         "reason",
         "ret_delay",
         "run_node",
@@ -62,6 +66,13 @@ class Job:
         self.reason = ""
         self.stream = -1
         self.run_node = -1
+        # KV shipping: the holder pulled from (-1: none), the tokens asked, what came
+        # (PULL_PENDING until the answer; 0: nothing usable), and how long a peer's
+        # export paused this request while it ran on the holder.
+        self.pull_from = -1
+        self.pull_n = 0
+        self.pull_got = 0
+        self.paused = 0.0
         self.best = 0  # diagnose: longest real cached match over the nodes at arrival
         self.best_nodes: tuple[int, ...] = ()  # ... and the nodes holding it
 
