@@ -19,7 +19,7 @@ from typing import cast
 
 from zmesh.blocks import BlockHasher
 from zmesh.radix import BlockEvents, RadixTree
-from zmesh.slots import Choice, SlotView, choose
+from zmesh.slots import Choice, SlotView, choose, victim
 
 __all__ = ["Claim", "KnownIdsHasher", "SlotCache", "TokenCache"]
 
@@ -135,7 +135,7 @@ class SlotCache:
         m = self.tree.match(tokens)
         if m.length >= len(tokens):
             return 0
-        target = self._victim(_lowest_slot(m.owners) if m.length > 0 else None)
+        target = self._import_target(tokens)
         if self.hasher is not None and ids is not None:
             self.hasher.remember(tokens, ids)
         self._set(target, tokens)
@@ -146,8 +146,19 @@ class SlotCache:
     def import_evicts(self, tokens: Sequence[int]) -> int:
         """Cached tokens that importing a prefix of ``tokens`` longer than this cache's
         match would overwrite: the slot `import_prefix` picks (0 if one is free)."""
+        return len(self.slots[self._import_target(tokens)])
+
+    def _import_target(self, tokens: Sequence[int]) -> int:
+        # As `Engine.import_prefix`: `zmesh.slots.victim` sparing the longest holder,
+        # else that holder itself (no slot is ever busy here).
         m = self.tree.match(tokens)
-        return len(self.slots[self._victim(_lowest_slot(m.owners) if m.length > 0 else None)])
+        holder = _lowest_slot(m.owners) if m.length > 0 else None
+        views = [SlotView(len(s), 0, self.last_used[i]) for i, s in enumerate(self.slots)]
+        target = victim(views, holder)
+        if target is None:
+            assert holder is not None  # victim() finds a slot unless only holder is idle
+            return holder
+        return target
 
     def evicted_tokens(self, tokens: tuple[int, ...]) -> int:
         """Tokens of other cached content that serving ``tokens`` would overwrite.
