@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zmesh.blocks import BlockHasher
-from zmesh.radix import RadixTree, _common_length
+from zmesh.radix import RadixTree, common_length
 
 FP = b"test-model"
 BS = 4
@@ -154,10 +154,10 @@ def test_block_ids_depend_on_tenant_model_and_chain():
     st.lists(st.integers(0, 3), max_size=40),
     st.integers(0, 5),
 )
-def test_common_length_equals_a_token_by_token_scan(a: list[int], b: list[int], off: int) -> None:
+def testcommon_length_equals_a_token_by_token_scan(a: list[int], b: list[int], off: int) -> None:
     off = min(off, len(b))
     n = 0
     while n < min(len(a), len(b) - off) and a[n] == b[off + n]:
         n += 1
-    assert _common_length(tuple(a), b, off) == n
-    assert _common_length(tuple(a), tuple(b), off) == n
+    assert common_length(tuple(a), b, off) == n
+    assert common_length(tuple(a), tuple(b), off) == n

@@ -56,7 +56,7 @@ class _Node:
         return self.start + len(self.key)
 
 
-def _common_length(a: Sequence[int], b: Sequence[int], b_offset: int = 0) -> int:
+def common_length(a: Sequence[int], b: Sequence[int], b_offset: int = 0) -> int:
     """Length of the common prefix of a and b[b_offset:]."""
     n = min(len(a), len(b) - b_offset)
     x, y = tuple(a[:n]), tuple(b[b_offset : b_offset + n])
@@ -96,7 +96,7 @@ class RadixTree:
             child = node.children.get(tokens[i])
             if child is None:
                 break
-            matched = _common_length(child.key, tokens, i)
+            matched = common_length(child.key, tokens, i)
             owners = frozenset(child.owners)
             if touch:
                 child.last_access = now
@@ -132,7 +132,7 @@ class RadixTree:
         """Make ``owner`` hold exactly ``tokens`` (its old tail is released)."""
         new = tuple(tokens)
         old = self._seqs.get(owner, ())
-        keep = _common_length(old, new)
+        keep = common_length(old, new)
         if keep < len(old):
             self._truncate(owner, old, keep)
         if new:
@@ -198,7 +198,7 @@ class RadixTree:
                         chain = self.hasher.block_ids(tokens)
                     self._assign_new_blocks(child, chain)
             else:
-                matched = _common_length(child.key, tokens, i)
+                matched = common_length(child.key, tokens, i)
                 if matched < len(child.key):
                     child = self._split(child, matched)
             if owner is not None:

@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from zmesh.radix import common_length
+
 __all__ = ["Choice", "SlotView", "choose", "common_prefix", "victim"]
 
 
@@ -47,20 +49,8 @@ class Choice:
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the common prefix of two token sequences."""
-    n = min(len(a), len(b))
-    x, y = tuple(a[:n]), tuple(b[:n])
-    if x == y:
-        return n
-    # Bisect on slice equality: C-speed compares, not a Python step per token.
-    lo, hi = 0, n  # x[:lo] == y[:lo], x[:hi] != y[:hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if x[lo:mid] == y[lo:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    """Length of the common prefix of two token sequences (the radix tree's bisect)."""
+    return common_length(a, b)
 
 
 def victim(slots: Sequence[SlotView], exclude: int | None) -> int | None:
