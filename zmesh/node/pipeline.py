@@ -22,19 +22,21 @@ from typing import Any
 import msgspec
 
 from zmesh import protocol as P
+from zmesh.candidates import (
+    DEFAULT_DECODE_S_PER_TOKEN,
+    DEFAULT_LINK_DELAY_S,
+    DEFAULT_PREFILL_S_PER_TOKEN,
+    DEFAULT_SERVICE_S,
+    head_key,
+    local_candidate,
+    peer_candidate,
+    unreported_s,
+)
 from zmesh.engine import EngineError
 from zmesh.kvpeer import KvPeer
 from zmesh.kvstate import KvState
 from zmesh.node.context import NodeContext
-from zmesh.node.load import (
-    DEFAULT_DECODE_S_PER_TOKEN,
-    DEFAULT_PREFILL_S_PER_TOKEN,
-    DEFAULT_SERVICE_S,
-    Job,
-    Load,
-    expired,
-    peer_median,
-)
+from zmesh.node.load import Job, Load, expired, peer_median
 from zmesh.node.transport import Transport
 from zmesh.peers import PeerEstimate
 from zmesh.routing import (
@@ -46,7 +48,6 @@ from zmesh.routing import (
     decide,
 )
 
-DEFAULT_LINK_DELAY_S = 0.001
 # A forwarder waits this long past a request's deadline for the peer's own
 # deadline_exceeded (which says where the time went) before answering it itself.
 DEADLINE_GRACE_S = 0.25
@@ -81,20 +82,9 @@ class Pipeline:
         self._load = load
         self._kv = kv
         self._enqueue = enqueue
-        r = ctx.config.routing
-        self.settings = RoutingSettings(
-            policy=r.policy,
-            max_hops=r.max_hops,
-            min_gain_s=r.min_gain_s,
-            min_gain_frac=r.min_gain_frac,
-            place_slack_frac=r.place_slack_frac,
-            balance_abs=r.balance_abs,
-            balance_rel=r.balance_rel,
-            ship=r.ship,
-            ship_min_tokens=r.ship_min_tokens,
-            ship_max_tokens=ctx.engine.max_ship_tokens,
-            # No give-up: a forward is waited for while the peer sends Progress.
-            give_up_s=0.0,
+        # No give-up: a forward is waited for while the peer sends Progress.
+        self.settings: RoutingSettings = ctx.config.routing.settings(
+            ship_max_tokens=ctx.engine.max_ship_tokens, give_up_s=0.0
         )
         self.policy_state = PolicyState.seeded(int.from_bytes(ctx.node_id.encode()[:8], "little"))
         self.last_route: dict[str, Candidate] = {}
@@ -204,30 +194,22 @@ class Pipeline:
         )
         service = st.service_s or peer_median(c.peers.alive(), "service_s", DEFAULT_SERVICE_S)
         cands = [
-            Candidate(
-                node_id=c.node_id,
-                is_local=True,
-                matched_tokens=local_match,
-                queue_depth=self._load.depth(),
-                link_delay_s=0.0,
-                prefill_s_per_token=prefill,
-                service_s=service,
-                wait_s=self._load.backlog_s(),
+            local_candidate(
+                c.node_id, local_match, self._load.depth(), self._load.backlog_s(), prefill, service
             )
         ]
         ship = self.settings.ship
         for peer in c.peers.alive():
             link = peer.link_delay_s or DEFAULT_LINK_DELAY_S
             cands.append(
-                Candidate(
-                    node_id=peer.node_id,
-                    is_local=False,
-                    matched_tokens=peer.match_blocks(ids) * bs,
-                    queue_depth=peer.queue_depth + peer.inflight,
+                peer_candidate(
+                    peer,
+                    peer.match_blocks(ids) * bs,
+                    inflight=peer.inflight,
+                    unreported_s=self._unreported_forwards_s(peer),
                     link_delay_s=link,
-                    prefill_s_per_token=peer.prefill_s_per_token or prefill,
-                    service_s=peer.service_s or service,
-                    wait_s=peer.backlog_s + self._unreported_forwards_s(peer),
+                    prefill_s_per_token=prefill,
+                    service_s=service,
                     ship_s_per_token=self._kv.costs.ship_s_per_token(peer.node_id)
                     if ship
                     else None,
@@ -235,11 +217,7 @@ class Pipeline:
                     ship_fixed_s=2 * link + DEFAULT_DECODE_S_PER_TOKEN,
                 )
             )
-        head = (
-            ids[min(len(ids), max(1, c.config.routing.hash_prefix_tokens // bs)) - 1]
-            if ids
-            else hash(tuple(tokens[:bs])) & (2**64 - 1)
-        )
+        head = head_key(ids, tokens, bs, c.config.routing.hash_prefix_tokens)
         req = RouteRequest(
             prompt_tokens=len(tokens), hops=msg.hops, head_key=head, block_ids=ids, block_size=bs
         )
@@ -262,11 +240,9 @@ class Pipeline:
 
     def _unreported_forwards_s(self, peer: PeerEstimate) -> float:
         """Work we sent to ``peer`` since its last heartbeat, which cannot include it yet."""
-        heard = peer.last_heard or 0.0
-        return sum(
-            f.cost_s
-            for f in self.forwards.values()
-            if f.target == peer.node_id and f.sent_at > heard
+        return unreported_s(
+            ((f.sent_at, f.cost_s) for f in self.forwards.values() if f.target == peer.node_id),
+            peer.last_heard,
         )
 
     # ---- forwarding ----------------------------------------------------------
