@@ -19,6 +19,7 @@ NO_BALANCE = 10**9  # balance_abs that never triggers (paper policy)
 # Event kinds (ints: heap tuples compare them only on time ties).
 ARRIVE, FWD, DONE, FLUSH, HB, DELIVER, SNAPREQ, SNAPPARTS = range(8)
 TICK, FAIL, RECOVER, FWD_TIMEOUT, STREAM, OPEN = range(8, 14)
+REFUSED = 14  # a peer's "busy" reaches the forwarder (routing/admission.py)
 
 # Job states.
 WAIT, QUEUED, RUNNING, FINISHED, DROPPED = range(5)

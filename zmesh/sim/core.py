@@ -86,6 +86,7 @@ class Simulator(ArrivalsMixin, RoutingMixin, ServingMixin, GossipMixin, MirrorMi
             self._on_fwd_timeout,
             self._on_stream,
             self._on_open,
+            self._on_refused,
         ]
         heap = self._heap
         pop = heapq.heappop

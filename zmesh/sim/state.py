@@ -19,6 +19,7 @@ from zmesh.sim.config import (
 
 class Job:
     __slots__ = (
+        "bar",
         "best",
         "best_nodes",
         "cached",
@@ -34,6 +35,7 @@ class Job:
         "node",
         "predicted",
         "reason",
+        "refused_by",
         "ret_delay",
         "run_node",
         "sent_at",
@@ -64,6 +66,8 @@ class Job:
         self.run_node = -1
         self.best = 0  # diagnose: longest real cached match over the nodes at arrival
         self.best_nodes: tuple[int, ...] = ()  # ... and the nodes holding it
+        self.bar: float | None = None  # admission: the forwarder's bar (routing/admission.py)
+        self.refused_by: tuple[int, ...] = ()  # peers that refused it as busy
 
     def retry_at(self, node: int) -> Job:
         """A copy of this request to serve at ``node`` (the original is abandoned)."""
