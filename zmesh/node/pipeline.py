@@ -7,6 +7,12 @@ caller's id; it falls back to local service when it cannot be sent, errs, times 
 (`forward_timeout_s` to the first reply, then `PROGRESS_MISSES` keep-alive periods) or
 its peer turns suspect, unless the deadline has passed. A caller's Cancel follows its
 forward to the peer. A "shipped" decision starts the KV pull while the job queues.
+
+Holder-side admission (`zmesh.routing.admission`): a forward carries a bar
+(`Generate.admit_bar_s`); a node receiving one estimates its own first token from the
+local candidate `route` would build and, past the bar, answers `busy` before queueing.
+The forwarder then decides again without the peers that refused (the runner-up under
+a fresh wire id), up to ``admit_retries``, else serves it here (reason ``refused``).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +53,7 @@ from zmesh.routing import (
     RoutingSettings,
     decide,
 )
+from zmesh.routing.admission import admission_bar, admit, after_refusal
 
 # A forwarder waits this long past a request's deadline for the peer's own
 # deadline_exceeded (which says where the time went) before answering it itself.
@@ -121,18 +128,28 @@ class Pipeline:
             c.log.warning("request.failed", request_id=rid, code=exc.code, error=exc.message)
             self._t.reply_error(envelope, rid, exc.code, exc.message)
             return False
+        if self._refuse_busy(envelope, msg, tokens):
+            return False
         path = [*((msg.origin and [msg.origin]) or []), c.node_id]
         decision = self.route(msg, tokens)
         attempt = 0
-        if decision.forward:
+        reason = decision.reason
+        refused: list[str] = []
+        while decision.forward:
             outcome = await self.forward(envelope, msg, decision, tokens, scope)
             if outcome == "done":
                 return False
+            if outcome == "busy":
+                # Refused before any token: ask the runner-up (its own wire id), or
+                # serve it here once admit_retries refusals are spent.
+                refused.append(decision.target)
+                decision = self.route(msg, tokens, refused=refused)
+                reason = decision.reason
+                continue
             attempt = 1 if outcome == "partial" else 0
             c.count("forward_fallbacks")
             reason = "fallback"
-        else:
-            reason = decision.reason
+            break
         new_tokens = len(tokens) - c.engine.local_match(tokens, c.namespace(msg.tenant))
         kv_pull = self._start_pull(msg, decision, tokens)
         if kv_pull is not None:
@@ -154,6 +171,35 @@ class Pipeline:
         if not self._enqueue(job) and kv_pull is not None:
             kv_pull.cancel()
             return False
+        return True
+
+    def _refuse_busy(self, envelope: list[bytes], msg: P.Generate, tokens: list[int]) -> bool:
+        """Holder-side admission: refuse (``busy``, before queueing) a forward whose first
+        token this node predicts later than its forwarder's bar; True when refused."""
+        if msg.hops == 0 or msg.admit_bar_s is None or not self.settings.admission:
+            return False
+        ns = self._c.namespace(msg.tenant)
+        prefill, service = self._rates()
+        local = self._local_candidate(tokens, ns, prefill, service)
+        ok, est = admit(local, len(tokens), msg.admit_bar_s)
+        c = self._c
+        if ok:
+            c.count("forwards_admitted")
+            return False
+        c.count("forwards_refused_busy")
+        c.log.info(
+            "request.refused_busy",
+            request_id=msg.request_id,
+            est_s=round(est, 4),
+            bar_s=round(msg.admit_bar_s, 4),
+            origin=msg.origin,
+        )
+        self._t.reply_error(
+            envelope,
+            msg.request_id,
+            P.BUSY,
+            f"first token in {est:.3f}s here, past the bar of {msg.admit_bar_s:.3f}s",
+        )
         return True
 
     def _start_pull(
@@ -180,24 +226,43 @@ class Pipeline:
 
     # ---- routing -----------------------------------------------------------
 
-    def route(self, msg: P.Generate, tokens: list[int]) -> Decision:
+    def _rates(self) -> tuple[float, float]:
+        """(prefill s/token, service s): measured here, else borrowed from peers."""
+        c = self._c
+        st = c.engine.stats
+        prefill = st.prefill_s_per_token or peer_median(
+            c.peers.alive(), "prefill_s_per_token", DEFAULT_PREFILL_S_PER_TOKEN
+        )
+        service = st.service_s or peer_median(c.peers.alive(), "service_s", DEFAULT_SERVICE_S)
+        return prefill, service
+
+    def _local_candidate(
+        self, tokens: list[int], ns: str, prefill: float, service: float
+    ) -> Candidate:
+        """This node as routing (and admission) sees it: real match, queue and backlog."""
+        c = self._c
+        return local_candidate(
+            c.node_id,
+            c.engine.local_match(tokens, ns),
+            self._load.depth(),
+            self._load.backlog_s(),
+            prefill,
+            service,
+        )
+
+    def route(self, msg: P.Generate, tokens: list[int], refused: Sequence[str] = ()) -> Decision:
+        """Decide where ``msg`` goes; ``refused``: peers that refused it as busy, in
+        order (`after_refusal`: left out, and past admit_retries it is served here)."""
         c = self._c
         t0 = time.perf_counter()
         ns = c.namespace(msg.tenant)
         hasher = c.engine.hasher(ns)
         ids = hasher.block_ids(tokens)
         bs = hasher.block_size
-        local_match = c.engine.local_match(tokens, ns)
-        st = c.engine.stats
-        prefill = st.prefill_s_per_token or peer_median(
-            c.peers.alive(), "prefill_s_per_token", DEFAULT_PREFILL_S_PER_TOKEN
-        )
-        service = st.service_s or peer_median(c.peers.alive(), "service_s", DEFAULT_SERVICE_S)
-        cands = [
-            local_candidate(
-                c.node_id, local_match, self._load.depth(), self._load.backlog_s(), prefill, service
-            )
-        ]
+        prefill, service = self._rates()
+        local = self._local_candidate(tokens, ns, prefill, service)
+        local_match = local.matched_tokens
+        cands = [local]
         ship = self.settings.ship
         for peer in c.peers.alive():
             link = peer.link_delay_s or DEFAULT_LINK_DELAY_S
@@ -221,7 +286,10 @@ class Pipeline:
         req = RouteRequest(
             prompt_tokens=len(tokens), hops=msg.hops, head_key=head, block_ids=ids, block_size=bs
         )
-        decision = decide(req, cands, self.settings, self.policy_state)
+        if refused:
+            decision = after_refusal(req, cands, refused, self.settings, self.policy_state)
+        else:
+            decision = decide(req, cands, self.settings, self.policy_state)
         c.count(f"route_{decision.reason}")
         self.last_route = {cd.node_id: cd for cd in cands}
         c.log.info(
@@ -234,6 +302,7 @@ class Pipeline:
                 cd.node_id: {"match": cd.matched_tokens, "queue": cd.queue_depth} for cd in cands
             },
             decide_us=round((time.perf_counter() - t0) * 1e6, 1),
+            **({"refused": list(refused)} if refused else {}),
             **decision.log_fields(),
         )
         return decision
@@ -255,7 +324,8 @@ class Pipeline:
         tokens: list[int],
         scope: bytes,
     ) -> str:
-        """Relay the request through a peer: "done", or "none"/"partial" to fall back."""
+        """Relay the request through a peer: "done"; "busy" when the peer refused it
+        (admission) before any token; or "none"/"partial" to fall back."""
         c, t = self._c, self._t
         peer = c.peers.get(decision.target)
         dealer = t.dealer_for(peer) if peer else None
@@ -265,7 +335,12 @@ class Pipeline:
         # caller's id as its prefix keeps it traceable in the peer's logs.
         wid = f"{rid[: P.MAX_ID_CHARS - 17]}~{os.urandom(8).hex()}"
         fwd_msg = msgspec.structs.replace(
-            msg, request_id=wid, hops=msg.hops + 1, origin=c.node_id, progress=True
+            msg,
+            request_id=wid,
+            hops=msg.hops + 1,
+            origin=c.node_id,
+            progress=True,
+            admit_bar_s=admission_bar(decision, self.settings),
         )
         if dealer is None or peer is None or not t.send(dealer, [], fwd_msg):
             c.log.warning(
@@ -319,6 +394,17 @@ class Pipeline:
                     return "done"
                 if fwd.cancelled and (reply is _FALLBACK or isinstance(reply, P.Error)):
                     return "done"  # cancelled by its caller: nothing to serve here
+                if isinstance(reply, P.Error) and reply.code == P.BUSY and not relayed:
+                    # Admission, not a failure: the peer never queued it.
+                    c.count("forwards_busy")
+                    c.log.info(
+                        "request.busy",
+                        request_id=rid,
+                        wire_id=wid,
+                        target=peer.node_id,
+                        why=reply.message,
+                    )
+                    return "busy"
                 if reply is _FALLBACK or isinstance(reply, P.Error):
                     detail = reply.message if isinstance(reply, P.Error) else why
                     c.log.warning(
