@@ -154,6 +154,8 @@ class Pipeline:
         kv_pull = self._start_pull(msg, decision, tokens)
         if kv_pull is not None:
             new_tokens = len(tokens) - decision.pull_tokens
+        elif decision.pull_from is not None:
+            reason = "fallback"  # the pull could not start: prefilled here, so said
         job = Job(
             msg=msg,
             reply_to=envelope,
@@ -205,12 +207,21 @@ class Pipeline:
     def _start_pull(
         self, msg: P.Generate, decision: Decision, tokens: list[int]
     ) -> asyncio.Task[KvState] | None:
-        """Start pulling the prefix a "shipped" decision names, while the job queues."""
+        """Start pulling the prefix a "shipped" decision names, while the job queues;
+        None when there is none to pull, or the holder cannot be asked (logged and counted
+        as a failed fetch, as a pull that fails later is)."""
         if decision.pull_from is None:
             return None
         peer = self._c.peers.get(decision.pull_from)
         dealer = self._t.dealer_for(peer) if peer else None
         if peer is None or dealer is None:
+            self._c.count("kv_fetch_failed")
+            self._c.log.warning(
+                "request.fallback",
+                request_id=msg.request_id,
+                target=decision.pull_from,
+                why="KV pull failed: holder not connected",
+            )
             return None
         return asyncio.create_task(
             self._kv.fetch(
