@@ -161,6 +161,44 @@ def test_a_holder_that_stops_answering_costs_a_local_prefill_not_the_answer(
     assert pair.a.node.engine.check_consistency() == []
 
 
+def test_a_holder_with_no_dealer_at_pull_start_is_reported_as_a_fallback(
+    pair: Pair, engine: Engine
+) -> None:
+    """A "shipped" decision whose holder node-a cannot reach when the pull would start
+    (no DEALER to it: e.g. its key is not allowed, or it was just dropped) is prefilled
+    here and must say so: reason "fallback", nothing shipped, a failed fetch counted."""
+    t = pair.a.node.transport
+    real = t.dealer_for
+
+    def no_dealer_to_b(peer):  # type: ignore[no-untyped-def]
+        return None if peer.node_id == "node-b" else real(peer)
+
+    async def main() -> P.Done:
+        async with AsyncClient([pair.a_serve, pair.b_serve], timeout=600) as c:
+            busy = await _prime_b_and_make_it_busy(pair, c)
+            t.dealer_for = no_dealer_to_b  # type: ignore[method-assign]
+            try:
+                asked = await c.generate(
+                    FEW_SHOT + QUESTION,
+                    max_tokens=GREEDY.max_tokens,
+                    temperature=0.0,
+                    endpoint=pair.a_serve,
+                )
+            finally:
+                t.dealer_for = real  # type: ignore[method-assign]
+            await busy  # node-b is idle again before it is stopped
+            return asked
+
+    asked = asyncio.run(main())
+    counters = pair.a.node.counters
+    assert counters.get("route_shipped") == 1, counters  # it was a shipped decision
+    assert (asked.served_by, asked.route_reason, asked.hops) == ("node-a", "fallback", 0), asked
+    assert asked.shipped_tokens == 0 and asked.pulled_from is None
+    assert counters.get("kv_fetch_failed") == 1 and not counters.get("kv_fetched"), counters
+    cold = engine.generate(FEW_SHOT + QUESTION, params=GREEDY, namespace="cold-reference-3")
+    assert asked.text == cold.text
+
+
 def test_a_node_stops_while_a_request_waits_for_its_pull(pair: Pair) -> None:
     """Stopping must not wait for (or be swallowed by) a pull in flight: the worker
     awaiting it is cancelled like any other task."""

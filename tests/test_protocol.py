@@ -41,6 +41,7 @@ ONE_OF_EACH: list[P.Message] = [
         origin="n2",
         stream=False,
         progress=True,
+        admit_bar_s=4.5,
     ),
     P.Generate(request_id="r2", tokens=[1, 2, 3]),
     P.Chunk(request_id="r1", index=3, text="wor", attempt=1),
@@ -413,6 +414,28 @@ def test_error_for_carries_code_message_and_ids() -> None:
     )
     assert P.decode(P.encode(err)) == err
     assert str(exc) == "unsupported_version: version 2"
+
+
+def test_admission_bar_round_trips_and_is_optional_on_the_wire() -> None:
+    # A forward's admission bar (routing/admission.py) and the "busy" refusal of one.
+    fwd = gen(hops=1, origin="n2", progress=True, admit_bar_s=3.25)
+    assert P.decode(P.encode(fwd)) == fwd
+    # A frame from a node without the field decodes with no bar: always admitted.
+    old = raw({"type": "gen", "v": P.PROTOCOL_VERSION, "request_id": "r1", "prompt": "hi"})
+    decoded = P.decode(old)
+    assert isinstance(decoded, P.Generate) and decoded.admit_bar_s is None
+    busy = P.Error(request_id="r1~ab", code=P.BUSY, message="first token in 9.1 s", node_id="n1")
+    assert P.decode(P.encode(busy)) == busy
+    assert P.BUSY == "busy"
+
+
+@pytest.mark.parametrize("bar", [-0.5, math.nan, math.inf, 2e6])
+def test_admission_bar_out_of_range_is_malformed(bar: float) -> None:
+    frame = P.encode(gen(admit_bar_s=bar))
+    with pytest.raises(P.ProtocolError) as ei:
+        P.decode(frame)
+    assert ei.value.code == P.MALFORMED
+    assert "admit_bar_s" in ei.value.message
 
 
 # ---- validate_generate --------------------------------------------------------------

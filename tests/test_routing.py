@@ -152,6 +152,7 @@ def test_constants_are_stable() -> None:
         "consistent_hash",
         "least_loaded",
         "shipped",
+        "refused",
     }
 
 

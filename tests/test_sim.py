@@ -423,3 +423,52 @@ def test_sim_run_cli_bursty_diagnosis_and_settings(tmp_path) -> None:
         [*cmd[:-2], "--set", "no_such=1"], capture_output=True, text=True, timeout=120
     )
     assert bad.returncode != 0 and "no_such" in bad.stderr
+
+
+def test_admission_refuses_the_burst_herd_and_answers_every_request_once() -> None:
+    # Requests of one instant entering at different nodes all went to their conversation's
+    # holder, the one node that could see the herd; now it refuses those that would wait
+    # longer than their forwarder expects to take itself (routing/admission.py).
+    from zmesh.sim.cli import Cell
+
+    def run(**routing: object) -> tuple[dict, Counter[int]]:
+        cell = Cell(
+            policy="zmesh",
+            nodes=4,
+            alpha=1.0,
+            delay_s=0.001,
+            workload="bursty",
+            requests=400,
+            slots=4,
+            load=0.7,
+            cost="cpu",
+            seed=2,
+            arrivals="bursts",
+            sessions=12,
+            diagnose=True,
+            routing=tuple(routing.items()),
+        )
+        sim = Simulator(*cell.build())
+        answered: Counter[int] = Counter()
+        complete = sim._complete
+
+        def record(job, node) -> None:  # type: ignore[no-untyped-def]
+            answered[job.index] += 1
+            complete(job, node)
+
+        sim._complete = record  # type: ignore[method-assign]
+        return sim.run().figures, answered
+
+    off, off_answers = run(admission=False)
+    on, answers = run()
+    local, _ = run(admit_retries=0)
+    assert off["refused"] == 0 and on["refused"] > 0 and local["refused"] > 0
+    herd = off["diagnosis"]["herd_queued"]
+    assert herd > 50
+    assert on["diagnosis"]["herd_queued"] < 0.7 * herd
+    assert local["diagnosis"]["herd_queued"] < 0.7 * herd
+    # A refusal costs a round trip, never an answer: each request answered once.
+    for figures, answered in ((on, answers), (off, off_answers)):
+        assert figures["requests"] == 400 and figures["errors"] == 0
+        assert set(answered) == set(range(400)) and set(answered.values()) == {1}
+    assert on["reasons"]["refused"] > 0  # some were served by their entry after all

@@ -18,6 +18,7 @@ from typing import Annotated, Final, TypeAlias
 import msgspec
 
 __all__ = [
+    "BUSY",
     "DEADLINE_EXCEEDED",
     "FORBIDDEN",
     "INTERNAL",
@@ -94,6 +95,10 @@ TOO_MANY_REQUESTS: Final = "too_many_requests"
 # prefix, it belongs to another tenant, or the state is over the asker's cap. One code
 # and one message for all, so a fetch learns nothing about other tenants.
 KV_UNAVAILABLE: Final = "kv_unavailable"
+# A forward refused before it was queued: this node predicts its first token later than
+# the forwarder's Generate.admit_bar_s (routing/admission.py). Sent instead of any token,
+# so the forwarder serves the request itself (or tries another peer), never twice.
+BUSY: Final = "busy"
 
 # msgspec cannot bound an int above int64 with Meta; msgpack itself stops at 2**64-1.
 U64 = Annotated[int, msgspec.Meta(ge=0)]
@@ -205,6 +210,10 @@ class Generate(_Msg, tag="gen", kw_only=True):
     # Send Progress frames while the request is accepted, queued or running (forwarders
     # ask for them, so a long answer is not mistaken for a dead peer).
     progress: bool = False
+    # Holder-side admission (routing/admission.py), set by a forwarder: refuse with an
+    # Error of code `busy` if your first token would come later than this many seconds
+    # after receipt. None: always admit (a client, or a forwarder with admission off).
+    admit_bar_s: Seconds | None = None
 
 
 class Chunk(_Msg, tag="chunk", kw_only=True):

@@ -42,6 +42,13 @@ class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ship_bandwidth_mbps: float = 1000.0  # a link never measured, megabits per second
     ship_bytes_per_token: float = 20_000.0  # gemma-3-270m: 18.5 KB per token measured
     ship_import_s_per_mb: float = 0.002  # loading state into llama.cpp (1.7 ms/MB measured)
+    # Holder-side admission (routing/admission.py): a forward carries the latest first
+    # token its forwarder still prefers; a peer predicting a later one refuses it (busy)
+    # and the forwarder asks the runner-up, up to admit_retries times, then serves it.
+    admission: bool = _ROUTING.admission
+    admit_retries: int = _ROUTING.admit_retries
+    admit_slack_frac: float = _ROUTING.admit_slack_frac  # the bar is raised by this fraction
+    admit_slack_s: float = _ROUTING.admit_slack_s  # of itself, and by these seconds
 
     def settings(self, **node: Any) -> RoutingSettings:
         """The policy knobs as `decide` takes them; ``node``: what the node adds
@@ -56,6 +63,10 @@ class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             balance_rel=self.balance_rel,
             ship=self.ship,
             ship_min_tokens=self.ship_min_tokens,
+            admission=self.admission,
+            admit_retries=self.admit_retries,
+            admit_slack_frac=self.admit_slack_frac,
+            admit_slack_s=self.admit_slack_s,
             **node,
         )
 

@@ -13,17 +13,30 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from zmesh import candidates as cm
 from zmesh import protocol as P
+from zmesh.candidates import (
+    BORROW_FACTOR,
+    DEFAULT_DECODE_S_PER_TOKEN,
+    DEFAULT_PREFILL_S_PER_TOKEN,
+    DEFAULT_SERVICE_S,
+)
 from zmesh.engine import Engine
 from zmesh.kvstate import KvState
 from zmesh.peers import PeerEstimate
 
-DEFAULT_PREFILL_S_PER_TOKEN = 0.002  # until measured: about what 2 CPU cores do
-DEFAULT_SERVICE_S = 0.5
-DEFAULT_DECODE_S_PER_TOKEN = 0.015
-# Until a node has measured its own rates it borrows its peers' median (of two peers at
-# least), kept within this factor of the start values: one peer's claim must not set it.
-BORROW_FACTOR = 10.0
+# The start values and the borrowing rule are zmesh.candidates' (shared with the
+# simulator); re-exported here for the node's parts and tests.
+__all__ = [
+    "BORROW_FACTOR",
+    "DEFAULT_DECODE_S_PER_TOKEN",
+    "DEFAULT_PREFILL_S_PER_TOKEN",
+    "DEFAULT_SERVICE_S",
+    "Job",
+    "Load",
+    "expired",
+    "peer_median",
+]
 
 
 @dataclass(slots=True)
@@ -70,19 +83,25 @@ class Load:
         self._engine = engine
 
     def depth(self) -> int:
-        return self.queue.qsize() + (1 if self.running else 0)
+        return cm.queue_depth(self.queue.qsize(), self.running is not None)
 
     def backlog_s(self) -> float:
         """Predicted seconds until a request arriving now would start here."""
-        running = 0.0
-        if self.running is not None:
-            elapsed = time.monotonic() - self.running_since
-            running = max(self.running.predicted_s - elapsed, 0.0)
-        return self.queued_s + running
+        running = self.running
+        return cm.backlog_s(
+            self.queued_s,
+            running.predicted_s if running is not None else None,
+            time.monotonic() - self.running_since,
+        )
 
     def predict_s(self, new_tokens: int, max_tokens: int) -> float:
-        return self._engine.stats.predict_s(
-            new_tokens, max_tokens, DEFAULT_PREFILL_S_PER_TOKEN, DEFAULT_DECODE_S_PER_TOKEN
+        st = self._engine.stats
+        return cm.predict_s(
+            new_tokens,
+            max_tokens,
+            st.prefill_s_per_token or DEFAULT_PREFILL_S_PER_TOKEN,
+            st.decode_s_per_token or DEFAULT_DECODE_S_PER_TOKEN,
+            st.completion_tokens,
         )
 
     def put(self, job: Job) -> None:
@@ -105,11 +124,6 @@ class Load:
 
 
 def peer_median(peers: Iterable[PeerEstimate], field: str, default: float) -> float:
-    """A rate this node has not measured yet: peers on like hardware are a better
-    guess than a constant, but only the median of two or more of them, kept within
-    BORROW_FACTOR of ``default``; with fewer, ``default``."""
-    values = sorted(v for p in peers if (v := getattr(p, field)) > 0)
-    if len(values) < 2:
-        return default
-    median = values[len(values) // 2]
-    return min(max(median, default / BORROW_FACTOR), default * BORROW_FACTOR)
+    """A rate this node has not measured yet, borrowed from its peers' ``field``
+    (`zmesh.candidates.borrowed_rate`)."""
+    return cm.borrowed_rate((getattr(p, field) for p in peers), default)

@@ -7,6 +7,12 @@ caller's id; it falls back to local service when it cannot be sent, errs, times 
 (`forward_timeout_s` to the first reply, then `PROGRESS_MISSES` keep-alive periods) or
 its peer turns suspect, unless the deadline has passed. A caller's Cancel follows its
 forward to the peer. A "shipped" decision starts the KV pull while the job queues.
+
+Holder-side admission (`zmesh.routing.admission`): a forward carries a bar
+(`Generate.admit_bar_s`); a node receiving one estimates its own first token from the
+local candidate `route` would build and, past the bar, answers `busy` before queueing.
+The forwarder then decides again without the peers that refused (the runner-up under
+a fresh wire id), up to ``admit_retries``, else serves it here (reason ``refused``).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,19 +28,21 @@ from typing import Any
 import msgspec
 
 from zmesh import protocol as P
+from zmesh.candidates import (
+    DEFAULT_LINK_DELAY_S,
+    DEFAULT_PREFILL_S_PER_TOKEN,
+    DEFAULT_SERVICE_S,
+    head_key,
+    local_candidate,
+    peer_candidate,
+    ship_fixed_s,
+    unreported_s,
+)
 from zmesh.engine import EngineError
 from zmesh.kvpeer import KvPeer
 from zmesh.kvstate import KvState
 from zmesh.node.context import NodeContext
-from zmesh.node.load import (
-    DEFAULT_DECODE_S_PER_TOKEN,
-    DEFAULT_PREFILL_S_PER_TOKEN,
-    DEFAULT_SERVICE_S,
-    Job,
-    Load,
-    expired,
-    peer_median,
-)
+from zmesh.node.load import Job, Load, expired, peer_median
 from zmesh.node.transport import Transport
 from zmesh.peers import PeerEstimate
 from zmesh.routing import (
@@ -45,8 +53,8 @@ from zmesh.routing import (
     RoutingSettings,
     decide,
 )
+from zmesh.routing.admission import admission_bar, admit, after_refusal
 
-DEFAULT_LINK_DELAY_S = 0.001
 # A forwarder waits this long past a request's deadline for the peer's own
 # deadline_exceeded (which says where the time went) before answering it itself.
 DEADLINE_GRACE_S = 0.25
@@ -81,20 +89,9 @@ class Pipeline:
         self._load = load
         self._kv = kv
         self._enqueue = enqueue
-        r = ctx.config.routing
-        self.settings = RoutingSettings(
-            policy=r.policy,
-            max_hops=r.max_hops,
-            min_gain_s=r.min_gain_s,
-            min_gain_frac=r.min_gain_frac,
-            place_slack_frac=r.place_slack_frac,
-            balance_abs=r.balance_abs,
-            balance_rel=r.balance_rel,
-            ship=r.ship,
-            ship_min_tokens=r.ship_min_tokens,
-            ship_max_tokens=ctx.engine.max_ship_tokens,
-            # No give-up: a forward is waited for while the peer sends Progress.
-            give_up_s=0.0,
+        # No give-up: a forward is waited for while the peer sends Progress.
+        self.settings: RoutingSettings = ctx.config.routing.settings(
+            ship_max_tokens=ctx.engine.max_ship_tokens, give_up_s=0.0
         )
         self.policy_state = PolicyState.seeded(int.from_bytes(ctx.node_id.encode()[:8], "little"))
         self.last_route: dict[str, Candidate] = {}
@@ -131,22 +128,34 @@ class Pipeline:
             c.log.warning("request.failed", request_id=rid, code=exc.code, error=exc.message)
             self._t.reply_error(envelope, rid, exc.code, exc.message)
             return False
+        if self._refuse_busy(envelope, msg, tokens):
+            return False
         path = [*((msg.origin and [msg.origin]) or []), c.node_id]
         decision = self.route(msg, tokens)
         attempt = 0
-        if decision.forward:
+        reason = decision.reason
+        refused: list[str] = []
+        while decision.forward:
             outcome = await self.forward(envelope, msg, decision, tokens, scope)
             if outcome == "done":
                 return False
+            if outcome == "busy":
+                # Refused before any token: ask the runner-up (its own wire id), or
+                # serve it here once admit_retries refusals are spent.
+                refused.append(decision.target)
+                decision = self.route(msg, tokens, refused=refused)
+                reason = decision.reason
+                continue
             attempt = 1 if outcome == "partial" else 0
             c.count("forward_fallbacks")
             reason = "fallback"
-        else:
-            reason = decision.reason
+            break
         new_tokens = len(tokens) - c.engine.local_match(tokens, c.namespace(msg.tenant))
         kv_pull = self._start_pull(msg, decision, tokens)
         if kv_pull is not None:
             new_tokens = len(tokens) - decision.pull_tokens
+        elif decision.pull_from is not None:
+            reason = "fallback"  # the pull could not start: prefilled here, so said
         job = Job(
             msg=msg,
             reply_to=envelope,
@@ -166,15 +175,53 @@ class Pipeline:
             return False
         return True
 
+    def _refuse_busy(self, envelope: list[bytes], msg: P.Generate, tokens: list[int]) -> bool:
+        """Holder-side admission: refuse (``busy``, before queueing) a forward whose first
+        token this node predicts later than its forwarder's bar; True when refused."""
+        if msg.hops == 0 or msg.admit_bar_s is None or not self.settings.admission:
+            return False
+        ns = self._c.namespace(msg.tenant)
+        prefill, service = self._rates()
+        local = self._local_candidate(tokens, ns, prefill, service)
+        ok, est = admit(local, len(tokens), msg.admit_bar_s)
+        c = self._c
+        if ok:
+            c.count("forwards_admitted")
+            return False
+        c.count("forwards_refused_busy")
+        c.log.info(
+            "request.refused_busy",
+            request_id=msg.request_id,
+            est_s=round(est, 4),
+            bar_s=round(msg.admit_bar_s, 4),
+            origin=msg.origin,
+        )
+        self._t.reply_error(
+            envelope,
+            msg.request_id,
+            P.BUSY,
+            f"first token in {est:.3f}s here, past the bar of {msg.admit_bar_s:.3f}s",
+        )
+        return True
+
     def _start_pull(
         self, msg: P.Generate, decision: Decision, tokens: list[int]
     ) -> asyncio.Task[KvState] | None:
-        """Start pulling the prefix a "shipped" decision names, while the job queues."""
+        """Start pulling the prefix a "shipped" decision names, while the job queues;
+        None when there is none to pull, or the holder cannot be asked (logged and counted
+        as a failed fetch, as a pull that fails later is)."""
         if decision.pull_from is None:
             return None
         peer = self._c.peers.get(decision.pull_from)
         dealer = self._t.dealer_for(peer) if peer else None
         if peer is None or dealer is None:
+            self._c.count("kv_fetch_failed")
+            self._c.log.warning(
+                "request.fallback",
+                request_id=msg.request_id,
+                target=decision.pull_from,
+                why="KV pull failed: holder not connected",
+            )
             return None
         return asyncio.create_task(
             self._kv.fetch(
@@ -190,60 +237,70 @@ class Pipeline:
 
     # ---- routing -----------------------------------------------------------
 
-    def route(self, msg: P.Generate, tokens: list[int]) -> Decision:
+    def _rates(self) -> tuple[float, float]:
+        """(prefill s/token, service s): measured here, else borrowed from peers."""
+        c = self._c
+        st = c.engine.stats
+        prefill = st.prefill_s_per_token or peer_median(
+            c.peers.alive(), "prefill_s_per_token", DEFAULT_PREFILL_S_PER_TOKEN
+        )
+        service = st.service_s or peer_median(c.peers.alive(), "service_s", DEFAULT_SERVICE_S)
+        return prefill, service
+
+    def _local_candidate(
+        self, tokens: list[int], ns: str, prefill: float, service: float
+    ) -> Candidate:
+        """This node as routing (and admission) sees it: real match, queue and backlog."""
+        c = self._c
+        return local_candidate(
+            c.node_id,
+            c.engine.local_match(tokens, ns),
+            self._load.depth(),
+            self._load.backlog_s(),
+            prefill,
+            service,
+        )
+
+    def route(self, msg: P.Generate, tokens: list[int], refused: Sequence[str] = ()) -> Decision:
+        """Decide where ``msg`` goes; ``refused``: peers that refused it as busy, in
+        order (`after_refusal`: left out, and past admit_retries it is served here)."""
         c = self._c
         t0 = time.perf_counter()
         ns = c.namespace(msg.tenant)
         hasher = c.engine.hasher(ns)
         ids = hasher.block_ids(tokens)
         bs = hasher.block_size
-        local_match = c.engine.local_match(tokens, ns)
-        st = c.engine.stats
-        prefill = st.prefill_s_per_token or peer_median(
-            c.peers.alive(), "prefill_s_per_token", DEFAULT_PREFILL_S_PER_TOKEN
-        )
-        service = st.service_s or peer_median(c.peers.alive(), "service_s", DEFAULT_SERVICE_S)
-        cands = [
-            Candidate(
-                node_id=c.node_id,
-                is_local=True,
-                matched_tokens=local_match,
-                queue_depth=self._load.depth(),
-                link_delay_s=0.0,
-                prefill_s_per_token=prefill,
-                service_s=service,
-                wait_s=self._load.backlog_s(),
-            )
-        ]
+        prefill, service = self._rates()
+        local = self._local_candidate(tokens, ns, prefill, service)
+        local_match = local.matched_tokens
+        cands = [local]
         ship = self.settings.ship
         for peer in c.peers.alive():
             link = peer.link_delay_s or DEFAULT_LINK_DELAY_S
             cands.append(
-                Candidate(
-                    node_id=peer.node_id,
-                    is_local=False,
-                    matched_tokens=peer.match_blocks(ids) * bs,
-                    queue_depth=peer.queue_depth + peer.inflight,
+                peer_candidate(
+                    peer,
+                    peer.match_blocks(ids) * bs,
+                    inflight=peer.inflight,
+                    unreported_s=self._unreported_forwards_s(peer),
                     link_delay_s=link,
-                    prefill_s_per_token=peer.prefill_s_per_token or prefill,
-                    service_s=peer.service_s or service,
-                    wait_s=peer.backlog_s + self._unreported_forwards_s(peer),
+                    prefill_s_per_token=prefill,
+                    service_s=service,
                     ship_s_per_token=self._kv.costs.ship_s_per_token(peer.node_id)
                     if ship
                     else None,
                     # The round trip, and the holder's pause until its next decode step.
-                    ship_fixed_s=2 * link + DEFAULT_DECODE_S_PER_TOKEN,
+                    ship_fixed_s=ship_fixed_s(link),
                 )
             )
-        head = (
-            ids[min(len(ids), max(1, c.config.routing.hash_prefix_tokens // bs)) - 1]
-            if ids
-            else hash(tuple(tokens[:bs])) & (2**64 - 1)
-        )
+        head = head_key(ids, tokens, bs, c.config.routing.hash_prefix_tokens)
         req = RouteRequest(
             prompt_tokens=len(tokens), hops=msg.hops, head_key=head, block_ids=ids, block_size=bs
         )
-        decision = decide(req, cands, self.settings, self.policy_state)
+        if refused:
+            decision = after_refusal(req, cands, refused, self.settings, self.policy_state)
+        else:
+            decision = decide(req, cands, self.settings, self.policy_state)
         c.count(f"route_{decision.reason}")
         self.last_route = {cd.node_id: cd for cd in cands}
         c.log.info(
@@ -256,17 +313,16 @@ class Pipeline:
                 cd.node_id: {"match": cd.matched_tokens, "queue": cd.queue_depth} for cd in cands
             },
             decide_us=round((time.perf_counter() - t0) * 1e6, 1),
+            **({"refused": list(refused)} if refused else {}),
             **decision.log_fields(),
         )
         return decision
 
     def _unreported_forwards_s(self, peer: PeerEstimate) -> float:
         """Work we sent to ``peer`` since its last heartbeat, which cannot include it yet."""
-        heard = peer.last_heard or 0.0
-        return sum(
-            f.cost_s
-            for f in self.forwards.values()
-            if f.target == peer.node_id and f.sent_at > heard
+        return unreported_s(
+            ((f.sent_at, f.cost_s) for f in self.forwards.values() if f.target == peer.node_id),
+            peer.last_heard,
         )
 
     # ---- forwarding ----------------------------------------------------------
@@ -279,7 +335,8 @@ class Pipeline:
         tokens: list[int],
         scope: bytes,
     ) -> str:
-        """Relay the request through a peer: "done", or "none"/"partial" to fall back."""
+        """Relay the request through a peer: "done"; "busy" when the peer refused it
+        (admission) before any token; or "none"/"partial" to fall back."""
         c, t = self._c, self._t
         peer = c.peers.get(decision.target)
         dealer = t.dealer_for(peer) if peer else None
@@ -289,7 +346,12 @@ class Pipeline:
         # caller's id as its prefix keeps it traceable in the peer's logs.
         wid = f"{rid[: P.MAX_ID_CHARS - 17]}~{os.urandom(8).hex()}"
         fwd_msg = msgspec.structs.replace(
-            msg, request_id=wid, hops=msg.hops + 1, origin=c.node_id, progress=True
+            msg,
+            request_id=wid,
+            hops=msg.hops + 1,
+            origin=c.node_id,
+            progress=True,
+            admit_bar_s=admission_bar(decision, self.settings),
         )
         if dealer is None or peer is None or not t.send(dealer, [], fwd_msg):
             c.log.warning(
@@ -343,6 +405,17 @@ class Pipeline:
                     return "done"
                 if fwd.cancelled and (reply is _FALLBACK or isinstance(reply, P.Error)):
                     return "done"  # cancelled by its caller: nothing to serve here
+                if isinstance(reply, P.Error) and reply.code == P.BUSY and not relayed:
+                    # Admission, not a failure: the peer never queued it.
+                    c.count("forwards_busy")
+                    c.log.info(
+                        "request.busy",
+                        request_id=rid,
+                        wire_id=wid,
+                        target=peer.node_id,
+                        why=reply.message,
+                    )
+                    return "busy"
                 if reply is _FALLBACK or isinstance(reply, P.Error):
                     detail = reply.message if isinstance(reply, P.Error) else why
                     c.log.warning(

@@ -6,6 +6,7 @@ that explains its algorithm and parameters (as SGLang's model gateway does):
 - `zmesh.py`: lowest expected TTFT with balance thresholds (the default);
 - `placement.py`: cache-affine placement inside the zmesh policy;
 - `shipping.py`: pulling a peer's cached KV prefix inside the zmesh policy;
+- `admission.py`: a peer refuses a forward its burst made late; the runner-up after it;
 - `random.py`, `round_robin.py`, `consistent_hash.py`, `least_loaded.py`: baselines;
 - `paper.py`: the P2P paper's design (longest estimated prefix, blind to load);
 - `oracle.py`: lowest estimate, no thresholds (its exact inputs: `zmesh.oracle`).
@@ -31,6 +32,7 @@ from zmesh.routing.base import (
     REASON_PLACEMENT,
     REASON_PREFIX,
     REASON_RANDOM,
+    REASON_REFUSED,
     REASON_ROUND_ROBIN,
     REASON_SHIPPED,
     REASONS,
@@ -70,6 +72,7 @@ __all__ = [
     "REASON_PLACEMENT",
     "REASON_PREFIX",
     "REASON_RANDOM",
+    "REASON_REFUSED",
     "REASON_ROUND_ROBIN",
     "REASON_SHIPPED",
     "ROUND_ROBIN",

@@ -26,6 +26,7 @@ REASON_ROUND_ROBIN = "round_robin"
 REASON_CONSISTENT_HASH = "consistent_hash"
 REASON_LEAST_LOADED = "least_loaded"
 REASON_SHIPPED = "shipped"
+REASON_REFUSED = "refused"  # a forward the peer refused as busy, served here (admission.py)
 REASONS = (
     REASON_HOP_LIMIT,
     REASON_NO_PEERS,
@@ -38,6 +39,7 @@ REASONS = (
     REASON_CONSISTENT_HASH,
     REASON_LEAST_LOADED,
     REASON_SHIPPED,
+    REASON_REFUSED,
 )
 
 ZMESH = "zmesh"
@@ -132,6 +134,12 @@ class RoutingSettings:
     ship: bool = False
     ship_min_tokens: int = 64  # smaller gains are not worth a transfer
     ship_max_tokens: int = 0  # the most a state can carry (the engine's window); 0: no cap
+    # Holder-side admission (admission.py): a forward carries the latest first token its
+    # forwarder still prefers to serving it itself; a peer past that refuses it as busy.
+    admission: bool = True
+    admit_retries: int = 1  # refusals after which the forwarder serves it itself
+    admit_slack_frac: float = 0.0  # the bar is raised by this fraction of itself...
+    admit_slack_s: float = 0.0  # ...and by these seconds
 
     def __post_init__(self) -> None:
         if self.policy not in ALL_POLICIES:
@@ -146,6 +154,9 @@ class RoutingSettings:
             ("balance_rel", 1.0 <= self.balance_rel < math.inf, ">= 1.0"),
             ("vnodes", self.vnodes >= 1, ">= 1"),
             ("ship_min_tokens", self.ship_min_tokens >= 1, ">= 1"),
+            ("admit_retries", self.admit_retries >= 0, ">= 0"),
+            ("admit_slack_frac", 0.0 <= self.admit_slack_frac < math.inf, ">= 0"),
+            ("admit_slack_s", 0.0 <= self.admit_slack_s < math.inf, ">= 0"),
         ):
             if not ok:
                 raise SettingError(name, f"must be {reason}, got {getattr(self, name)}")

@@ -242,11 +242,13 @@ def print_table(policies: dict[str, dict[str, Any]]) -> None:
         ("throughput_rps", "req/s"),
         ("forwards", "fwd"),
         ("fallbacks", "fallbk"),
+        ("refused", "refused"),
         ("load_spread", "spread"),
     ]
     print(f"{'policy':<16}" + "".join(f"{h:>10}" for _, h in cols), file=sys.stderr)
     for name, f in policies.items():
         cells = "".join(
-            f"{f[k]:>10.3f}" if isinstance(f[k], float) else f"{f[k]:>10}" for k, _ in cols
+            f"{f.get(k, 0):>10.3f}" if isinstance(f.get(k), float) else f"{f.get(k, 0):>10}"
+            for k, _ in cols
         )
         print(f"{name:<16}{cells}", file=sys.stderr)

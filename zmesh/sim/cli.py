@@ -213,7 +213,9 @@ def _print_diagnosis(policies: dict[str, dict[str, Any]]) -> None:
             say(
                 f"{'':<16}sent to a node that looked idle: {d['idle_picks']}, of which it "
                 f"already had work: {d['idle_picks_already_busy']}; herds (one instant, "
-                f">= 2 to one such node): {d['herds']} ({d['herded_requests']} requests)"
+                f">= 2 to one such node): {d['herds']} ({d['herded_requests']} requests); "
+                f"forwards queued behind their instant's requests from other entries: "
+                f"{d.get('herd_queued', 0)}"
             )
 
 

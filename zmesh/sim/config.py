@@ -23,6 +23,7 @@ NO_BALANCE = 10**9  # balance_abs that never triggers (paper policy)
 ARRIVE, FWD, DONE, FLUSH, HB, DELIVER, SNAPREQ, SNAPPARTS = range(8)
 TICK, FAIL, RECOVER, FWD_TIMEOUT, STREAM, OPEN = range(8, 14)
 KV_FETCH, KV_READY = range(14, 16)
+REFUSED = 16  # a peer's "busy" reaches the forwarder (routing/admission.py)
 
 # Job states.
 WAIT, QUEUED, RUNNING, FINISHED, DROPPED = range(5)

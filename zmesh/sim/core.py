@@ -98,6 +98,7 @@ class Simulator(
             self._on_open,
             self._on_kv_fetch,
             self._on_kv_ready,
+            self._on_refused,
         ]
         heap = self._heap
         pop = heapq.heappop

@@ -41,6 +41,13 @@ class ResultsMixin(SimBase):
         key = (job.sent_at, target)
         self.idle_sent[key] = self.idle_sent.get(key, 0) + 1
 
+    def _note_herd(self, node: SimNode, job: Job) -> None:
+        """A forward queued behind a request of its own instant that another entry sent:
+        the herd that no entry could see, only the holder (docs/evaluation.md, "Bursts")."""
+        held = [*node.queue, *([node.running] if node.running is not None else [])]
+        if any(j.sent_at == job.sent_at and j.entry != job.entry for j in held):
+            self.herd_queued += 1
+
     def _note_done(self, job: Job, node: SimNode) -> None:
         row = self.by_reason.setdefault(job.reason or "?", [0, 0, 0, 0.0])
         row[0] += 1
@@ -67,6 +74,7 @@ class ResultsMixin(SimBase):
             "idle_picks_already_busy": self.stale_idle,
             "herds": len(herds),
             "herded_requests": sum(herds),
+            "herd_queued": self.herd_queued,
         }
 
     def _result(self, wall: float) -> SimResult:
@@ -89,6 +97,7 @@ class ResultsMixin(SimBase):
             errors=self.failed,
         )
         figures["rejected"] = self.rejected
+        figures["refused"] = self.refusals
         figures["snapshots"] = self.snapshots
         figures["deltas_lost"] = self.deltas_lost
         figures["reasons"] = dict(sorted(self.reasons.items()))

@@ -28,6 +28,7 @@ from zmesh.routing import (
     RouteRequest,
     decide,
 )
+from zmesh.routing.admission import admission_bar, after_refusal
 from zmesh.sim.base import SimBase
 from zmesh.sim.state import Job, SimNode, View
 
@@ -59,6 +60,7 @@ class RoutingMixin(SimBase):
             local = replace(local, ship_evict_tokens=node.cache.import_evicts(tokens))
         view = self.views[self.view_of[node.idx]]
         policy = self.policy
+        self._refused = job.refused_by  # left out of the candidates (admission)
         if policy in ("zmesh", PAPER):
             cands = self._zmesh_candidates(node, view, job, local)
         elif policy == "least_loaded":
@@ -70,13 +72,19 @@ class RoutingMixin(SimBase):
         req = RouteRequest(
             prompt_tokens=len(tokens), hops=0, head_key=head, block_ids=ids, block_size=bs
         )
-        if self.cfg.verify:
+        if self.cfg.verify and not job.refused_by:
             self._verify(node, view, job, local, req, cands)
-        d = decide(req, cands, self.settings, node.policy_state)
+        self._refused = ()
+        if job.refused_by:
+            refused = [self.names[p] for p in job.refused_by]
+            d = after_refusal(req, cands, refused, self.settings, node.policy_state)
+        else:
+            d = decide(req, cands, self.settings, node.policy_state)
         self.reasons[d.reason] = self.reasons.get(d.reason, 0) + 1
         target = self.by_name[d.target]
         if d.pull_from is not None:  # "shipped": pull while the request queues here
             self._start_pull(node, job, self.by_name[d.pull_from], d.pull_tokens)
+        job.bar = admission_bar(d, self.settings)
         if self.cfg.diagnose:
             picked = next(c for c in cands if c.node_id == d.target)
             self._note_pick(job, target, picked.queue_depth == 0)
@@ -275,7 +283,7 @@ class RoutingMixin(SimBase):
         """
         alive = view.alive
         if not self.limit or len(alive) <= self.limit or not self.uses_matches:
-            return [pe for pe in alive if pe[0] != me]
+            return [pe for pe in alive if pe[0] != me and pe[0] not in self._refused]
         table = view.table
         names = self.names
         chosen: dict[int, PeerEstimate] = {}

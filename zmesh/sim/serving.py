@@ -15,12 +15,14 @@ from typing import Any
 
 from zmesh.candidates import (
     backlog_s,
+    local_candidate,
     predict_s,
     queue_depth,
 )
 from zmesh.routing import (
     ORACLE,
 )
+from zmesh.routing.admission import admit
 from zmesh.sim.base import SimBase
 from zmesh.sim.config import (
     DONE,
@@ -31,6 +33,7 @@ from zmesh.sim.config import (
     HB,
     QUEUED,
     RECOVER,
+    REFUSED,
     RUNNING,
     WAIT,
 )
@@ -92,7 +95,46 @@ class ServingMixin(SimBase):
             return  # fell back already, or its entry died
         if not target.alive or target.gen != gen:
             return  # lost with the node: the entry falls back on timeout or suspicion
+        if job.bar is not None and self._refuses(target, job):
+            return
+        if self.cfg.diagnose:
+            self._note_herd(target, job)
         self._enqueue(target, job)
+
+    def _refuses(self, node: SimNode, job: Job) -> bool:
+        """Holder-side admission: the peer's real estimate against the forwarder's bar;
+        a refusal goes back to the entry, which decides again (the runner-up, or itself)."""
+        cost = self.cost
+        local = local_candidate(
+            node.name,
+            node.cache.match(job.tokens),
+            self._queue_depth(node),
+            self._backlog(node),
+            cost.prefill_s_per_token,
+            node.service_ewma or cost.service_s(len(job.tokens), 1),
+        )
+        if admit(local, len(job.tokens), job.bar)[0]:
+            return False
+        self.refusals += 1
+        self._push(self.now + self._delay(node.idx, job.entry), REFUSED, job, None)
+        return True
+
+    def _on_refused(self, job: Job, _: Any) -> None:
+        if job.state != WAIT:
+            return  # fell back already (the peer looked dead), or its entry died
+        job.state = DROPPED
+        self._forward_over(job)
+        entry = self.nodes[job.entry]
+        if not entry.alive:
+            self._finish_failed(job.index, job.stream)
+            return
+        retry = job.retry_at(entry.idx)
+        retry.refused_by = (*job.refused_by, job.node)
+        target, retry.reason = self._route(entry, retry)  # the runner-up, or here
+        if target != entry.idx:
+            self._forward(entry, retry, target)
+        else:
+            self._enqueue(entry, retry)
 
     def _fallback(self, job: Job) -> None:
         """Serve a forwarded request at its entry (the peer failed or timed out)."""

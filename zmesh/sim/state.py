@@ -19,6 +19,7 @@ from zmesh.sim.config import (
 
 class Job:
     __slots__ = (
+        "bar",
         "best",
         "best_nodes",
         "cached",
@@ -38,6 +39,7 @@ class Job:
         "pull_got",
         "pull_n",
         "reason",
+        "refused_by",
         "ret_delay",
         "run_node",
         "sent_at",
@@ -75,6 +77,8 @@ class Job:
         self.paused = 0.0
         self.best = 0  # diagnose: longest real cached match over the nodes at arrival
         self.best_nodes: tuple[int, ...] = ()  # ... and the nodes holding it
+        self.bar: float | None = None  # admission: the forwarder's bar (routing/admission.py)
+        self.refused_by: tuple[int, ...] = ()  # peers that refused it as busy
 
     def retry_at(self, node: int) -> Job:
         """A copy of this request to serve at ``node`` (the original is abandoned)."""
