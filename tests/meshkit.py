@@ -124,6 +124,7 @@ class Tally:
     sent: dict[str, float] = field(default_factory=dict)  # rid -> monotonic send time
     finals: dict[str, list[P.Done | P.Error]] = field(default_factory=lambda: defaultdict(list))
     latency_s: dict[str, float] = field(default_factory=dict)  # to the first final
+    ttft_s: dict[str, float] = field(default_factory=dict)  # to the first chunk
     chunks: Counter[str] = field(default_factory=Counter)
 
     def record(self, msg: P.Message) -> None:
@@ -132,6 +133,7 @@ class Tally:
             return
         if isinstance(msg, P.Chunk):
             self.chunks[rid] += 1
+            self.ttft_s.setdefault(rid, time.monotonic() - self.sent[rid])
         elif isinstance(msg, P.Done | P.Error):
             if not self.finals[rid]:
                 self.latency_s[rid] = time.monotonic() - self.sent[rid]

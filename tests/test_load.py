@@ -142,6 +142,8 @@ def test_two_thousand_short_requests_none_lost_none_twice(tmp_path: Path) -> Non
 
     done, errors = t.done(), t.errors()
     lat = sorted(t.latency_s[d.request_id] for d in done)
+    # Time to first token: the first chunk, or the answer itself when it had no text.
+    ttft = sorted(t.ttft_s.get(d.request_id, t.latency_s[d.request_id]) for d in done)
     growth = {k: round(rss_after[k] - rss_before[k], 1) for k in rss_before}
     served = {s.node_id: s.counters.get("requests_served", 0) for s in after}
     print(
@@ -149,6 +151,8 @@ def test_two_thousand_short_requests_none_lost_none_twice(tmp_path: Path) -> Non
         f"lost={len(t.lost)} twice={len(t.twice)} concurrency={CONCURRENCY} clients={CLIENTS} "
         f"wall_s={wall:.1f} throughput_rps={len(done) / wall:.1f} "
         f"p50_ms={percentile(lat, 0.5) * 1000:.0f} p99_ms={percentile(lat, 0.99) * 1000:.0f} "
+        f"ttft_p50_ms={percentile(ttft, 0.5) * 1000:.0f} "
+        f"ttft_p99_ms={percentile(ttft, 0.99) * 1000:.0f} "
         f"forwarded={sum(d.hops > 0 for d in done)} served_by_node={served} "
         f"queue_peak={peaks} (max_queue={MAX_QUEUE}, polls answered/missed={polls}) "
         f"rss_before_mb={ {k: round(v) for k, v in rss_before.items()} } rss_growth_mb={growth}"
