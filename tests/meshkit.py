@@ -211,6 +211,13 @@ class RawClient:
             return None
         return self.tally.first(msg.request_id)
 
+    async def status(self, endpoint: str, wait_s: float = 30.0) -> P.Status:
+        """The node's Status, asked over our own socket (after its earlier replies)."""
+        rid = self.new_id(f"status-{endpoint}")
+        waiter = self._statuses[rid] = asyncio.get_running_loop().create_future()
+        await self.socks[endpoint].send(P.encode(P.StatusRequest(request_id=rid)))
+        return await asyncio.wait_for(waiter, wait_s)
+
     async def drain(self, budget_s: float = 60.0, answer_s: float = 5.0) -> None:
         """Return once no node we talk to has a request in flight, so a late second
         answer would already be counted. Asked over our own sockets: ZeroMQ keeps order
