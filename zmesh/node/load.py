@@ -76,8 +76,9 @@ class Load:
         self._wake = asyncio.Event()  # a job queued or a place freed
 
     def places(self) -> int:
-        """Requests the engine runs at once (its ``max_running``, settable)."""
-        return max(self._engine.max_running, 1)
+        """Requests the engine runs at once (its ``max_running``, settable; never more
+        than its slots: a job beyond them would only wait inside the engine)."""
+        return max(min(self._engine.max_running, self._engine.n_slots), 1)
 
     def depth(self) -> int:
         return batch_depth(len(self.queue), len(self.running))
