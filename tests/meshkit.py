@@ -124,6 +124,7 @@ class Tally:
     sent: dict[str, float] = field(default_factory=dict)  # rid -> monotonic send time
     finals: dict[str, list[P.Done | P.Error]] = field(default_factory=lambda: defaultdict(list))
     latency_s: dict[str, float] = field(default_factory=dict)  # to the first final
+    ttft_s: dict[str, float] = field(default_factory=dict)  # to the first chunk
     chunks: Counter[str] = field(default_factory=Counter)
 
     def record(self, msg: P.Message) -> None:
@@ -132,6 +133,7 @@ class Tally:
             return
         if isinstance(msg, P.Chunk):
             self.chunks[rid] += 1
+            self.ttft_s.setdefault(rid, time.monotonic() - self.sent[rid])
         elif isinstance(msg, P.Done | P.Error):
             if not self.finals[rid]:
                 self.latency_s[rid] = time.monotonic() - self.sent[rid]
@@ -212,6 +214,13 @@ class RawClient:
         except TimeoutError:
             return None
         return self.tally.first(msg.request_id)
+
+    async def status(self, endpoint: str, wait_s: float = 30.0) -> P.Status:
+        """The node's Status, asked over our own socket (after its earlier replies)."""
+        rid = self.new_id(f"status-{endpoint}")
+        waiter = self._statuses[rid] = asyncio.get_running_loop().create_future()
+        await self.socks[endpoint].send(P.encode(P.StatusRequest(request_id=rid)))
+        return await asyncio.wait_for(waiter, wait_s)
 
     async def drain(self, budget_s: float = 60.0, answer_s: float = 5.0) -> None:
         """Return once no node we talk to has a request in flight, so a late second

@@ -60,6 +60,22 @@ def test_oracle_follows_the_cache_then_the_queue() -> None:
     assert all(rid != "r1" for rid, _, _ in o.mirrors[t1].outstanding)
 
 
+def test_oracle_on_batching_nodes_waits_only_when_every_place_is_taken() -> None:
+    one, two = (
+        Oracle(["a"], n_slots=2, max_tokens=4),
+        Oracle(["a"], n_slots=2, max_tokens=4, places=2),
+    )
+    for o in (one, two):
+        o.choose("r1", list(range(2, 300)), now=0.0)
+    m1, m2 = one.mirrors["a"], two.mirrors["a"]
+    # One running: a node that runs two at once starts the next at once.
+    assert one._wait(m1, 0.0) > 0.0 and two._wait(m2, 0.0) == 0.0
+    for o in (one, two):
+        o.choose("r2", list(range(500, 800)), now=0.0)
+    # Both places taken: the wait is the first to free, not the sum.
+    assert 0.0 < two._wait(m2, 0.0) < one._wait(m1, 0.0)
+
+
 def test_figures_and_ratios() -> None:
     recs = [
         Record(

@@ -33,6 +33,7 @@ QUESTION = (
     "C. Proxima Centauri D. Vega\nAnswer:"
 )
 BUSY = "Count from one to five hundred in words: one, two, three,"
+BUSY_PLACES = 2
 
 
 @dataclass
@@ -67,6 +68,9 @@ def _config(name: str, ports: list[int], peer_ports: list[int], **routing: objec
 def pair(engine: Engine) -> Iterator[Pair]:
     pa, pb = free_ports(2), free_ports(2)
     ea, eb = Engine(ENGINE), Engine(ENGINE)
+    # node-b runs two requests at once: two long answers make it busy (no place for a
+    # third) while its third slot keeps the primed prefix for node-a to pull.
+    eb.max_running = BUSY_PLACES
     a = RunningNode(_config("node-a", pa, pb, ship_timeout_s=2.0), ea)
     b: RunningNode | None = None
     try:
@@ -100,7 +104,17 @@ async def _prime_b_and_make_it_busy(p: Pair, c: AsyncClient) -> asyncio.Task[P.D
         lambda: (b := view.get("node-b")) is not None and b.synced and b.n_blocks >= 20,
         "node-a never learned node-b's prefix",
     )
-    busy = asyncio.create_task(c.generate(BUSY, max_tokens=400, endpoint=p.b_serve, timeout=600))
+
+    async def busy_answers() -> P.Done:
+        answers = await asyncio.gather(
+            *(
+                c.generate(f"{BUSY} ({i})", max_tokens=400, endpoint=p.b_serve, timeout=600)
+                for i in range(BUSY_PLACES)
+            )
+        )
+        return answers[0]
+
+    busy = asyncio.create_task(busy_answers())
     await _until(
         lambda: (b := view.get("node-b")) is not None and b.backlog_s > 0.5,
         "node-b never looked busy to node-a",

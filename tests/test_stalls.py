@@ -38,7 +38,8 @@ from zmesh.lab import Lab, free_ports
 from zmesh.node import BORROW_FACTOR, DEFAULT_PREFILL_S_PER_TOKEN
 
 # One thread per node: the nodes share 2 cores with the test.
-ENGINE = {"n_slots": 3, "slot_ctx": 1024, "n_threads": 1}
+N_SLOTS = 3
+ENGINE = {"n_slots": N_SLOTS, "slot_ctx": 1024, "n_threads": 1}
 FORWARD_TIMEOUT_S = 1.0  # small, so that "slower than the timeout" stays short
 HUGE_CHARS = 8_000_000  # under MAX_FRAME_BYTES (8 MiB) with the rest of the frame
 HEAD = "The following are multiple choice questions (with answers) about geology.\n\n" + "".join(
@@ -289,8 +290,9 @@ def test_a_forward_longer_than_the_timeout_is_served_once_by_the_peer(lab2: Lab)
 
 @pytest.mark.slow
 def test_a_forward_queued_behind_other_work_is_waited_for(lab2: Lab) -> None:
-    """The peer is busy with a long request; a streamed forward waits in its queue for
-    longer than forward_timeout_s (no Chunk yet) and is still served there, once."""
+    """The peer is busy with long requests in every slot; a streamed forward waits in
+    its queue for longer than forward_timeout_s (no Chunk yet) and is still served
+    there, once."""
     owner, entry = owner_and_entry(lab2)
     o, e = lab2.nodes[owner], lab2.nodes[entry]
 
@@ -298,16 +300,21 @@ def test_a_forward_queued_behind_other_work_is_waited_for(lab2: Lab) -> None:
         rc = RawClient([o.serve, e.serve])
         rc.start()
         try:
-            busy = await rc.send(o.serve, generate("busy", HEAD + COUNT, 250, deadline_s=600))
+            # One long request per slot: the peer runs that many at once (batching).
+            busy = [
+                await rc.send(o.serve, generate(f"busy-{i}", HEAD + COUNT, 250, deadline_s=600))
+                for i in range(N_SLOTS)
+            ]
             give_up = time.monotonic() + 120
             async with AsyncClient([o.serve]) as c:
-                while (await c.status(o.serve, timeout=30)).queue_depth < 1:
-                    assert time.monotonic() < give_up, "the busy request never started"
+                while (await c.status(o.serve, timeout=30)).queue_depth < N_SLOTS:
+                    assert time.monotonic() < give_up, "the busy requests never started"
                     await asyncio.sleep(0.05)
             queued = generate("queued", HEAD + "Name a red fruit.", 8, deadline_s=600)
             queued.stream = True
             await rc.ask(e.serve, queued, 600)
-            await asyncio.wait_for(busy.wait(), 600)
+            for ev in busy:
+                await asyncio.wait_for(ev.wait(), 600)
             await rc.drain(FORWARD_TIMEOUT_S)
         finally:
             await rc.close()
@@ -316,7 +323,7 @@ def test_a_forward_queued_behind_other_work_is_waited_for(lab2: Lab) -> None:
     tally = asyncio.run(main()).tally
     done = tally.first("queued")
     assert isinstance(done, P.Done), done
-    assert isinstance(tally.first("busy"), P.Done)
+    assert all(isinstance(tally.first(f"busy-{i}"), P.Done) for i in range(N_SLOTS))
     assert tally.twice == []
     assert done.served_by == o.name and done.route_path == [e.name, o.name], done
     # Precondition: it waited in the peer's queue longer than forward_timeout_s.

@@ -7,6 +7,9 @@ what a node does:
 - `head_key`: the 64-bit key of the prompt head that ``consistent_hash`` places by;
 - `predict_s`, `queue_depth`, `backlog_s`: a node's load model (how long a request
   will take, how much work waits ahead of a new one), also what it advertises;
+- `batch_depth`, `batch_backlog_s`: the same for a node that runs up to
+  ``max_running`` requests at once (continuous batching); with ``max_running=1``
+  they give exactly `queue_depth` and `backlog_s`;
 - `unreported_s`: work we forwarded to a peer since its last heartbeat (which cannot
   count it yet), added to the backlog that peer advertised;
 - `local_candidate`, `peer_candidate`: the `Candidate` rows `decide` takes;
@@ -20,6 +23,7 @@ what a node does:
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
@@ -45,6 +49,8 @@ __all__ = [
     "DEFAULT_SERVICE_S",
     "PeerRow",
     "backlog_s",
+    "batch_backlog_s",
+    "batch_depth",
     "borrowed_rate",
     "contenders",
     "head_key",
@@ -105,6 +111,36 @@ def backlog_s(
     if running_predicted_s is not None:
         running = max(running_predicted_s - running_elapsed_s, 0.0)
     return queued_s + running
+
+
+def batch_depth(waiting: int, running: int) -> int:
+    """Requests on a node that runs several at once: waiting, plus those running."""
+    return waiting + running
+
+
+def batch_backlog_s(
+    queued_s: Sequence[float], running_left_s: Sequence[float], max_running: int
+) -> float:
+    """Predicted seconds until a request arriving now would start on a node that runs
+    up to ``max_running`` requests at once: ``running_left_s`` is what is left of each
+    running request's prediction, ``queued_s`` the predictions of those waiting, in
+    order. Each waiting request takes the first place to free; the new one the next.
+
+    The predictions are service times at the rate the node measures while it runs
+    what it runs (a batched step serves k sequences at once, each a little slower),
+    so k requests running in parallel free their places after their own predictions,
+    not after the sum. With ``max_running=1`` this is `backlog_s`: the queue's sum
+    plus what is left of the running one.
+    """
+    places = max(max_running, 1)
+    if len(running_left_s) < places and not queued_s:
+        return 0.0  # a place is free and nobody waits for it
+    free = [max(t, 0.0) for t in running_left_s]
+    free += [0.0] * max(places - len(free), 0)
+    heapq.heapify(free)
+    for cost in queued_s:
+        heapq.heappush(free, heapq.heappop(free) + cost)
+    return free[0]
 
 
 def unreported_s(forwards: Iterable[tuple[float, float]], last_heard: float | None) -> float:

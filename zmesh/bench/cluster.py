@@ -132,8 +132,15 @@ async def run_policy(
     endpoints = lab.endpoints
     wl = plan.workload
     records = [Record(r.index, policy, names[plan.entries[r.index]]) for r in wl.requests]
+    n_slots = lab.engine.get("n_slots", 8)
     oracle = (
-        Oracle(names, lab.engine.get("n_slots", 8), max(r.max_tokens for r in wl.requests))
+        Oracle(
+            names,
+            n_slots,
+            max(r.max_tokens for r in wl.requests),
+            # The nodes batch: every slot runs (max_running 0), unless the lab says less.
+            places=min(lab.engine.get("max_running", 0) or n_slots, n_slots),
+        )
         if policy == ORACLE
         else None
     )

@@ -4,7 +4,9 @@ It mirrors each node's slots by replaying, in order, every request it sent there
 through the engine's slot policy (`zmesh.sim.cache.SlotCache`), so it knows the cache
 each request will find; it knows every queue because it is the only sender (its wait:
 the predictions of the requests outstanding there, the first one's elapsed part
-deducted), and it learns the real prefill and decode rates from the answers.
+deducted; on nodes that run ``places`` requests at once, `candidates.batch_backlog_s`
+of them, the first ``places`` counted as running since they were sent), and it
+learns the real prefill and decode rates from the answers.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from zmesh import protocol as P
+from zmesh.candidates import batch_backlog_s
 from zmesh.oracle import OracleNode, choose, replay
 from zmesh.routing import PolicyState
 from zmesh.sim.cache import SlotCache
@@ -31,7 +34,9 @@ class _Mirror:
 class Oracle:
     """Exact mirror of every node (slots, queue), choosing with `zmesh.oracle.choose`."""
 
-    def __init__(self, names: Sequence[str], n_slots: int, max_tokens: int) -> None:
+    def __init__(
+        self, names: Sequence[str], n_slots: int, max_tokens: int, places: int = 1
+    ) -> None:
         cm = PRESETS["cpu"]
         self.prefill = cm.prefill_s_per_token
         self.decode = cm.decode_s_per_token
@@ -40,11 +45,16 @@ class Oracle:
         self.mirrors = {n: _Mirror(SlotCache(n_slots)) for n in names}
         self.state = PolicyState.seeded(0)
         self.max_tokens = max_tokens
+        self.places = places  # requests a node runs at once (its engine's max_running)
         self._tail = -1
 
     def _wait(self, m: _Mirror, now: float) -> float:
         if not m.outstanding:
             return 0.0
+        if self.places > 1:
+            running, queued = m.outstanding[: self.places], m.outstanding[self.places :]
+            left = [p - max(now - sent, 0.0) for _, p, sent in running]
+            return batch_backlog_s([p for _, p, _ in queued], left, self.places)
         _, predicted, dispatched = m.outstanding[0]
         started = max(m.last_done, dispatched)  # the head of the queue is running
         first = max(predicted - max(now - started, 0.0), 0.0)

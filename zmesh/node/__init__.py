@@ -1,4 +1,4 @@
-"""A zmesh node: one asyncio loop owns every socket; the engine runs in a worker thread.
+"""A zmesh node: one asyncio loop owns every socket; the batched engine has its own thread.
 
 Sockets: ROUTER `serve` (clients and peers), one DEALER per peer (forwards, snapshot
 pulls, pings, KV fetches), PUB `gossip` (heartbeats, cache deltas), SUB (peers'
@@ -16,17 +16,17 @@ One reason to change per module:
   duplicate ids and `max_inflight_per_client` (`InFlight`).
 - `pipeline`: tokenize, route, forward (wire ids, keep-alives, fallback), deadlines,
   a caller's Cancel following its forward, starting a KV pull.
-- `load`: the job queue, the running job, the predicted backlog, borrowed rates.
-- `worker`: the engine thread, serving jobs, chunks, Progress keep-alives, finishing
-  a KV pull.
+- `load`: the job queue, the running jobs, the predicted backlog, borrowed rates.
+- `worker`: hands jobs to the batched engine (several run at once), finishing a KV
+  pull first; chunks and Done from each engine step; Cancel; Progress keep-alives.
 - `membership`: outgoing gossip (`Advertiser`: deltas, heartbeats, snapshots served)
   and the peer table's upkeep (`Membership`: heartbeats, deltas and snapshots in,
   resync, pings, learning and forgetting peers).
 - `status`: the `Status` reply and the read-only view the metrics read.
 
 Composition, not mixins: each part is an object that owns its state and is handed,
-by the actor, the parts it calls (in dependency order: transport, load, engine
-thread, KV, advertiser, worker, pipeline, membership, status, admission), or a
+by the actor, the parts it calls (in dependency order: transport, load, KV,
+advertiser, worker, pipeline, membership, status, admission), or a
 callable where a dependency would point back (the worker gets the advertiser's
 `flush_deltas` and `InFlight.done`; the pipeline the worker's `enqueue`; membership
 the pipeline's `fail_forwards_to`). No part holds the `Node`, so what a part may touch

@@ -1,4 +1,4 @@
-"""The node actor: one asyncio loop owns every socket; the engine runs in a worker thread.
+"""The node actor: one asyncio loop owns every socket; the engine runs on its own thread.
 
 `Node` builds the parts (see the package docstring), binds, starts their loops, routes
 each reply a peer sends on a DEALER to the part that waits for it, and stops them all.
@@ -28,7 +28,7 @@ from zmesh.node.membership import Advertiser, Membership
 from zmesh.node.pipeline import Pipeline
 from zmesh.node.status import NodeStatus
 from zmesh.node.transport import Transport
-from zmesh.node.worker import EngineThread, Worker
+from zmesh.node.worker import Worker, on_engine
 from zmesh.peers import PeerTable
 from zmesh.security import ZapHandler
 
@@ -38,6 +38,7 @@ class Node:
         self.config = config
         self.node_id = config.node_id
         self.log = get_logger("zmesh.node").bind(node_id=self.node_id)
+        self._own_engine = engine is None  # closed on stop; a given one is the giver's
         self.engine = engine or Engine(config.engine)
         self.epoch = random.getrandbits(62)
         g = config.gossip
@@ -72,12 +73,11 @@ class Node:
         # The parts, each given what it uses (no part reaches back into the Node).
         self.transport = t = Transport(c, self.faults)
         self.load = Load(config.max_queue, self.engine)
-        self.engine_thread = EngineThread(self.engine)
         self.kv = KvPeer(
             self.engine,
             config.routing,
             c.namespace,
-            self.engine_thread.between_steps,
+            on_engine(self.engine),
             t.send,
             lambda: t.serve,
             c.count,
@@ -90,7 +90,6 @@ class Node:
             c,
             t,
             self.load,
-            self.engine_thread,
             self.kv,
             self.advertiser.flush_deltas,
             self.inflight.done,
@@ -195,6 +194,8 @@ class Node:
         finally:
             if http is not None:
                 await http.stop()
+            # Running requests end (cancelled) before the sockets close.
+            await self.worker.stop()
             tasks = [*self._tasks, *t.tasks()]
             for task in tasks:
                 task.cancel()
@@ -203,7 +204,8 @@ class Node:
             if self._zap is not None:
                 self._zap.close()
             t.close()
-            self.engine_thread.shutdown()
+            if self._own_engine:
+                await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
             self.pipeline.tokenizer.shutdown(wait=True, cancel_futures=True)
             self.log.info("node.stopped")
 

@@ -1,4 +1,4 @@
-"""A node's load model: the job queue, the running job and the predicted backlog.
+"""A node's load model: the job queue, the running jobs and the predicted backlog.
 
 What routing and heartbeats say about this node's load comes from here: the queue
 depth, the predicted seconds until a request arriving now would start (`backlog_s`,
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -20,8 +21,10 @@ from zmesh.candidates import (
     DEFAULT_DECODE_S_PER_TOKEN,
     DEFAULT_PREFILL_S_PER_TOKEN,
     DEFAULT_SERVICE_S,
+    batch_backlog_s,
+    batch_depth,
 )
-from zmesh.engine import Engine
+from zmesh.engine import Engine, Handle
 from zmesh.kvstate import KvState
 from zmesh.peers import PeerEstimate
 
@@ -60,6 +63,8 @@ class Job:
     pulled_from: str | None = None
     kv_state: KvState | None = None
     shipped_tokens: int = 0
+    started_at: float = 0.0  # monotonic: when it got its place in the engine
+    handle: Handle | None = None  # once submitted to the engine
 
     @property
     def key(self) -> tuple[bytes, str]:
@@ -72,27 +77,31 @@ def expired(msg: P.Generate) -> bool:
 
 
 class Load:
-    """The jobs waiting for the engine and the one it runs, with their predicted cost."""
+    """The jobs waiting for a place in the engine and those it runs (up to the engine's
+    ``max_running`` at once), with their predicted cost."""
 
     def __init__(self, max_queue: int, engine: Engine) -> None:
-        self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=max_queue)
-        self.running: Job | None = None
-        self.running_since = 0.0
+        self.max_queue = max_queue
+        self.queue: deque[Job] = deque()
+        self.running: dict[tuple[bytes, str], Job] = {}
         self.queued_s = 0.0  # predicted seconds of the jobs waiting in the queue
         self.changed = False  # send a heartbeat at the next gossip tick
         self._engine = engine
+        self._wake = asyncio.Event()  # a job queued or a place freed
+
+    def places(self) -> int:
+        """Requests the engine runs at once (its ``max_running``, settable; never more
+        than its slots: a job beyond them would only wait inside the engine)."""
+        return max(min(self._engine.max_running, self._engine.n_slots), 1)
 
     def depth(self) -> int:
-        return cm.queue_depth(self.queue.qsize(), self.running is not None)
+        return batch_depth(len(self.queue), len(self.running))
 
     def backlog_s(self) -> float:
         """Predicted seconds until a request arriving now would start here."""
-        running = self.running
-        return cm.backlog_s(
-            self.queued_s,
-            running.predicted_s if running is not None else None,
-            time.monotonic() - self.running_since,
-        )
+        now = time.monotonic()
+        left = [j.predicted_s - (now - j.started_at) for j in self.running.values()]
+        return batch_backlog_s([j.predicted_s for j in self.queue], left, self.places())
 
     def predict_s(self, new_tokens: int, max_tokens: int) -> float:
         st = self._engine.stats
@@ -106,21 +115,29 @@ class Load:
 
     def put(self, job: Job) -> None:
         """Queue ``job``; raises asyncio.QueueFull when the queue is full."""
-        self.queue.put_nowait(job)
+        if len(self.queue) >= self.max_queue:
+            raise asyncio.QueueFull
+        self.queue.append(job)
         self.queued_s += job.predicted_s
         self.changed = True
+        self._wake.set()
 
     async def next(self) -> Job:
-        """The next job, now counted as running."""
-        job = await self.queue.get()
+        """The next job once the engine has a place for it, now counted as running."""
+        while not self.queue or len(self.running) >= self.places():
+            self._wake.clear()
+            await self._wake.wait()
+        job = self.queue.popleft()
         self.queued_s = max(self.queued_s - job.predicted_s, 0.0)
-        self.running, self.running_since = job, time.monotonic()
+        job.started_at = time.monotonic()
+        self.running[job.key] = job
         self.changed = True
         return job
 
-    def finished(self) -> None:
-        self.running = None
+    def finished(self, job: Job) -> None:
+        self.running.pop(job.key, None)
         self.changed = True
+        self._wake.set()
 
 
 def peer_median(peers: Iterable[PeerEstimate], field: str, default: float) -> float:

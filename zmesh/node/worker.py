@@ -1,45 +1,41 @@
-"""The bridge to the engine: the job queue's consumer on the one llama.cpp thread.
+"""The bridge to the engine: admitted jobs go to the batched engine, answers come back.
 
-`EngineThread` is that thread (an executor of one): the worker runs each job there,
-and other parts (KV shipping) hand it work between two decode steps. The `Worker`
-takes jobs in order, finishes a job's KV pull, generates, sends chunks (handed back
-to the loop thread with `call_soon_threadsafe`) and the final `Done` (after publishing
-what the request cached), and sends `Progress` keep-alives to forwarders that asked.
+The `Worker` takes queued jobs in order whenever the engine has a place for one
+(`Load.next`: up to its ``max_running`` run at once, each in its own task), finishes
+a job's KV pull, submits it to the engine and sends its chunks and its final `Done`
+(after publishing what the request cached). The engine's thread hands each decode
+step's pieces and ends to the loop in one hop (`Engine.deliver`). A caller's Cancel
+cancels the job's engine handle; the deadline travels with the request. `Progress`
+keep-alives go to forwarders that asked. `on_engine` runs other work (KV exports and
+imports) on the engine thread between two steps.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from zmesh import protocol as P
-from zmesh.engine import Engine, EngineError, GenerationResult
+from zmesh.engine import Engine, EngineError, GenerationResult, Request, run_calls
 from zmesh.kvpeer import KvPeer
 from zmesh.node.context import NodeContext
 from zmesh.node.load import Job, Load, expired
 from zmesh.node.transport import Transport
 
+STOP_WAIT_S = 10.0  # on stop: how long cancelled requests get to leave the engine
 
-class EngineThread:
-    """The one thread llama.cpp runs on."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+def on_engine(engine: Engine) -> Callable[[Callable[[], Any]], Any]:
+    """``await run(fn)``: ``fn`` on the engine thread, before its next step (at once
+    when it is idle); every llama.cpp call stays on that one thread."""
 
-    async def between_steps(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the engine thread: between two steps of the running request,
-        or in the engine's executor when it runs none."""
-        fut = self.engine.call_between_steps(fn)
-        if fut is None:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
-        return await asyncio.wrap_future(fut)
+    async def run(fn: Callable[[], Any]) -> Any:
+        return await asyncio.wrap_future(engine.call_soon(fn))
 
-    def shutdown(self) -> None:
-        self.executor.shutdown(wait=True, cancel_futures=True)
+    return run
 
 
 class Worker:
@@ -48,7 +44,6 @@ class Worker:
         ctx: NodeContext,
         transport: Transport,
         load: Load,
-        engine_thread: EngineThread,
         kv: KvPeer,
         flush_deltas: Callable[[], None],
         release: Callable[[tuple[bytes, str], bytes | None], None],
@@ -56,7 +51,6 @@ class Worker:
         self._c = ctx
         self._t = transport
         self._load = load
-        self._thread = engine_thread
         self._kv = kv
         self._flush_deltas = flush_deltas
         self._release = release  # the job's request is answered: out of the in-flight count
@@ -64,6 +58,9 @@ class Worker:
         self.jobs: dict[tuple[bytes, str], Job] = {}
         # (caller, request id) -> where to send Progress keep-alives
         self._progress: dict[tuple[bytes, str], list[bytes]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._deliver: Callable[[list[Callable[[], None]]], None] | None = None
+        self._stopping = False
 
     def enqueue(self, job: Job) -> bool:
         """Queue a job for the worker; False (and `overloaded` sent) when the queue is full."""
@@ -88,29 +85,66 @@ class Worker:
         job = self.jobs.get(key)
         if job is not None:
             job.cancelled = True
+            if job.handle is not None:
+                job.handle.cancel()  # ends at the engine's next step
 
     async def run(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        """Hand each queued job to the engine as soon as it has a place for it."""
+        self._loop = loop = asyncio.get_running_loop()
+
+        def deliver(calls: list[Callable[[], None]]) -> None:
+            # One hop per engine step: that step's chunks and ends, run on the loop.
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits
+                loop.call_soon_threadsafe(run_calls, calls)
+
+        self._deliver = deliver
+        self._c.engine.deliver = deliver
         while True:
             job = await self._load.next()
-            try:
-                await self._serve_job(job)
-            except Exception as exc:
-                self._c.log.exception(
-                    "request.failed", request_id=job.msg.request_id, error=repr(exc)
-                )
-                self._t.reply_error(job.reply_to, job.msg.request_id, P.INTERNAL, repr(exc))
-            finally:
-                self._flush_deltas()  # also after failures: a prefill may have cached
-                self._load.finished()
-                key = job.key
-                self.jobs.pop(key, None)
-                self._progress.pop(key, None)
-                self._release(key, job.client)
+            task = asyncio.create_task(self._run_job(job), name=f"job-{job.msg.request_id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        """Node stop: end every job unanswered (a client fails over, as when a node
+        dies), wait for the engine to drop them (at its next step), and give the
+        engine its own delivery back (a test's engine outlives the node)."""
+        self._stopping = True
+        handles = [j.handle for j in self.jobs.values() if j.handle is not None]
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()  # each cancels its handle on the way out
+        await asyncio.gather(*tasks, return_exceptions=True)
+        left = [asyncio.wrap_future(h.future) for h in handles if not h.done()]
+        if left:
+            await asyncio.wait(left, timeout=STOP_WAIT_S)
+        engine = self._c.engine
+        if self._deliver is not None and engine.deliver is self._deliver:
+            engine.deliver = run_calls
+
+    async def _run_job(self, job: Job) -> None:
+        try:
+            await self._serve_job(job)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._c.log.exception("request.failed", request_id=job.msg.request_id, error=repr(exc))
+            self._t.reply_error(job.reply_to, job.msg.request_id, P.INTERNAL, repr(exc))
+        finally:
+            if job.handle is not None and not job.handle.done():
+                job.handle.cancel()  # a failure here must not leave it decoding
+            self._flush_deltas()  # also after failures: a prefill may have cached
+            self._load.finished(job)
+            key = job.key
+            self.jobs.pop(key, None)
+            self._progress.pop(key, None)
+            self._release(key, job.client)
 
     async def _serve_job(self, job: Job) -> None:
         c = self._c
         msg, rid = job.msg, job.msg.request_id
+        if self._stopping:
+            return  # the node stops: never answered here, like a node that dies
         if expired(msg) or job.cancelled:
             if job.kv_pull is not None:
                 job.kv_pull.cancel()
@@ -125,9 +159,7 @@ class Worker:
             await self._finish_pull(job)
         started = time.time()
         try:
-            result = await self._loop.run_in_executor(
-                self._thread.executor, self._generate_blocking, job
-            )
+            result = await self._generate(job)
         except EngineError as exc:
             c.count("requests_failed")
             c.log.warning("request.failed", request_id=rid, code=exc.code, error=exc.message)
@@ -160,7 +192,7 @@ class Worker:
             ttft_s=round(started - job.received_at + result.ttft_s, 6),
             prefill_s=round(result.prefill_s, 6),
             decode_tps=round(result.decode_tps, 2),
-            queue_s=round(started - job.received_at, 6),
+            queue_s=round(started - job.received_at + result.queue_s, 6),
             shipped_tokens=job.shipped_tokens,
             pulled_from=job.pulled_from if job.shipped_tokens else None,
         )
@@ -199,34 +231,50 @@ class Worker:
             )
             job.route_reason = "fallback"
 
-    def _generate_blocking(self, job: Job) -> GenerationResult:
-        """Runs in the engine thread; chunks hop back to the loop thread to be sent."""
+    async def _generate(self, job: Job) -> GenerationResult:
+        """Submit the job to the engine (after importing its pulled KV state, on the
+        engine thread) and wait for its end; chunks are sent as the steps deliver them."""
         msg = job.msg
-        deadline = msg.deadline
         engine = self._c.engine
-        loop = self._loop
+        ended: asyncio.Future[GenerationResult] = self._loop.create_future()
 
-        def on_text(text: str) -> None:
+        def on_piece(text: str) -> None:
             if msg.stream:
-                loop.call_soon_threadsafe(self._send_chunk, job, text)
+                self._send_chunk(job, text)
 
-        def should_stop() -> bool:
-            return job.cancelled or (deadline is not None and time.time() > deadline)
+        def on_done(result: GenerationResult | None, error: BaseException | None) -> None:
+            if ended.done():
+                return
+            if error is not None:
+                ended.set_exception(error)
+            else:
+                assert result is not None
+                ended.set_result(result)
 
-        # Serving from the import on: a peer's KV fetch waits for a step, not for this.
-        with engine.serving():
-            if job.kv_state is not None:
-                job.shipped_tokens = self._kv.import_state(job.kv_state, msg.tenant, msg.request_id)
-                job.kv_state = None
-                if not job.shipped_tokens:
-                    job.route_reason = "fallback"
-            return engine.generate(
-                tokens=job.tokens,
-                params=msg.params,
-                namespace=self._c.namespace(msg.tenant),
-                on_text=on_text,
-                should_stop=should_stop,
-            )
+        request = Request(
+            tokens=job.tokens,
+            params=msg.params,
+            namespace=self._c.namespace(msg.tenant),
+            deadline=msg.deadline,
+        )
+        if job.kv_state is None:
+            handle = engine.submit(request, on_piece, on_done)
+        else:
+            state, job.kv_state = job.kv_state, None
+
+            def start() -> Any:
+                # Import and queue in one turn of the engine thread: no other admission
+                # can take the slot the import just filled before this request claims it.
+                job.shipped_tokens = self._kv.import_state(state, msg.tenant, msg.request_id)
+                return engine.submit(request, on_piece, on_done)
+
+            handle = await asyncio.wrap_future(engine.call_soon(start))
+            if not job.shipped_tokens:
+                job.route_reason = "fallback"
+        job.handle = handle
+        if job.cancelled:
+            handle.cancel()
+        return await ended
 
     def _send_chunk(self, job: Job, text: str) -> None:
         self._t.reply(
@@ -251,7 +299,7 @@ class Worker:
     def _send_progress(self, key: tuple[bytes, str], envelope: list[bytes]) -> None:
         rid = key[1]
         state = "accepted"  # being tokenized and routed
-        if (r := self._load.running) is not None and r.key == key:
+        if key in self._load.running:
             state = "running"
         elif key in self.jobs:
             state = "queued"
