@@ -194,6 +194,13 @@ class Node:
         finally:
             if http is not None:
                 await http.stop()
+            # No heartbeat after this: cancelling the running requests empties the
+            # queue, and a last "idle" heartbeat would draw forwards to a node that is
+            # about to vanish (its peers find it dead instead, as after a crash).
+            gossip = [task for task in self._tasks if task.get_name() == "gossip"]
+            for task in gossip:
+                task.cancel()
+            await asyncio.gather(*gossip, return_exceptions=True)
             # Running requests end (cancelled) before the sockets close.
             await self.worker.stop()
             tasks = [*self._tasks, *t.tasks()]
