@@ -223,3 +223,36 @@ def test_learned_peers_are_capped_and_refusals_counted(engine: Engine) -> None:
 def test_max_peers_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="max_peers"):
         config(free_ports(2), gossip={"max_peers": 0})
+
+
+def test_a_full_queue_refuses_and_keeps_no_request_in_flight(engine: Engine) -> None:
+    """A request refused as `overloaded` is over: it holds no in-flight place (it used
+    to stay counted for good, and its caller ran into its limit)."""
+    ports = free_ports(2)
+    # A client limit high enough that only the queue (one waiting job) refuses.
+    running = RunningNode(config(ports, max_queue=1, max_inflight_per_client=100), engine)
+    ep = f"tcp://127.0.0.1:{ports[0]}"
+
+    async def main() -> None:
+        rc = RawClient([ep])
+        rc.start()
+        try:
+            events = [
+                await rc.send(ep, generate(f"q{i}", f"Story {i}: once upon a", 24))
+                for i in range(6)
+            ]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 300)
+            t = rc.tally
+            assert t.lost == [] and t.twice == []
+            assert t.errors().get(P.OVERLOADED, 0) >= 1, t.errors()
+            st = await rc.status(ep)
+            assert (st.inflight, st.inflight_clients, st.queue_depth) == (0, 0, 0)
+            again = await rc.ask(ep, generate("q-again", "Once more:", 2), 120)
+            assert isinstance(again, P.Done), again
+        finally:
+            await rc.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        running.stop()

@@ -105,7 +105,9 @@ class Engine(KvPool):
             except Exception as exc:  # a bug: fail what runs, keep serving
                 log.exception("engine step failed")
                 with self._llama:
-                    self._fail_all(EngineError("internal", f"engine step failed: {exc}"))
+                    self._fail_all(
+                        EngineError("internal", f"engine step failed: {exc}"), deliver=True
+                    )
 
     # ---- the API -------------------------------------------------------------
 
@@ -250,11 +252,15 @@ class Engine(KvPool):
         """Run queued between-step work, admit waiting requests into idle slots, end
         cancelled ones, and decode one batch for everything that runs."""
         calls: list[tuple[Sequence, Call]] = []
-        with self._llama:
-            self._run_between()
-            finished = self._admit(calls)
-            report = self._decode(calls, finished) if self._running else None
-        self._deliver(calls)
+        try:
+            with self._llama:
+                self._run_between()
+                finished = self._admit(calls)
+                report = self._decode(calls, finished) if self._running else None
+        finally:
+            # Requests this step already ended are out of the engine's lists: their
+            # ends must go out even when a later part of the step raised.
+            self._deliver(calls)
         if report is None:
             return StepReport(self.stats.steps, finished=finished)
         if self.on_step is not None:
@@ -285,8 +291,10 @@ class Engine(KvPool):
                 break  # every slot it could take is busy: FIFO, the rest wait too
             with self._cond:
                 self._waiting.popleft()
-            seq.admitted(self._slots[choice.slot], choice.reuse, choice.evicted)
+            # Running first: if admitting raises, the failure path still finds it and
+            # frees the slot it pinned.
             self._running.append(seq)
+            seq.admitted(self._slots[choice.slot], choice.reuse, choice.evicted)
         return ended
 
     def _decode(self, calls: list[tuple[Sequence, Call]], finished: int) -> StepReport:
@@ -386,14 +394,20 @@ class Engine(KvPool):
             else:
                 calls.append((s, lambda: done(None, error)))
 
-    def _fail_all(self, error: BaseException) -> None:
-        """End every waiting and running request with ``error`` (close, a bug)."""
+    def _fail_all(self, error: BaseException, deliver: bool = False) -> None:
+        """End every waiting and running request with ``error`` (close, a bug).
+
+        ``deliver``: through `deliver`, as any end (the engine goes on serving);
+        otherwise run the callbacks here (closing: nobody may deliver any more)."""
         calls: list[tuple[Sequence, Call]] = []
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
         for s in [*waiting, *self._running]:
             self._finish(s, calls, error)
-        for _, call in calls:  # nobody may deliver any more: run them here
+        if deliver:
+            self._deliver(calls)
+            return
+        for _, call in calls:
             run_calls([call])
 
     def _deliver(self, calls: list[tuple[Sequence, Call]]) -> None:

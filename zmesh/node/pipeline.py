@@ -170,8 +170,9 @@ class Pipeline:
             kv_pull=kv_pull,
             pulled_from=decision.pull_from if kv_pull is not None else None,
         )
-        if not self._enqueue(job) and kv_pull is not None:
-            kv_pull.cancel()
+        if not self._enqueue(job):  # refused (overloaded): nothing will release it
+            if kv_pull is not None:
+                kv_pull.cancel()
             return False
         return True
 
