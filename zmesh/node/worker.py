@@ -143,8 +143,10 @@ class Worker:
     async def _serve_job(self, job: Job) -> None:
         c = self._c
         msg, rid = job.msg, job.msg.request_id
-        if self._stopping:
-            return  # the node stops: never answered here, like a node that dies
+        if self._stopping:  # the node stops: never answered here, like a node that dies
+            if job.kv_pull is not None:
+                job.kv_pull.cancel()
+            return
         if expired(msg) or job.cancelled:
             if job.kv_pull is not None:
                 job.kv_pull.cancel()
@@ -239,11 +241,13 @@ class Worker:
         ended: asyncio.Future[GenerationResult] = self._loop.create_future()
 
         def on_piece(text: str) -> None:
-            if msg.stream:
+            # Stopping: a straggler may be delivered on the engine thread after the
+            # node handed the engine its own delivery back; never touch the sockets then.
+            if msg.stream and not self._stopping:
                 self._send_chunk(job, text)
 
         def on_done(result: GenerationResult | None, error: BaseException | None) -> None:
-            if ended.done():
+            if ended.done() or self._loop.is_closed():
                 return
             if error is not None:
                 ended.set_exception(error)
@@ -266,7 +270,13 @@ class Worker:
                 # Import and queue in one turn of the engine thread: no other admission
                 # can take the slot the import just filled before this request claims it.
                 job.shipped_tokens = self._kv.import_state(state, msg.tenant, msg.request_id)
-                return engine.submit(request, on_piece, on_done)
+                submitted = engine.submit(request, on_piece, on_done)
+                # Set here, then check: a stop or Cancel that lands while this runs
+                # (the awaiting task already cancelled) still ends the request.
+                job.handle = submitted
+                if job.cancelled or self._stopping:
+                    submitted.cancel()
+                return submitted
 
             handle = await asyncio.wrap_future(engine.call_soon(start))
             if not job.shipped_tokens:
