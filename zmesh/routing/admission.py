@@ -33,8 +33,8 @@ Parameters (`RoutingSettings`):
 - ``admission`` (on): attach bars to forwards (zmesh policy only: the baselines make
   no estimates to hold a peer to), and refuse forwards past their bar. A forward
   without a bar (a node with admission off, or an older node) is always admitted.
-- ``admit_retries`` (1): refusals after which the forwarder serves the request itself
-  rather than asking the runner-up; 0: always serve a refused request here.
+- ``admit_retries`` (1): runner-ups the forwarder asks after refusals; one more refusal
+  and it serves the request itself; 0: always serve a refused request here.
 - ``admit_slack_frac`` (0.0) and ``admit_slack_s`` (0.0): the bar is raised by this
   fraction of itself plus these seconds. A refusal moves the request, and so a copy of
   its prefix, to the forwarder: cache affinity and the refusal's round trip argue for
