@@ -221,12 +221,18 @@ def test_dropped_gossip_is_repaired_by_anti_entropy() -> None:
     try:
         converge(lab, timeout=90)
         with Client(lab.endpoints, timeout=60) as client:
-            for i in range(6):
+            # Each delta is dropped with probability 1/2: go on until one was (a
+            # handful of requests usually; 24 leave a chance of 2**-24 to see none).
+            for i in range(24):
                 client.generate(
-                    f"Topic {i}: " + FEW_SHOT[: 200 + 40 * i],
+                    f"Topic {i}: " + FEW_SHOT[: 200 + 40 * (i % 6)],
                     max_tokens=2,
                     endpoint=lab.nodes[0].serve,
                 )
+                if i >= 5 and client.status(lab.nodes[0].serve).counters.get(
+                    "deltas_dropped_on_purpose", 0
+                ):
+                    break
         converge(lab, timeout=30)
         a, b = asyncio.run(lab.statuses())
         assert a.counters.get("deltas_dropped_on_purpose", 0) >= 1
