@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import msgspec
 import pytest
@@ -406,6 +407,31 @@ async def wait_alive(ep: str, names: set[str]) -> None:
             await asyncio.sleep(0.05)
 
 
+class LogRecorder:
+    """A node's logger that keeps each event it logs (and still logs it)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.records: list[dict[str, Any]] = []
+
+    @classmethod
+    def install(cls, running: RunningNode) -> LogRecorder:
+        # The node's parts read their logger from the shared context at each call.
+        rec = cls(running.node.context.log)
+        running.node.context.log = rec
+        return rec
+
+    def info(self, event: str, **kw: Any) -> None:
+        self.records.append({"event": event, **kw})
+        self._inner.info(event, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["event"] == event]
+
+
 def test_one_peer_cannot_set_a_nodes_own_cost_estimate(engine: Engine) -> None:
     """Peers claiming 1e6 s/token: with one, the node keeps its start value; with two,
     their median is borrowed, but only within BORROW_FACTOR of it."""
@@ -419,6 +445,7 @@ def test_one_peer_cannot_set_a_nodes_own_cost_estimate(engine: Engine) -> None:
         liars = [FakePeer(f"liar-{i}", engine, f"liar-{i}", **claims) for i in range(2)]
         seeds = [{"serve": p.serve, "gossip": p.gossip} for p in liars]
         running = RunningNode(node_config(ports, seeds=seeds[:1]), engine)
+        log = LogRecorder.install(running)
         ep = f"tcp://127.0.0.1:{ports[0]}"
         rc = RawClient([ep])
         rc.start()
@@ -436,9 +463,11 @@ def test_one_peer_cannot_set_a_nodes_own_cost_estimate(engine: Engine) -> None:
                 # A short prompt: the engine measures no prefill rate from it.
                 done = await rc.ask(ep, generate(f"est-{n}", "Hi", 2), 60)
                 assert isinstance(done, P.Done), done
-                own.append(
-                    running.node.pipeline.last_route[running.node.node_id].prefill_s_per_token
-                )
+                # The rate the node's own estimate used, as its decision log says.
+                (decided,) = [
+                    e for e in log.events("route.decided") if e["request_id"] == f"est-{n}"
+                ]
+                own.append(decided["prefill_s_per_token"])
         finally:
             await rc.close()
             for p in liars:
@@ -497,3 +526,7 @@ def test_a_forwarded_answer_names_the_peer_it_went_to(engine: Engine) -> None:
     assert forwarded[0].route_path == ["stall", "fake-peer"]
     assert st.counters.get("forwards_served_by_mismatch") == 1, st.counters
     assert getattr(peer_forwards[0], "progress", False)  # it asked for keep-alives
+    # The prompt went as the forwarder's token ids: the peer never tokenizes it again.
+    fwd = peer_forwards[0]
+    assert fwd.prompt is None, fwd
+    assert fwd.tokens in [engine.tokenize(f"Hello {i}") for i in range(2)], fwd.tokens
