@@ -7,6 +7,8 @@
   queue) is waited for while the peer sends Progress keep-alives: served once, there.
 - Without keys, one peer's heartbeat does not set a node's own cost estimate, and a
   forwarded answer's `served_by` is the peer it went to.
+- A forward carries the prompt as token ids (never re-tokenized by the peer), and the
+  peer still bounds their count and range.
 """
 
 from __future__ import annotations
@@ -530,3 +532,38 @@ def test_a_forwarded_answer_names_the_peer_it_went_to(engine: Engine) -> None:
     fwd = peer_forwards[0]
     assert fwd.prompt is None, fwd
     assert fwd.tokens in [engine.tokenize(f"Hello {i}") for i in range(2)], fwd.tokens
+
+
+def test_a_forwards_token_ids_are_checked_by_the_peer(engine: Engine) -> None:
+    """A forward carries token ids, not text: the receiving node still bounds their
+    count and range, and bad ones cost an error reply, not the node."""
+    ports = free_ports(2)
+    running = RunningNode(node_config(ports), engine)
+    ep = f"tcp://127.0.0.1:{ports[0]}"
+    good = engine.tokenize("Hello there")
+
+    def forwarded(rid: str, tokens: list[int]) -> P.Generate:
+        return msgspec.structs.replace(
+            generate(rid, "unused", 2), prompt=None, tokens=tokens, hops=1, origin="some-peer"
+        )
+
+    async def main() -> list[P.Done | P.Error | None]:
+        rc = RawClient([ep])
+        rc.start()
+        try:
+            return [
+                await rc.ask(ep, forwarded("out-of-range", [*good, engine.n_vocab]), 60),
+                await rc.ask(ep, forwarded("too-many", good * engine.max_prompt_tokens), 60),
+                await rc.ask(ep, forwarded("fine", good), 60),
+            ]
+        finally:
+            await rc.close()
+
+    try:
+        out_of_range, too_many, fine = asyncio.run(main())
+    finally:
+        running.stop()
+    assert isinstance(out_of_range, P.Error) and out_of_range.code == P.INVALID_REQUEST
+    assert f"token id {engine.n_vocab}" in out_of_range.message, out_of_range
+    assert isinstance(too_many, P.Error) and too_many.code == P.PROMPT_TOO_LONG, too_many
+    assert isinstance(fine, P.Done) and fine.prompt_tokens == len(good), fine
