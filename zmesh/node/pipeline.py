@@ -1,11 +1,13 @@
 """A request's way through a node once admitted: route, forward or queue, deadlines.
 
-`accept` tokenizes (off the loop), builds the routing candidates (this node from its
-engine and load, each live peer from its estimate) and asks `routing.decide`. A
-forward goes out once, under a fresh wire id, and its replies are relayed under the
-caller's id; it falls back to local service when it cannot be sent, errs, times out
-(`forward_timeout_s` to the first reply, then `PROGRESS_MISSES` keep-alive periods) or
-its peer turns suspect, unless the deadline has passed. A caller's Cancel follows its
+`accept` tokenizes (off the loop) and makes the request's `RequestContext` (block ids
+and local match, once); `route` builds the routing candidates (this node from its
+engine and load, each live peer from its estimate), asks `routing.decide` and returns
+both. A forward goes out once, under a fresh wire id, with the prompt as token ids,
+and its replies are relayed under the caller's id; it falls back to local service when
+it cannot be sent, errs, times out (`forward_timeout_s` to the first reply, then
+`PROGRESS_MISSES` keep-alive periods) or its peer turns suspect, unless the deadline
+has passed. A caller's Cancel follows its
 forward to the peer. A "shipped" decision starts the KV pull while the job queues.
 
 Holder-side admission (`zmesh.routing.admission`): a forward carries a bar
