@@ -7,8 +7,8 @@ both. A forward goes out once, under a fresh wire id, with the prompt as token i
 and its replies are relayed under the caller's id; it falls back to local service when
 it cannot be sent, errs, times out (`forward_timeout_s` to the first reply, then
 `PROGRESS_MISSES` keep-alive periods) or its peer turns suspect, unless the deadline
-has passed. A caller's Cancel follows its
-forward to the peer. A "shipped" decision starts the KV pull while the job queues.
+has passed. A caller's Cancel follows its forward to the peer. A "shipped" decision
+starts the KV pull while the job queues.
 
 Holder-side admission (`zmesh.routing.admission`): a forward carries a bar
 (`Generate.admit_bar_s`); a node receiving one estimates its own first token from the
