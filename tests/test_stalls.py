@@ -7,6 +7,8 @@
   queue) is waited for while the peer sends Progress keep-alives: served once, there.
 - Without keys, one peer's heartbeat does not set a node's own cost estimate, and a
   forwarded answer's `served_by` is the peer it went to.
+- A forward carries the prompt as token ids (never re-tokenized by the peer), and the
+  peer still bounds their count and range.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import msgspec
 import pytest
@@ -406,6 +409,31 @@ async def wait_alive(ep: str, names: set[str]) -> None:
             await asyncio.sleep(0.05)
 
 
+class LogRecorder:
+    """A node's logger that keeps each event it logs (and still logs it)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.records: list[dict[str, Any]] = []
+
+    @classmethod
+    def install(cls, running: RunningNode) -> LogRecorder:
+        # The node's parts read their logger from the shared context at each call.
+        rec = cls(running.node.context.log)
+        running.node.context.log = rec
+        return rec
+
+    def info(self, event: str, **kw: Any) -> None:
+        self.records.append({"event": event, **kw})
+        self._inner.info(event, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["event"] == event]
+
+
 def test_one_peer_cannot_set_a_nodes_own_cost_estimate(engine: Engine) -> None:
     """Peers claiming 1e6 s/token: with one, the node keeps its start value; with two,
     their median is borrowed, but only within BORROW_FACTOR of it."""
@@ -419,6 +447,7 @@ def test_one_peer_cannot_set_a_nodes_own_cost_estimate(engine: Engine) -> None:
         liars = [FakePeer(f"liar-{i}", engine, f"liar-{i}", **claims) for i in range(2)]
         seeds = [{"serve": p.serve, "gossip": p.gossip} for p in liars]
         running = RunningNode(node_config(ports, seeds=seeds[:1]), engine)
+        log = LogRecorder.install(running)
         ep = f"tcp://127.0.0.1:{ports[0]}"
         rc = RawClient([ep])
         rc.start()
@@ -436,9 +465,11 @@ def test_one_peer_cannot_set_a_nodes_own_cost_estimate(engine: Engine) -> None:
                 # A short prompt: the engine measures no prefill rate from it.
                 done = await rc.ask(ep, generate(f"est-{n}", "Hi", 2), 60)
                 assert isinstance(done, P.Done), done
-                own.append(
-                    running.node.pipeline.last_route[running.node.node_id].prefill_s_per_token
-                )
+                # The rate the node's own estimate used, as its decision log says.
+                (decided,) = [
+                    e for e in log.events("route.decided") if e["request_id"] == f"est-{n}"
+                ]
+                own.append(decided["prefill_s_per_token"])
         finally:
             await rc.close()
             for p in liars:
@@ -497,3 +528,42 @@ def test_a_forwarded_answer_names_the_peer_it_went_to(engine: Engine) -> None:
     assert forwarded[0].route_path == ["stall", "fake-peer"]
     assert st.counters.get("forwards_served_by_mismatch") == 1, st.counters
     assert getattr(peer_forwards[0], "progress", False)  # it asked for keep-alives
+    # The prompt went as the forwarder's token ids: the peer never tokenizes it again.
+    fwd = peer_forwards[0]
+    assert fwd.prompt is None, fwd
+    assert fwd.tokens in [engine.tokenize(f"Hello {i}") for i in range(2)], fwd.tokens
+
+
+def test_a_forwards_token_ids_are_checked_by_the_peer(engine: Engine) -> None:
+    """A forward carries token ids, not text: the receiving node still bounds their
+    count and range, and bad ones cost an error reply, not the node."""
+    ports = free_ports(2)
+    running = RunningNode(node_config(ports), engine)
+    ep = f"tcp://127.0.0.1:{ports[0]}"
+    good = engine.tokenize("Hello there")
+
+    def forwarded(rid: str, tokens: list[int]) -> P.Generate:
+        return msgspec.structs.replace(
+            generate(rid, "unused", 2), prompt=None, tokens=tokens, hops=1, origin="some-peer"
+        )
+
+    async def main() -> list[P.Done | P.Error | None]:
+        rc = RawClient([ep])
+        rc.start()
+        try:
+            return [
+                await rc.ask(ep, forwarded("out-of-range", [*good, engine.n_vocab]), 60),
+                await rc.ask(ep, forwarded("too-many", good * engine.max_prompt_tokens), 60),
+                await rc.ask(ep, forwarded("fine", good), 60),
+            ]
+        finally:
+            await rc.close()
+
+    try:
+        out_of_range, too_many, fine = asyncio.run(main())
+    finally:
+        running.stop()
+    assert isinstance(out_of_range, P.Error) and out_of_range.code == P.INVALID_REQUEST
+    assert f"token id {engine.n_vocab}" in out_of_range.message, out_of_range
+    assert isinstance(too_many, P.Error) and too_many.code == P.PROMPT_TOO_LONG, too_many
+    assert isinstance(fine, P.Done) and fine.prompt_tokens == len(good), fine

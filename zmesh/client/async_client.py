@@ -207,10 +207,8 @@ class AsyncClient:
             seed=seed,
             stop=list(stop),
         )
-        try:
-            params.validate()
-        except ValueError as exc:
-            raise RequestError(P.INVALID_REQUEST, str(exc)) from exc
+        # Params are checked once, with the whole request, by `_request` (the wire
+        # boundary's `validate_generate`), before anything is sent.
         budget = self.timeout if timeout is None else timeout
         give_up = time.monotonic() + budget
         msg, frame = self._request(

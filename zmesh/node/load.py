@@ -26,6 +26,7 @@ from zmesh.candidates import (
 )
 from zmesh.engine import Engine, Handle
 from zmesh.kvstate import KvState
+from zmesh.node.request import RequestContext
 from zmesh.peers import PeerEstimate
 
 # The start values and the borrowing rule are zmesh.candidates' (shared with the
@@ -44,20 +45,15 @@ __all__ = [
 
 @dataclass(slots=True)
 class Job:
-    """A request accepted for local service."""
+    """A request accepted for local service: its context and how its service goes."""
 
-    msg: P.Generate
-    reply_to: list[bytes]  # ROUTER envelope of whoever asked
-    tokens: list[int]
-    received_at: float
+    req: RequestContext
     route_reason: str
     route_path: list[str]
     predicted_s: float = 0.0  # predicted service time, for the advertised backlog
     attempt: int = 0
     chunks: int = 0
     cancelled: bool = False
-    client: bytes | None = None  # counted against max_inflight_per_client (None: a peer)
-    scope: bytes = b""  # the sender's scope: (scope, request id) is the job's key
     # KV shipping: the pull under way for this job, its result, and what it brought.
     kv_pull: asyncio.Task[KvState] | None = None
     pulled_from: str | None = None
@@ -66,9 +62,34 @@ class Job:
     started_at: float = 0.0  # monotonic: when it got its place in the engine
     handle: Handle | None = None  # once submitted to the engine
 
+    # The request's own facts, read from its context.
+    @property
+    def msg(self) -> P.Generate:
+        return self.req.msg
+
+    @property
+    def reply_to(self) -> list[bytes]:
+        return self.req.envelope
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.req.tokens
+
+    @property
+    def received_at(self) -> float:
+        return self.req.received_at
+
+    @property
+    def client(self) -> bytes | None:
+        return self.req.client
+
+    @property
+    def scope(self) -> bytes:
+        return self.req.scope
+
     @property
     def key(self) -> tuple[bytes, str]:
-        return self.scope, self.msg.request_id
+        return self.req.key
 
 
 def expired(msg: P.Generate) -> bool:

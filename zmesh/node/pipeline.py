@@ -1,12 +1,14 @@
 """A request's way through a node once admitted: route, forward or queue, deadlines.
 
-`accept` tokenizes (off the loop), builds the routing candidates (this node from its
-engine and load, each live peer from its estimate) and asks `routing.decide`. A
-forward goes out once, under a fresh wire id, and its replies are relayed under the
-caller's id; it falls back to local service when it cannot be sent, errs, times out
-(`forward_timeout_s` to the first reply, then `PROGRESS_MISSES` keep-alive periods) or
-its peer turns suspect, unless the deadline has passed. A caller's Cancel follows its
-forward to the peer. A "shipped" decision starts the KV pull while the job queues.
+`accept` tokenizes (off the loop) and makes the request's `RequestContext` (block ids
+and local match, once); `route` builds the routing candidates (this node from its
+engine and load, each live peer from its estimate), asks `routing.decide` and returns
+both. A forward goes out once, under a fresh wire id, with the prompt as token ids,
+and its replies are relayed under the caller's id; it falls back to local service when
+it cannot be sent, errs, times out (`forward_timeout_s` to the first reply, then
+`PROGRESS_MISSES` keep-alive periods) or its peer turns suspect, unless the deadline
+has passed. A caller's Cancel follows its forward to the peer. A "shipped" decision
+starts the KV pull while the job queues.
 
 Holder-side admission (`zmesh.routing.admission`): a forward carries a bar
 (`Generate.admit_bar_s`); a node receiving one estimates its own first token from the
@@ -43,6 +45,7 @@ from zmesh.kvpeer import KvPeer
 from zmesh.kvstate import KvState
 from zmesh.node.context import NodeContext
 from zmesh.node.load import Job, Load, expired, peer_median
+from zmesh.node.request import RequestContext
 from zmesh.node.transport import Transport
 from zmesh.peers import PeerEstimate
 from zmesh.routing import (
@@ -75,6 +78,14 @@ class Forward:
     replies: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
 
 
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A routing decision and the candidates it was made from (by node id)."""
+
+    decision: Decision
+    candidates: dict[str, Candidate]
+
+
 class Pipeline:
     def __init__(
         self,
@@ -94,7 +105,6 @@ class Pipeline:
             ship_max_tokens=ctx.engine.max_ship_tokens, give_up_s=0.0
         )
         self.policy_state = PolicyState.seeded(int.from_bytes(ctx.node_id.encode()[:8], "little"))
-        self.last_route: dict[str, Candidate] = {}
         self.forwards: dict[str, Forward] = {}  # by wire id
         # Tokenizing is off the loop (a long prompt takes seconds) and not queued behind
         # the engine's work: routing needs the tokens before the request is queued.
@@ -128,45 +138,49 @@ class Pipeline:
             c.log.warning("request.failed", request_id=rid, code=exc.code, error=exc.message)
             self._t.reply_error(envelope, rid, exc.code, exc.message)
             return False
-        if self._refuse_busy(envelope, msg, tokens):
+        # The request's facts, once: tokens, block ids, local match.
+        req = RequestContext.build(
+            c.engine, msg, envelope, scope, client, c.namespace(msg.tenant), tokens, received
+        )
+        if self._refuse_busy(req):
             return False
         path = [*((msg.origin and [msg.origin]) or []), c.node_id]
-        decision = self.route(msg, tokens)
+        route = self.route(req)
+        decision = route.decision
         attempt = 0
         reason = decision.reason
         refused: list[str] = []
         while decision.forward:
-            outcome = await self.forward(envelope, msg, decision, tokens, scope)
+            outcome = await self.forward(req, route)
             if outcome == "done":
                 return False
+            # The cache moved on while the forward was out: match again before
+            # deciding again or predicting the local service.
+            req = req.rematched(c.engine)
             if outcome == "busy":
                 # Refused before any token: ask the runner-up (its own wire id), or
                 # serve it here once admit_retries refusals are spent.
                 refused.append(decision.target)
-                decision = self.route(msg, tokens, refused=refused)
+                route = self.route(req, refused=refused)
+                decision = route.decision
                 reason = decision.reason
                 continue
             attempt = 1 if outcome == "partial" else 0
             c.count("forward_fallbacks")
             reason = "fallback"
             break
-        new_tokens = len(tokens) - c.engine.local_match(tokens, c.namespace(msg.tenant))
-        kv_pull = self._start_pull(msg, decision, tokens)
+        new_tokens = len(tokens) - req.local_match
+        kv_pull = self._start_pull(req, decision)
         if kv_pull is not None:
             new_tokens = len(tokens) - decision.pull_tokens
         elif decision.pull_from is not None:
             reason = "fallback"  # the pull could not start: prefilled here, so said
         job = Job(
-            msg=msg,
-            reply_to=envelope,
-            tokens=tokens,
-            received_at=received,
+            req=req,
             route_reason=reason,
             route_path=path,
             attempt=attempt,
             predicted_s=self._load.predict_s(max(new_tokens, 1), msg.params.max_tokens),
-            client=client,
-            scope=scope,
             kv_pull=kv_pull,
             pulled_from=decision.pull_from if kv_pull is not None else None,
         )
@@ -176,15 +190,15 @@ class Pipeline:
             return False
         return True
 
-    def _refuse_busy(self, envelope: list[bytes], msg: P.Generate, tokens: list[int]) -> bool:
+    def _refuse_busy(self, req: RequestContext) -> bool:
         """Holder-side admission: refuse (``busy``, before queueing) a forward whose first
         token this node predicts later than its forwarder's bar; True when refused."""
+        msg = req.msg
         if msg.hops == 0 or msg.admit_bar_s is None or not self.settings.admission:
             return False
-        ns = self._c.namespace(msg.tenant)
         prefill, service = self._rates()
-        local = self._local_candidate(tokens, ns, prefill, service)
-        ok, est = admit(local, len(tokens), msg.admit_bar_s)
+        local = self._local_candidate(req, prefill, service)
+        ok, est = admit(local, len(req.tokens), msg.admit_bar_s)
         c = self._c
         if ok:
             c.count("forwards_admitted")
@@ -198,21 +212,20 @@ class Pipeline:
             origin=msg.origin,
         )
         self._t.reply_error(
-            envelope,
+            req.envelope,
             msg.request_id,
             P.BUSY,
             f"first token in {est:.3f}s here, past the bar of {msg.admit_bar_s:.3f}s",
         )
         return True
 
-    def _start_pull(
-        self, msg: P.Generate, decision: Decision, tokens: list[int]
-    ) -> asyncio.Task[KvState] | None:
+    def _start_pull(self, req: RequestContext, decision: Decision) -> asyncio.Task[KvState] | None:
         """Start pulling the prefix a "shipped" decision names, while the job queues;
         None when there is none to pull, or the holder cannot be asked (logged and counted
         as a failed fetch, as a pull that fails later is)."""
         if decision.pull_from is None:
             return None
+        msg = req.msg
         peer = self._c.peers.get(decision.pull_from)
         dealer = self._t.dealer_for(peer) if peer else None
         if peer is None or dealer is None:
@@ -230,7 +243,7 @@ class Pipeline:
                 peer.node_id,
                 peer.link_delay_s or DEFAULT_LINK_DELAY_S,
                 msg.tenant,
-                tokens[: decision.pull_tokens],
+                req.tokens[: decision.pull_tokens],
                 msg.deadline,
                 msg.request_id,
             )
@@ -248,31 +261,27 @@ class Pipeline:
         service = st.service_s or peer_median(c.peers.alive(), "service_s", DEFAULT_SERVICE_S)
         return prefill, service
 
-    def _local_candidate(
-        self, tokens: list[int], ns: str, prefill: float, service: float
-    ) -> Candidate:
+    def _local_candidate(self, req: RequestContext, prefill: float, service: float) -> Candidate:
         """This node as routing (and admission) sees it: real match, queue and backlog."""
         c = self._c
         return local_candidate(
             c.node_id,
-            c.engine.local_match(tokens, ns),
+            req.local_match,
             self._load.depth(),
             self._load.backlog_s(),
             prefill,
             service,
         )
 
-    def route(self, msg: P.Generate, tokens: list[int], refused: Sequence[str] = ()) -> Decision:
-        """Decide where ``msg`` goes; ``refused``: peers that refused it as busy, in
+    def route(self, req: RequestContext, refused: Sequence[str] = ()) -> Route:
+        """Decide where the request goes; ``refused``: peers that refused it as busy, in
         order (`after_refusal`: left out, and past admit_retries it is served here)."""
         c = self._c
         t0 = time.perf_counter()
-        ns = c.namespace(msg.tenant)
-        hasher = c.engine.hasher(ns)
-        ids = hasher.block_ids(tokens)
-        bs = hasher.block_size
+        msg, tokens = req.msg, req.tokens
+        ids, bs = req.block_ids, req.block_size
         prefill, service = self._rates()
-        local = self._local_candidate(tokens, ns, prefill, service)
+        local = self._local_candidate(req, prefill, service)
         local_match = local.matched_tokens
         cands = [local]
         ship = self.settings.ship
@@ -295,21 +304,23 @@ class Pipeline:
                 )
             )
         head = head_key(ids, tokens, bs, c.config.routing.hash_prefix_tokens)
-        req = RouteRequest(
+        rr = RouteRequest(
             prompt_tokens=len(tokens), hops=msg.hops, head_key=head, block_ids=ids, block_size=bs
         )
         if refused:
-            decision = after_refusal(req, cands, refused, self.settings, self.policy_state)
+            decision = after_refusal(rr, cands, refused, self.settings, self.policy_state)
         else:
-            decision = decide(req, cands, self.settings, self.policy_state)
+            decision = decide(rr, cands, self.settings, self.policy_state)
         c.count(f"route_{decision.reason}")
-        self.last_route = {cd.node_id: cd for cd in cands}
         c.log.info(
             "route.decided",
             request_id=msg.request_id,
             policy=self.settings.policy,
             prompt_tokens=len(tokens),
             local_match=local_match,
+            # The rates this node's own estimate used (measured, else borrowed).
+            prefill_s_per_token=prefill,
+            service_s=service,
             candidates={
                 cd.node_id: {"match": cd.matched_tokens, "queue": cd.queue_depth} for cd in cands
             },
@@ -317,7 +328,7 @@ class Pipeline:
             **({"refused": list(refused)} if refused else {}),
             **decision.log_fields(),
         )
-        return decision
+        return Route(decision, {cd.node_id: cd for cd in cands})
 
     def _unreported_forwards_s(self, peer: PeerEstimate) -> float:
         """Work we sent to ``peer`` since its last heartbeat, which cannot include it yet."""
@@ -328,17 +339,11 @@ class Pipeline:
 
     # ---- forwarding ----------------------------------------------------------
 
-    async def forward(
-        self,
-        envelope: list[bytes],
-        msg: P.Generate,
-        decision: Decision,
-        tokens: list[int],
-        scope: bytes,
-    ) -> str:
+    async def forward(self, req: RequestContext, route: Route) -> str:
         """Relay the request through a peer: "done"; "busy" when the peer refused it
         (admission) before any token; or "none"/"partial" to fall back."""
         c, t = self._c, self._t
+        msg, envelope, decision = req.msg, req.envelope, route.decision
         peer = c.peers.get(decision.target)
         dealer = t.dealer_for(peer) if peer else None
         rid = msg.request_id
@@ -346,8 +351,13 @@ class Pipeline:
         # to an abandoned forward must never answer a later one of the same id. The
         # caller's id as its prefix keeps it traceable in the peer's logs.
         wid = f"{rid[: P.MAX_ID_CHARS - 17]}~{os.urandom(8).hex()}"
+        # The prompt goes as token ids: peers run the same model (fingerprints are
+        # enforced equal), so the peer checks their count and range but never
+        # tokenizes again.
         fwd_msg = msgspec.structs.replace(
             msg,
+            prompt=None,
+            tokens=req.tokens,
             request_id=wid,
             hops=msg.hops + 1,
             origin=c.node_id,
@@ -359,14 +369,14 @@ class Pipeline:
                 "request.fallback", request_id=rid, target=decision.target, why="peer not connected"
             )
             return "none"
-        target = self.last_route.get(peer.node_id)
-        new_tokens = len(tokens) - (target.matched_tokens if target else 0)
+        target = route.candidates.get(peer.node_id)
+        new_tokens = len(req.tokens) - (target.matched_tokens if target else 0)
         fwd = self.forwards[wid] = Forward(
             target=peer.node_id,
             sent_at=time.monotonic(),
             cost_s=self._load.predict_s(max(new_tokens, 1), msg.params.max_tokens),
             request_id=rid,
-            scope=scope,
+            scope=req.scope,
         )
         peer.inflight += 1
         c.count("forwards")
@@ -444,7 +454,13 @@ class Pipeline:
             peer.inflight = max(0, peer.inflight - 1)
 
     def on_reply(self, msg: P.Chunk | P.Done | P.Error | P.Progress) -> None:
-        """A peer's reply to one of our forwards (by wire id); others are stale."""
+        """A peer's reply to one of our forwards (by wire id); others are stale.
+
+        Replies are decoded and re-encoded, not relayed as the peer's frames: the
+        caller knows the request by its own id, not the wire id, and a Done's route
+        fields are rewritten here (`forward`). Passing frames through untouched needs
+        a wire change (ids the peer could answer under, route fields the forwarder
+        appends), so it is left for now."""
         fwd = self.forwards.get(msg.request_id or "")
         if fwd is not None:
             msg.request_id = fwd.request_id  # relayed under the caller's own id

@@ -258,7 +258,7 @@ class Worker:
         request = Request(
             tokens=job.tokens,
             params=msg.params,
-            namespace=self._c.namespace(msg.tenant),
+            namespace=job.req.namespace,
             deadline=msg.deadline,
         )
         if job.kv_state is None:
