@@ -21,7 +21,6 @@ from zmesh.candidates import (
     row_estimate_s,
     unreported_s,
 )
-from zmesh.engine import EngineStats
 from zmesh.routing import Candidate, PolicyState, RouteRequest, RoutingSettings, decide, estimate_s
 
 
@@ -43,15 +42,15 @@ def test_head_key_is_the_block_ending_the_head_or_a_hash_of_a_short_prompt() -> 
     decode=st.sampled_from([0.0, 0.015, 0.05]),
     completion=st.sampled_from([0.0, 1.0, 37.5, 4000.0]),
 )
-def test_predict_s_is_the_engines_prediction(
+def test_predict_s_is_prefill_plus_the_expected_answer(
     new: int, max_tokens: int, prefill: float, decode: float, completion: float
 ) -> None:
-    stats = EngineStats(
-        prefill_s_per_token=prefill, decode_s_per_token=decode, completion_tokens=completion
-    )
-    # The node always asks for at least one new token (the last prompt token's logits).
-    engine = stats.predict_s(max(new, 1), max_tokens, 0.002, 0.015)
-    assert predict_s(new, max_tokens, prefill or 0.002, decode or 0.015, completion) == engine
+    # The rule the engine's statistics used to apply themselves (now only here): at
+    # least one new token (the last prompt token's logits), answers as long as twice
+    # the measured average but never past max_tokens (all of it while unmeasured).
+    expect = min(max_tokens, 2 * completion) if completion else max_tokens
+    want = max(new, 1) * (prefill or 0.002) + expect * (decode or 0.015)
+    assert predict_s(new, max_tokens, prefill or 0.002, decode or 0.015, completion) == want
 
 
 def test_load_model() -> None:

@@ -66,17 +66,6 @@ class EngineStats:
     completion_tokens: float = 0.0  # EWMA: how long answers really are
     steps: int = 0  # llama_decode calls made by `Engine.step`
 
-    def predict_s(
-        self, new_prompt_tokens: int, max_tokens: int, default_prefill: float, default_decode: float
-    ) -> float:
-        """Predicted service time of a request that must prefill ``new_prompt_tokens``."""
-        prefill = self.prefill_s_per_token or default_prefill
-        decode = self.decode_s_per_token or default_decode
-        expect = (
-            min(max_tokens, 2 * self.completion_tokens) if self.completion_tokens else max_tokens
-        )
-        return new_prompt_tokens * prefill + expect * decode
-
 
 @dataclass(frozen=True, slots=True)
 class StepReport:
