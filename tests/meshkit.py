@@ -10,7 +10,7 @@ import json
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,9 +18,9 @@ import zmq
 import zmq.asyncio
 
 from zmesh import protocol as P
-from zmesh.config import NodeConfig
+from zmesh.config import EngineConfig, NodeConfig, config_from_dict
 from zmesh.engine import Engine
-from zmesh.lab import Lab
+from zmesh.lab import Lab, free_ports
 from zmesh.node import Node
 
 
@@ -55,6 +55,71 @@ class RunningNode:
         self.loop.call_soon_threadsafe(self.node.stop)
         self.thread.join(timeout=30)
         self.loop.close()
+
+
+@dataclass
+class Pair:
+    """Two in-process nodes that seed each other."""
+
+    a: RunningNode
+    b: RunningNode
+    a_serve: str
+    b_serve: str
+
+
+def pair_config(name: str, ports: list[int], peer_ports: list[int], routing: dict) -> NodeConfig:
+    """One node of a `Pair`: seeded with the other, a peer that goes quiet stays
+    "alive" for 30 s (tests that stop or delay a peer decide what happens before)."""
+    return config_from_dict(
+        {
+            "node_id": name,
+            "serve_addr": f"tcp://127.0.0.1:{ports[0]}",
+            "gossip_addr": f"tcp://127.0.0.1:{ports[1]}",
+            "seeds": [
+                {
+                    "serve": f"tcp://127.0.0.1:{peer_ports[0]}",
+                    "gossip": f"tcp://127.0.0.1:{peer_ports[1]}",
+                }
+            ],
+            "routing": routing,
+            "gossip": {"suspect_after_s": 30.0, "dead_after_s": 60.0},
+        }
+    )
+
+
+@contextlib.contextmanager
+def running_pair(
+    engine_config: EngineConfig,
+    routing_a: dict,
+    routing_b: dict,
+    setup_b: Callable[[Engine], None] | None = None,
+) -> Iterator[Pair]:
+    """node-a and node-b, each with an engine of its own; both stopped and closed on
+    the way out, also on failure."""
+    pa, pb = free_ports(2), free_ports(2)
+    ea, eb = Engine(engine_config), Engine(engine_config)
+    if setup_b is not None:
+        setup_b(eb)
+    a: RunningNode | None = None
+    b: RunningNode | None = None
+    try:
+        a = RunningNode(pair_config("node-a", pa, pb, routing_a), ea)
+        b = RunningNode(pair_config("node-b", pb, pa, routing_b), eb)
+        yield Pair(a, b, f"tcp://127.0.0.1:{pa[0]}", f"tcp://127.0.0.1:{pb[0]}")
+    finally:
+        for n in (b, a):
+            if n is not None and n.thread.is_alive():
+                n.stop()
+        ea.close()
+        eb.close()
+
+
+async def until(check: Callable[[], object], what: str, budget_s: float = 120.0) -> None:
+    """Poll ``check`` on the loop until it holds; fail with ``what`` after ``budget_s``."""
+    give_up = time.monotonic() + budget_s
+    while not check():
+        assert time.monotonic() < give_up, what
+        await asyncio.sleep(0.05)
 
 
 def idle_heartbeat(

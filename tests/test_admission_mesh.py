@@ -6,19 +6,16 @@ bar the holder meets is served there."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
-from meshkit import RawClient, RunningNode
+from meshkit import Pair, RawClient, running_pair, until
 from test_engine import FEW_SHOT
 
 from zmesh import protocol as P
 from zmesh.client import AsyncClient
-from zmesh.config import EngineConfig, config_from_dict
+from zmesh.config import EngineConfig
 from zmesh.engine import Engine
-from zmesh.lab import free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -33,58 +30,14 @@ BUSY = "Count from one to five hundred in words: one, two, three,"
 STALE_S = 4.0
 
 
-@dataclass
-class Pair:
-    a: RunningNode
-    b: RunningNode
-    a_serve: str
-    b_serve: str
-
-
-def _config(name: str, ports: list[int], peer_ports: list[int], **routing: object):
-    return config_from_dict(
-        {
-            "node_id": name,
-            "serve_addr": f"tcp://127.0.0.1:{ports[0]}",
-            "gossip_addr": f"tcp://127.0.0.1:{ports[1]}",
-            "seeds": [
-                {
-                    "serve": f"tcp://127.0.0.1:{peer_ports[0]}",
-                    "gossip": f"tcp://127.0.0.1:{peer_ports[1]}",
-                }
-            ],
-            # Prefixes stay where they are sent (no placement hash); a refusal that
-            # comes STALE_S late is still waited for, and the lag makes no one suspect.
-            "routing": {"place_slack_frac": 0.0, "forward_timeout_s": 60.0, **routing},
-            "gossip": {"suspect_after_s": 30.0, "dead_after_s": 60.0},
-        }
-    )
-
-
 @pytest.fixture
 def pair(engine: Engine) -> Iterator[Pair]:
-    pa, pb = free_ports(2), free_ports(2)
-    ea, eb = Engine(ENGINE), Engine(ENGINE)
-    a = RunningNode(_config("node-a", pa, pb), ea)
-    b: RunningNode | None = None
-    try:
-        # node-b keeps the burst it is sent (it forwards nothing itself).
-        b = RunningNode(_config("node-b", pb, pa, max_hops=0), eb)
-        yield Pair(a, b, f"tcp://127.0.0.1:{pa[0]}", f"tcp://127.0.0.1:{pb[0]}")
-    finally:
-        if b is not None and b.thread.is_alive():
-            b.stop()
-        if a.thread.is_alive():
-            a.stop()
-        ea.close()
-        eb.close()
-
-
-async def _until(check, what: str, budget_s: float = 120.0) -> None:
-    give_up = time.monotonic() + budget_s
-    while not check():
-        assert time.monotonic() < give_up, what
-        await asyncio.sleep(0.05)
+    # Prefixes stay where they are sent (no placement hash); a refusal that comes
+    # STALE_S late is still waited for, and the lag makes no one suspect.
+    routing = {"place_slack_frac": 0.0, "forward_timeout_s": 60.0}
+    # node-b keeps the burst it is sent (it forwards nothing itself).
+    with running_pair(ENGINE, routing, {**routing, "max_hops": 0}) as p:
+        yield p
 
 
 async def _prime_b(p: Pair, c: AsyncClient) -> None:
@@ -95,7 +48,7 @@ async def _prime_b(p: Pair, c: AsyncClient) -> None:
     )
     assert primed.served_by == "node-b" and primed.completion_tokens > 20, primed
     view = p.a.node.peers
-    await _until(
+    await until(
         lambda: (
             (b := view.get("node-b")) is not None
             and b.synced
@@ -132,7 +85,7 @@ def test_a_busy_holder_refuses_and_the_entry_answers_once_itself(pair: Pair) -> 
                     asyncio.create_task(c.generate(BUSY, max_tokens=400, timeout=600))
                     for _ in range(n)
                 ]
-                await _until(lambda: pair.b.node.load.depth() >= n, "node-b never got busy")
+                await until(lambda: pair.b.node.load.depth() >= n, "node-b never got busy")
                 seen = pair.a.node.peers.get("node-b")
                 assert seen is not None and seen.queue_depth == 0, "node-a saw the burst"
                 answer = await rc.ask(pair.a_serve, _question(rc.new_id("q")), 300)

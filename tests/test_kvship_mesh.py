@@ -8,22 +8,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import msgspec
 import pytest
 import zmq
 import zmq.asyncio
-from meshkit import RunningNode
+from meshkit import Pair, running_pair, until
 from test_engine import FEW_SHOT, GREEDY
 
 from zmesh import protocol as P
 from zmesh.client import AsyncClient
-from zmesh.config import EngineConfig, config_from_dict
+from zmesh.config import EngineConfig
 from zmesh.engine import Engine
 from zmesh.kvpeer import NO_STATE
 from zmesh.kvtransfer import Assembly
-from zmesh.lab import free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -36,60 +34,19 @@ BUSY = "Count from one to five hundred in words: one, two, three,"
 BUSY_PLACES = 2
 
 
-@dataclass
-class Pair:
-    a: RunningNode
-    b: RunningNode
-    a_serve: str
-    b_serve: str
-
-
-def _config(name: str, ports: list[int], peer_ports: list[int], **routing: object):
-    return config_from_dict(
-        {
-            "node_id": name,
-            "serve_addr": f"tcp://127.0.0.1:{ports[0]}",
-            "gossip_addr": f"tcp://127.0.0.1:{ports[1]}",
-            "seeds": [
-                {
-                    "serve": f"tcp://127.0.0.1:{peer_ports[0]}",
-                    "gossip": f"tcp://127.0.0.1:{peer_ports[1]}",
-                }
-            ],
-            # Prefixes stay where they are sent (no placement hash), and a peer that
-            # stops answering stays "alive" long enough for the fetch's own timeout.
-            "routing": {"ship": True, "place_slack_frac": 0.0, **routing},
-            "gossip": {"suspect_after_s": 30.0, "dead_after_s": 60.0},
-        }
-    )
-
-
 @pytest.fixture
 def pair(engine: Engine) -> Iterator[Pair]:
-    pa, pb = free_ports(2), free_ports(2)
-    ea, eb = Engine(ENGINE), Engine(ENGINE)
-    # node-b runs two requests at once: two long answers make it busy (no place for a
-    # third) while its third slot keeps the primed prefix for node-a to pull.
-    eb.max_running = BUSY_PLACES
-    a = RunningNode(_config("node-a", pa, pb, ship_timeout_s=2.0), ea)
-    b: RunningNode | None = None
-    try:
-        b = RunningNode(_config("node-b", pb, pa), eb)
-        yield Pair(a, b, f"tcp://127.0.0.1:{pa[0]}", f"tcp://127.0.0.1:{pb[0]}")
-    finally:
-        if b is not None and b.thread.is_alive():
-            b.stop()
-        if a.thread.is_alive():
-            a.stop()
-        ea.close()
-        eb.close()
+    # Prefixes stay where they are sent (no placement hash), and a peer that stops
+    # answering stays "alive" long enough for the fetch's own timeout.
+    routing = {"ship": True, "place_slack_frac": 0.0}
 
+    def two_places(eb: Engine) -> None:
+        # node-b runs two requests at once: two long answers make it busy (no place
+        # for a third) while its third slot keeps the primed prefix for node-a to pull.
+        eb.max_running = BUSY_PLACES
 
-async def _until(check, what: str, budget_s: float = 120.0) -> None:
-    give_up = time.monotonic() + budget_s
-    while not check():
-        assert time.monotonic() < give_up, what
-        await asyncio.sleep(0.05)
+    with running_pair(ENGINE, {**routing, "ship_timeout_s": 2.0}, routing, two_places) as p:
+        yield p
 
 
 async def _prime_b_and_make_it_busy(p: Pair, c: AsyncClient) -> asyncio.Task[P.Done]:
@@ -100,7 +57,7 @@ async def _prime_b_and_make_it_busy(p: Pair, c: AsyncClient) -> asyncio.Task[P.D
     )
     assert primed.served_by == "node-b" and primed.completion_tokens > 20, primed
     view = p.a.node.peers
-    await _until(
+    await until(
         lambda: (b := view.get("node-b")) is not None and b.synced and b.n_blocks >= 20,
         "node-a never learned node-b's prefix",
     )
@@ -115,7 +72,7 @@ async def _prime_b_and_make_it_busy(p: Pair, c: AsyncClient) -> asyncio.Task[P.D
         return answers[0]
 
     busy = asyncio.create_task(busy_answers())
-    await _until(
+    await until(
         lambda: (b := view.get("node-b")) is not None and b.backlog_s > 0.5,
         "node-b never looked busy to node-a",
     )
@@ -228,7 +185,7 @@ def test_a_node_stops_while_a_request_waits_for_its_pull(pair: Pair) -> None:
             asked = asyncio.create_task(
                 c.generate(FEW_SHOT + QUESTION, max_tokens=4, endpoint=pair.a_serve)
             )
-            await _until(lambda: bool(kv._pulls), "node-a never started a pull")
+            await until(lambda: bool(kv._pulls), "node-a never started a pull")
             t0 = time.monotonic()
             await asyncio.to_thread(pair.a.stop)
             assert not pair.a.thread.is_alive(), "node-a did not stop"
