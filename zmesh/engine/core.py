@@ -9,19 +9,17 @@ and fails those requests; the trees never claim more than llama.cpp holds.
 
 One long-lived engine thread runs the steps. Other threads `submit` requests (they
 wait in a FIFO until a slot is idle and fewer than ``max_running`` run), cancel them,
-and hand it work to run between two steps (`call_between_steps`, `call_soon`: KV
-exports and imports). Each step's text pieces and ends go out together through
-``deliver`` (one hop to an event loop). `generate` is the synchronous one-request
-wrapper over the same path.
+and hand it work to run between two steps (`call_soon`: KV exports and imports). Each
+step's text pieces and ends go out together through ``deliver`` (one hop to an event
+loop). `generate` is the synchronous one-request wrapper over the same path.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future
 from typing import Any
@@ -63,7 +61,6 @@ class Engine(KvPool):
         self._cond = threading.Condition()  # guards the queues below and _closed
         self._waiting: deque[Sequence] = deque()
         self._between: list[tuple[Callable[[], Any], Future[Any]]] = []
-        self._serving = 0  # `serving()` depth
         self._running: list[Sequence] = []  # engine thread only, in admission order
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -200,28 +197,6 @@ class Engine(KvPool):
         return len(self._waiting)
 
     # ---- work between steps ---------------------------------------------------
-
-    @contextlib.contextmanager
-    def serving(self) -> Iterator[None]:
-        """Mark work that serves a request beyond `generate` (a KV import before it):
-        other threads' `call_between_steps` work then goes to the engine thread, which
-        runs it between two steps. `generate` and `submit` need no mark."""
-        with self._cond:
-            self._serving += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._serving -= 1
-
-    def call_between_steps(self, fn: Callable[[], Any]) -> Future[Any] | None:
-        """Run ``fn`` on the engine thread at the next step boundary while it serves a
-        request (or `serving()` marks one); None when it serves none (then run ``fn``
-        yourself: every llama.cpp call here takes the engine's lock)."""
-        with self._cond:
-            if not (self._serving or self._running or self._waiting):
-                return None
-        return self.call_soon(fn)
 
     def call_soon(self, fn: Callable[[], Any]) -> Future[Any]:
         """Run ``fn`` on the engine thread before its next step (at once when idle)."""

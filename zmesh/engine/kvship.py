@@ -1,7 +1,7 @@
 """KV shipping at the engine: export a slot's cached prefix, import a shipped one.
 
 Both run under the llama.cpp lock, so any thread may call them; the node runs them on
-the engine thread between two steps (`Engine.call_between_steps`). An export reads a
+the engine thread between two steps (`Engine.call_soon`). An export reads a
 busy slot's stable prefix too (shared into the scratch sequence, nothing copied); an
 import only ever lands in an idle slot.
 """
