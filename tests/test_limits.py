@@ -256,3 +256,37 @@ def test_a_full_queue_refuses_and_keeps_no_request_in_flight(engine: Engine) -> 
         asyncio.run(main())
     finally:
         running.stop()
+
+
+def test_token_id_prompts_are_checked_on_the_loop_and_answered(engine: Engine) -> None:
+    """A Generate with token ids (what a peer's forward carries) is checked on the
+    node's loop, not on the tokenizer thread: an id outside the vocabulary gets a clear
+    invalid_request, a good one is served, and the node takes the next request."""
+    ports = free_ports(2)
+    running = RunningNode(config(ports, max_inflight_per_client=100), engine)
+    ep = f"tcp://127.0.0.1:{ports[0]}"
+    good = engine.prompt_tokens("Once upon a time there was", None)
+
+    def ids(rid: str, tokens: list[int]) -> P.Generate:
+        return P.Generate(
+            request_id=rid, tokens=tokens, params=P.SamplingParams(max_tokens=2), stream=False
+        )
+
+    async def main() -> None:
+        rc = RawClient([ep])
+        rc.start()
+        try:
+            bad = await rc.ask(ep, ids("bad", [*good, engine.n_vocab]), 120)
+            assert isinstance(bad, P.Error), bad
+            assert bad.code == P.INVALID_REQUEST and "outside" in bad.message, bad
+            ok = await rc.ask(ep, ids("ok", good), 120)
+            assert isinstance(ok, P.Done), ok
+            assert ok.prompt_tokens == len(good) and ok.completion_tokens >= 1
+            assert rc.tally.lost == [] and rc.tally.twice == []
+        finally:
+            await rc.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        running.stop()

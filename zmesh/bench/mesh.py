@@ -6,7 +6,10 @@
   estimate matches again (gossip delta latency);
 - forwarding overhead: the same cached prompt sent to the node holding it directly
   (hops 0) and through another node that forwards it (hops 1), interleaved; the
-  paired latency difference is what one hop costs on loopback;
+  paired latency difference is what one hop costs on loopback (`hop_overhead_*`),
+  and the same difference with each latency less its engine compute (`prefill_s`
+  in the reply: the slot's prefill and first token) is the hop without the engine's
+  noise (`hop_net_*`);
 - client failover: the entry node (the client's first endpoint) is killed (kill -9)
   while it streams an answer; the time from the kill to the next event the caller
   gets (the retry on another node, past the text already delivered) and to the answer.
@@ -51,6 +54,11 @@ async def _measure(lab: Lab, pairs: int) -> dict[str, float]:
         await lab.wait_converged(timeout=30)
         update = time.monotonic() - served
         direct, forwarded, diffs = [], [], []
+        # Each latency less the serving engine's compute up to its first token (the
+        # Done's prefill_s, from its slot to the token): what is left is tokenizing,
+        # routing, queues and sockets, and the paired difference of that is the hop
+        # without the engine's own noise.
+        net_diffs = []
         for i in range(pairs):
             # Same cached prefix and equally long new suffixes, order alternating, so
             # the pair differs only by the hop.
@@ -58,10 +66,12 @@ async def _measure(lab: Lab, pairs: int) -> dict[str, float]:
             p_fwd = PREFIX + f"Question: {i:03d} gamma\nAnswer:"
             order = [(b.serve, p_direct), (a.serve, p_fwd)]
             timing: dict[str, float] = {}
+            net: dict[str, float] = {}
             for endpoint, prompt in order if i % 2 == 0 else order[::-1]:
                 s = time.perf_counter()
                 r = await client.generate(prompt, max_tokens=1, endpoint=endpoint)
                 timing[endpoint] = (time.perf_counter() - s) * 1000
+                net[endpoint] = timing[endpoint] - r.prefill_s * 1000
                 if r.served_by != b.name:
                     raise RuntimeError(
                         f"expected {b.name} to serve, got {r.served_by} "
@@ -70,6 +80,7 @@ async def _measure(lab: Lab, pairs: int) -> dict[str, float]:
             direct.append(timing[b.serve])
             forwarded.append(timing[a.serve])
             diffs.append(forwarded[-1] - direct[-1])
+            net_diffs.append(net[a.serve] - net[b.serve])
             if (i + 1) % 10 == 0:
                 print(f"  [{i + 1}/{pairs}] pairs measured", file=sys.stderr)
     next_event_s, answer_s = await _failover(lab)
@@ -83,6 +94,8 @@ async def _measure(lab: Lab, pairs: int) -> dict[str, float]:
         "forwarded_ms_p99": round(_pct(forwarded, 0.99), 2),
         "hop_overhead_ms_p50": round(statistics.median(diffs), 2),
         "hop_overhead_ms_p99": round(_pct(diffs, 0.99), 2),
+        "hop_net_ms_p50": round(statistics.median(net_diffs), 2),
+        "hop_net_ms_p99": round(_pct(net_diffs, 0.99), 2),
         "failover_next_event_ms": round(next_event_s * 1000, 1),
         "failover_answer_ms": round(answer_s * 1000, 1),
     }

@@ -45,7 +45,7 @@ from zmesh.kvpeer import KvPeer
 from zmesh.kvstate import KvState
 from zmesh.node.context import NodeContext
 from zmesh.node.load import Job, Load, expired, peer_median
-from zmesh.node.request import RequestContext
+from zmesh.node.request import RequestContext, prompt_tokens
 from zmesh.node.transport import Transport
 from zmesh.peers import PeerEstimate
 from zmesh.routing import (
@@ -130,9 +130,7 @@ class Pipeline:
             self._t.deadline_error(envelope, rid, "deadline passed before the request arrived")
             return False
         try:
-            tokens = await asyncio.get_running_loop().run_in_executor(
-                self.tokenizer, c.engine.prompt_tokens, msg.prompt, msg.tokens
-            )
+            tokens = await prompt_tokens(c.engine, self.tokenizer, msg)
         except EngineError as exc:
             c.count("requests_failed")
             c.log.warning("request.failed", request_id=rid, code=exc.code, error=exc.message)

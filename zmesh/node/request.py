@@ -11,7 +11,9 @@ cache may change) the pipeline takes a fresh one (`rematched`) before deciding a
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from zmesh import protocol as P
@@ -70,3 +72,15 @@ class RequestContext:
         return dataclasses.replace(
             self, local_match=engine.local_match(self.tokens, self.namespace)
         )
+
+
+async def prompt_tokens(engine: Engine, tokenizer: Executor, msg: P.Generate) -> list[int]:
+    """The request's prompt as checked token ids (raises EngineError). Text is tokenized
+    on ``tokenizer`` (a long prompt takes seconds); token ids, what a peer's forward
+    carries, are checked here: a pass over a list, cheaper than the hop to that thread
+    and back, which a forward would otherwise pay on every hop."""
+    if msg.prompt is None:
+        return engine.prompt_tokens(None, msg.tokens)
+    return await asyncio.get_running_loop().run_in_executor(
+        tokenizer, engine.prompt_tokens, msg.prompt, msg.tokens
+    )
