@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from zmesh import protocol as P
 from zmesh.client import AsyncClient, ZmeshError
@@ -372,7 +373,9 @@ class Lab:
         indices: Sequence[int] | None = None,
         progress: Callable[[str], None] | None = None,
     ) -> float:
-        """Seconds until every (listed) node's estimates match the others' own state."""
+        """Seconds until every (listed) node's estimates match the others' own state
+        and its HTTP API (if on) answers: a node answers `Status` before its HTTP
+        front listens, and a test's first HTTP call must not race that."""
         t0 = time.monotonic()
         idx = list(range(self.n_nodes)) if indices is None else list(indices)
         last = ""
@@ -386,8 +389,13 @@ class Lab:
             try:
                 sts = await self.statuses(idx, timeout=1.0)
                 if converged(sts):
-                    return time.monotonic() - t0
-                msg = "nodes up, waiting for gossip to converge"
+                    urls = [u for i in idx if (u := self.nodes[i].http)]
+                    answers = await asyncio.gather(*(http_answers(u, 1.0) for u in urls))
+                    if all(answers):
+                        return time.monotonic() - t0
+                    msg = "converged, waiting for the HTTP API to listen"
+                else:
+                    msg = "nodes up, waiting for gossip to converge"
             except ZmeshError:
                 msg = "waiting for nodes to load the model and bind"
             if progress and msg != last:
@@ -398,6 +406,29 @@ class Lab:
                     f"lab did not converge within {timeout}s; logs in {self.workdir}"
                 )
             await asyncio.sleep(0.1)
+
+
+async def http_answers(url: str, timeout: float) -> bool:
+    """Whether an HTTP server answers at ``url`` (any status: a node's /health says
+    503 until it has joined; the fact wanted is that it listens and replies)."""
+    u = urlsplit(url)
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(u.hostname, u.port), timeout
+        )
+    except (OSError, TimeoutError):
+        return False
+    try:
+        writer.write(b"GET /health HTTP/1.0\r\nHost: lab\r\n\r\n")
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout)
+        return line.startswith(b"HTTP/1.")
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
 
 
 def _same_faults(a: P.FaultSettings, b: P.FaultSettings) -> bool:

@@ -7,7 +7,7 @@ the ones in use:
     request.received   a Generate arrived (request_id, tenant, prompt_tokens)
     route.decided      the routing decision (policy, target, reason, estimates)
     request.forwarded  sent on to a peer
-    request.completed  Done sent (served_by, cached/prompt tokens, ttft_s)
+    request.completed  Done about to be sent (served_by, cached/prompt tokens, ttft_s)
     request.failed     Error sent (code)
     request.fallback   a forward failed or timed out; served locally instead
     gossip.gap         a peer's delta seq skipped; a snapshot will repair it

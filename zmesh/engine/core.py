@@ -11,7 +11,10 @@ One long-lived engine thread runs the steps. Other threads `submit` requests (th
 wait in a FIFO until a slot is idle and fewer than ``max_running`` run), cancel them,
 and hand it work to run between two steps (`call_soon`: KV exports and imports). Each
 step's text pieces and ends go out together through ``deliver`` (one hop to an event
-loop). `generate` is the synchronous one-request wrapper over the same path.
+loop); a `Handle`'s future is settled on the engine thread, so it ends even if what
+``deliver`` hands the calls to never runs them. `close` fails whatever has not ended
+or run yet with ``EngineError("engine closed")``. `generate` is the synchronous
+one-request wrapper over the same path.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from zmesh.config import EngineConfig
 from zmesh.engine.kvship import KvPool
 from zmesh.engine.sequence import Handle, OnDone, OnPiece, Phase, Sequence
 from zmesh.engine.types import EngineError, GenerationResult, Request, StepReport
-from zmesh.protocol import INVALID_REQUEST, SamplingParams
+from zmesh.protocol import INVALID_REQUEST, UNAVAILABLE, SamplingParams
 from zmesh.stats import ewma
 
 log = logging.getLogger("zmesh.engine")
@@ -45,6 +48,24 @@ def run_calls(calls: list[Call]) -> None:
             call()
         except Exception:  # a caller's callback must not stop the engine
             log.exception("engine callback failed")
+
+
+def closed_error() -> EngineError:
+    """What `submit`, `call_soon` and every request or call a close cuts short raise."""
+    return EngineError(UNAVAILABLE, "engine closed")
+
+
+class _Settle:
+    """A step callback that resolves a Handle's future: run on the engine thread, after
+    the callbacks before it were run or handed to ``deliver`` (see `Engine._deliver`)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Call) -> None:
+        self.fn = fn
+
+    def __call__(self) -> None:
+        self.fn()
 
 
 class Engine(KvPool):
@@ -64,19 +85,38 @@ class Engine(KvPool):
         self._running: list[Sequence] = []  # engine thread only, in admission order
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._tokenizing = 0  # prompt_tokens calls under way (close waits for them)
 
     # ---- lifecycle -----------------------------------------------------------
 
     def close(self) -> None:
+        """Stop the engine thread and free llama.cpp (idempotent). Every request not
+        ended and every `call_soon` not run yet fails with `closed_error` (a caller
+        waiting on one is never left hanging); `submit` and `call_soon` raise it from
+        now on."""
+        if threading.current_thread() is self._thread:
+            # It would free the context under the step that runs this very call.
+            raise RuntimeError("close() on the engine thread")
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            while self._tokenizing:  # other threads read the vocabulary close frees
+                self._cond.wait()
         t = self._thread
-        if t is not None and t is not threading.current_thread():
-            t.join()
+        if t is not None:
+            t.join()  # no step runs after this, and no new thread starts (_closed)
+        with self._cond:
+            between, self._between = self._between, []
+        for _, fut in between:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(closed_error())
         with self._llama:
-            self._fail_all(EngineError("internal", "the engine closed"))
+            self._fail_all(closed_error())
             self._free_llama()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def __enter__(self) -> Engine:
         return self
@@ -119,7 +159,7 @@ class Engine(KvPool):
         """Queue ``request``; the engine thread serves it. ``on_piece(text)`` gets the
         streamed text, ``on_done(result, error)`` the end, both through ``deliver``
         (``inline``: called on the engine thread). Raises `EngineError` at once for a
-        request it cannot serve (bad parameters, prompt too long)."""
+        request it cannot serve (bad parameters, prompt too long) or once closed."""
         params = request.params
         try:
             params.validate()
@@ -139,11 +179,26 @@ class Engine(KvPool):
         )
         with self._cond:
             if self._closed:
-                raise EngineError("internal", "the engine is closed")
+                raise closed_error()
             self._waiting.append(seq)
             self._cond.notify()
         self._ensure_thread()
         return Handle(seq)
+
+    def prompt_tokens(self, prompt: str | bytes | None, tokens: Seq[int] | None) -> list[int]:
+        """`LlamaBase.prompt_tokens` (any thread), never while `close` frees the model:
+        raises `closed_error` once closed, and a close waits for those under way."""
+        with self._cond:
+            if self._closed:
+                raise closed_error()
+            self._tokenizing += 1
+        try:
+            return super().prompt_tokens(prompt, tokens)
+        finally:
+            with self._cond:
+                self._tokenizing -= 1
+                if self._closed and not self._tokenizing:
+                    self._cond.notify_all()  # the close waiting for this one
 
     def generate(
         self,
@@ -199,12 +254,13 @@ class Engine(KvPool):
     # ---- work between steps ---------------------------------------------------
 
     def call_soon(self, fn: Callable[[], Any]) -> Future[Any]:
-        """Run ``fn`` on the engine thread before its next step (at once when idle)."""
+        """Run ``fn`` on the engine thread before its next step (at once when idle).
+        Raises `closed_error` once closed; a close before ``fn`` ran fails the future
+        with it."""
         fut: Future[Any] = Future()
         with self._cond:
             if self._closed:
-                fut.set_exception(EngineError("internal", "the engine is closed"))
-                return fut
+                raise closed_error()
             self._between.append((fn, fut))
             self._cond.notify()
         self._ensure_thread()
@@ -359,9 +415,9 @@ class Engine(KvPool):
             calls.append((s, _bind(s.on_piece, tail)))
         fut = s.future
         if error is None:
-            calls.append((s, lambda: fut.set_result(result)))
+            calls.append((s, _Settle(lambda: fut.set_result(result))))
         else:
-            calls.append((s, lambda: fut.set_exception(error)))
+            calls.append((s, _Settle(lambda: fut.set_exception(error))))
         if s.on_done is not None:
             done = s.on_done
             if error is None:
@@ -386,15 +442,25 @@ class Engine(KvPool):
             run_calls([call])
 
     def _deliver(self, calls: list[tuple[Sequence, Call]]) -> None:
-        """Inline callbacks here, in order; the others in one `deliver` call."""
+        """Inline callbacks here, in order; the others in one `deliver` call, then
+        their futures here: once `deliver` returned (for the default one, after the
+        callbacks ran), and even if it raised or hands them to a loop that never runs
+        them (a node that stopped), so nobody waiting on a Handle hangs."""
         hop: list[Call] = []
+        settle: list[Call] = []
         for s, call in calls:
             if s.inline:
                 run_calls([call])
+            elif isinstance(call, _Settle):
+                settle.append(call)
             else:
                 hop.append(call)
-        if hop:
-            self.deliver(hop)
+        try:
+            if hop:
+                self.deliver(hop)
+        except Exception:  # its callbacks are lost; the engine and the futures are not
+            log.exception("engine deliver failed")
+        run_calls(settle)
 
     def _record(self, r: GenerationResult) -> None:
         st = self.stats

@@ -198,7 +198,8 @@ class Worker:
             shipped_tokens=job.shipped_tokens,
             pulled_from=job.pulled_from if job.shipped_tokens else None,
         )
-        self._t.reply(job.reply_to, done)
+        # Counted and logged before it is sent, so whoever holds the Done can read both
+        # (the log line costs ~50 us, measured; a token costs milliseconds).
         c.count("requests_served")
         c.metrics.answered(done, local=True, evicted_tokens=result.evicted_tokens)
         c.count("prompt_tokens", result.prompt_tokens)
@@ -216,6 +217,7 @@ class Worker:
             queue_s=done.queue_s,
             finish=result.finish_reason,
         )
+        self._t.reply(job.reply_to, done)
 
     async def _finish_pull(self, job: Job) -> None:
         """Wait for the job's pull (it has its own deadline); on failure the request is
