@@ -24,10 +24,12 @@ from typing import Any
 import zmq.asyncio
 
 from zmesh import protocol as P
+from zmesh.candidates import DEFAULT_LINK_DELAY_S
 from zmesh.config import RoutingConfig
 from zmesh.engine import Engine
 from zmesh.kvstate import KvRefused, KvState
 from zmesh.kvtransfer import Assembly, ShipCosts, split
+from zmesh.peers import PeerEstimate
 
 NO_STATE = "no KV state to ship for this request"
 MAX_CONCURRENT_EXPORTS = 2
@@ -116,6 +118,31 @@ class KvPeer:
         self._send(self._serve(), envelope, err)
 
     # ---- requester ---------------------------------------------------------
+
+    def start_pull(
+        self,
+        holder: str,
+        peer: PeerEstimate | None,
+        dealer: zmq.asyncio.Socket | None,
+        tokens: list[int],
+        msg: P.Generate,
+    ) -> asyncio.Task[KvState] | None:
+        """Start pulling ``tokens``' state from ``holder`` for a "shipped" decision, while
+        the job queues; None when the holder cannot be asked (logged and counted as a
+        failed fetch, as a pull that fails later is)."""
+        if peer is None or dealer is None:
+            self._count("kv_fetch_failed")
+            self.log.warning(
+                "request.fallback",
+                request_id=msg.request_id,
+                target=holder,
+                why="KV pull failed: holder not connected",
+            )
+            return None
+        link = peer.link_delay_s or DEFAULT_LINK_DELAY_S
+        return asyncio.create_task(
+            self.fetch(dealer, peer.node_id, link, msg.tenant, tokens, msg.deadline, msg.request_id)
+        )
 
     def on_reply(self, msg: P.KvPart | P.Error) -> bool:
         """A holder's reply; False if it belongs to no pull of ours."""

@@ -12,7 +12,9 @@ Each namespace (tenant) has a radix tree; slots never share cache across
 namespaces. A tree never claims more than a slot holds: it is cut back before a slot
 is overwritten and extended after the work (for a busy slot, once its prompt is in,
 and when its request ends). Tree queries come from other threads (the routing
-loop), guarded by ``_lock``; llama.cpp's state is touched under ``_llama``.
+loop), guarded by ``_lock``, as are the slot facts those threads read beside them
+(``busy``, ``last_used``: see `KvPool.import_evicts`); llama.cpp's state is touched
+under ``_llama``.
 """
 
 from __future__ import annotations
@@ -192,14 +194,16 @@ class SlotPool(LlamaBase):
                     ll.llama_memory_seq_cp(self._mem, source.seq, target.seq, 0, c.reuse)
                     target.tokens = source.tokens[: c.reuse]
                 self._publish(target)
-            target.busy = True
+            with self._lock:
+                target.busy = True
             return c
 
     def _release(self, slot: _Slot) -> None:
         """The slot's request ended: publish what it holds; it is idle again."""
         self._publish(slot)
-        slot.last_used = time.monotonic()
-        slot.busy = False
+        with self._lock:  # read together with the trees by other threads
+            slot.last_used = time.monotonic()
+            slot.busy = False
 
     def _truncate(self, slot: _Slot, keep: int) -> None:
         """Roll ``slot`` back to its first ``keep`` tokens, in llama.cpp and the tree."""
