@@ -60,6 +60,10 @@ class KvPool(SlotPool):
                 return 0
             with self._lock:
                 index, _ = self._import_target(tokens, namespace)
+                if index is not None:
+                    # Until its request claims it: a second import before then (the
+                    # same turn of the engine thread, say) must not overwrite it.
+                    self._reserved.add(index)
             if index is None:
                 raise KvRefused("busy", "every slot runs a request")
             target = self._slots[index]
@@ -74,6 +78,8 @@ class KvPool(SlotPool):
             pos_max = ll.llama_memory_seq_pos_max(self._mem, target.seq)
             if read == 0 or pos_min != 0 or pos_max + 1 != len(tokens):
                 ll.llama_memory_seq_rm(self._mem, target.seq, -1, -1)
+                with self._lock:
+                    self._reserved.discard(index)
                 raise KvRefused(
                     "rejected",
                     f"llama.cpp did not load the state (read {read} bytes, "
@@ -103,7 +109,7 @@ class KvPool(SlotPool):
         from; under ``_lock``. `zmesh.slots.victim` sparing the slot holding the longest
         prefix (the lowest-numbered), else that holder when it is the only idle slot.
         Read from the trees, exact for idle slots (a busy slot's tree may lag behind it,
-        but a busy slot is never a target)."""
+        but a busy slot is never a target). Reserved slots count as busy."""
         tree = self._trees.get(namespace)
         m = tree.match(tokens) if tree is not None else None
         holder = min(cast(frozenset[int], m.owners)) if m and m.length and m.owners else None
@@ -111,7 +117,10 @@ class KvPool(SlotPool):
         for t in self._trees.values():
             for seq, seq_tokens in t.sequences().items():
                 held[cast(int, seq)] = len(seq_tokens)
-        views = [SlotView(held[i], 0, s.last_used, s.busy) for i, s in enumerate(self._slots)]
+        views = [
+            SlotView(held[i], 0, s.last_used, s.busy or i in self._reserved)
+            for i, s in enumerate(self._slots)
+        ]
         index = victim(views, holder)
         if index is None and holder is not None and not views[holder].busy:
             index = holder  # the only idle slot: the longer import replaces it
