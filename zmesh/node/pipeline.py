@@ -305,6 +305,8 @@ class Pipeline:
             },
             decide_us=round((time.perf_counter() - t0) * 1e6, 1),
             **({"refused": list(refused)} if refused else {}),
+            # What a pull's import would overwrite here, charged to every pull.
+            **({"ship_evicts": local.ship_evict_tokens} if ship else {}),
             **decision.log_fields(),
         )
         return Route(decision, {cd.node_id: cd for cd in cands})
