@@ -11,7 +11,7 @@ import pytest
 from test_engine import FEW_SHOT, GREEDY, _kl
 
 from zmesh.config import EngineConfig
-from zmesh.engine import Engine
+from zmesh.engine import Engine, Handle, Request
 from zmesh.kvstate import KvLayout, KvRefused, KvState, checksum, make_state, pack, unpack
 from zmesh.protocol import SamplingParams
 
@@ -201,3 +201,42 @@ def test_a_prefix_longer_than_the_sliding_window_ships_its_first_window(
     assert shipped.cached_tokens >= state.n_tokens and cold.cached_tokens == 0
     assert shipped.text == cold.text
     assert receiver.check_consistency() == []
+
+
+def test_a_second_import_in_one_engine_turn_leaves_the_first_imports_slot_alone() -> None:
+    """Two pulled requests imported and queued in the same turn of the engine thread
+    (the node's worker does import + submit in one `call_soon` each, and two can run
+    back to back before a step): the second import must not overwrite the slot the
+    first just filled before the first request claims it. Two slots: slot 0 holds a
+    prefix of the second import (its holder, spared), so the first import's slot is the
+    only other one."""
+    with Engine(EngineConfig(n_slots=2, slot_ctx=256)) as eng:
+        first = eng.tokenize("Zebras are striped, and their stripes are unique to each one.")
+        second = eng.tokenize("The Moon is the closest body to the Earth; Venus comes next.")
+        states = []
+        for tokens in (first, second):
+            eng.generate(tokens=tokens, params=ONE)
+            state = eng.export_prefix(tokens, "default")
+            assert state is not None and state.n_tokens == len(tokens)
+            states.append(state)
+        eng.clear()
+        eng.generate(tokens=second[:8], params=ONE)  # slot 0: the second's holder
+        ask = eng.tokenize(" Why?")[1:]
+
+        def both() -> list[tuple[int, Handle]]:
+            out = []
+            for state, tokens in zip(states, (first, second), strict=True):
+                try:
+                    n = eng.import_prefix(state, "default")
+                except KvRefused:  # no slot for it: the request prefills instead
+                    n = 0
+                out.append((n, eng.submit(Request(tokens=[*tokens, *ask], params=ONE))))
+            return out
+
+        (n1, h1), (n2, h2) = eng.call_soon(both).result(timeout=120)
+        r1, r2 = h1.result(), h2.result()
+        assert n1 == len(first) - 1  # new here: all but the BOS slot 0 holds too
+        assert r1.cached_tokens == len(first), "the first import was overwritten"
+        # The second import replaced its own holder (a shorter prefix of it) instead.
+        assert n2 == len(second) - 8 and r2.cached_tokens == len(second)
+        assert eng.check_consistency() == []

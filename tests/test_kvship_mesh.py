@@ -6,8 +6,11 @@ another tenant's prefix learns nothing."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import fields
+from typing import ClassVar
 
 import msgspec
 import pytest
@@ -21,7 +24,7 @@ from zmesh.client import AsyncClient
 from zmesh.config import EngineConfig
 from zmesh.engine import Engine
 from zmesh.kvpeer import NO_STATE
-from zmesh.kvtransfer import Assembly
+from zmesh.kvtransfer import Assembly, ShipCosts
 
 pytestmark = pytest.mark.slow
 
@@ -79,9 +82,32 @@ async def _prime_b_and_make_it_busy(p: Pair, c: AsyncClient) -> asyncio.Task[P.D
     return busy
 
 
+class _ThreadsOfImports(ShipCosts):
+    """`ShipCosts` that notes which thread fed it each import's cost."""
+
+    threads: ClassVar[list[str]] = []
+
+    def observe_import(self, nbytes: int, seconds: float) -> None:
+        self.threads.append(threading.current_thread().name)
+        super().observe_import(nbytes, seconds)
+
+
 def test_a_busy_holders_prefix_is_pulled_and_answers_like_a_cold_run(
     pair: Pair, engine: Engine
 ) -> None:
+    # What the import cost and counts is recorded on node-a's loop thread, which owns
+    # the counters and the costs routing reads, never on its engine thread.
+    kv = pair.a.node.kv
+    kv.costs = _ThreadsOfImports(**{f.name: getattr(kv.costs, f.name) for f in fields(kv.costs)})
+    kv_counted: list[str] = []
+    count = kv._count
+
+    def count_kv(name: str, n: int = 1) -> None:
+        kv_counted.append(threading.current_thread().name)
+        count(name, n)
+
+    kv._count = count_kv
+
     async def main() -> tuple[P.Done, P.Done]:
         async with AsyncClient([pair.a_serve, pair.b_serve], timeout=600) as c:
             busy = await _prime_b_and_make_it_busy(pair, c)
@@ -104,6 +130,9 @@ def test_a_busy_holders_prefix_is_pulled_and_answers_like_a_cold_run(
     counters_a, counters_b = pair.a.node.counters, pair.b.node.counters
     assert counters_a.get("kv_fetched") == 1 and counters_b.get("kv_served") == 1
     assert pair.a.node.kv.costs.measured_bytes_per_token > 0  # measured, not the start value
+    loop_thread = pair.a.thread.name
+    assert _ThreadsOfImports.threads == [loop_thread]
+    assert kv_counted and set(kv_counted) == {loop_thread}
     assert pair.a.node.engine.check_consistency() == []
     assert pair.b.node.engine.check_consistency() == []
 

@@ -102,3 +102,59 @@ def test_slot_cache_makes_the_engines_choices_request_by_request() -> None:
         cache.finish(slot, held)
     # The sequence took every branch of the policy (else it proves little).
     assert min(kinds.values()) >= 3, kinds
+
+
+def test_slot_cache_predicts_the_engines_imports_request_by_request() -> None:
+    """Shipped prefixes imported between requests, as a node does (import, then the
+    request that pulled it): before each import the engine's `import_evicts` (what a
+    node's routing charges a pull) equals `SlotCache.import_evicts` (the simulator's),
+    the import then evicts exactly that and lands in the same slot, and the requests
+    after it make the same claims in both."""
+    rng = random.Random(5)
+    config = EngineConfig(n_slots=3, slot_ctx=160, block_size=8)
+    shipped = [[2, *rng.sample(range(300, 3000), rng.randint(20, 60))] for _ in range(5)]
+    heads = [rng.sample(range(300, 3000), 40) for _ in range(3)]
+    with Engine(config) as eng:
+        states = {}
+        for prefix in shipped:  # the holder's side: serve each prefix once, export it
+            eng.generate(tokens=prefix, params=SamplingParams(max_tokens=1))
+            state = eng.export_prefix(prefix, "default")
+            assert state is not None and state.n_tokens == len(prefix)
+            states[tuple(prefix)] = state
+        eng.clear()
+        cache = SlotCache(3)
+        seen = {"import into a free slot": 0, "import evicts": 0, "claims": 0}
+        for step in range(36):
+            if step == 18:  # start over once (as a bench does): imports into free slots again
+                eng.clear()
+                cache = SlotCache(3)
+            kind = rng.random()
+            prefix: list[int] | None = None
+            if kind < 0.35:
+                prefix = rng.choice(shipped)
+                tokens = [*prefix, *rng.sample(range(300, 3000), rng.randint(1, 20))]
+            elif kind < 0.7:
+                head = rng.choice(heads)[: rng.randint(5, 40)]
+                tokens = [2, *head, *rng.sample(range(300, 3000), rng.randint(0, 20))]
+            else:
+                tokens = [2, *rng.sample(range(300, 3000), rng.randint(1, 50))]
+            if prefix is not None and eng.local_match(tokens, "default") < len(prefix):
+                evicts = eng.import_evicts(tokens, "default")
+                assert evicts == cache.import_evicts(tokens)
+                before = eng.stats.evicted_tokens
+                new = eng.import_prefix(states[tuple(prefix)], "default")
+                assert new == cache.import_prefix(tuple(prefix)) > 0
+                assert eng.stats.evicted_tokens - before == evicts
+                landed = [i for i, (_, held) in enumerate(eng.slot_tokens()) if held == prefix]
+                assert landed == [i for i, held in enumerate(cache.slots) if held == tuple(prefix)]
+                seen["import evicts" if evicts else "import into a free slot"] += 1
+            n = rng.randint(1, 3)
+            r = eng.generate(tokens=tokens, params=SamplingParams(max_tokens=n))
+            held = tuple(eng.slot_tokens()[r.slot][1])
+            c = cache.claim(tuple(tokens))
+            assert (c.slot, c.reuse, c.evicted) == (r.slot, r.cached_tokens, r.evicted_tokens)
+            cache.finish(r.slot, held)
+            seen["claims"] += 1
+        assert eng.check_consistency() == []
+    # The sequence took both import branches (else it proves little).
+    assert min(seen.values()) >= 2, seen

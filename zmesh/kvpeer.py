@@ -9,8 +9,10 @@ asker's cap) gets the same `kv_unavailable` error, so a fetch learns nothing.
 
 Requester: `fetch` asks the holder over its DEALER and assembles the parts under the
 cap and a deadline; the node imports the state on its own engine thread just before it
-serves the request. Every transfer feeds `ShipCosts` (bytes per token, per-link
-bandwidth, import seconds), which routing reads through `ship_s_per_token`.
+serves the request (`load`: engine work only), then records the import on its loop
+(`record_import`: counters, log, cost). Every transfer feeds `ShipCosts` (bytes per
+token, per-link bandwidth, import seconds), which routing reads through
+`ship_s_per_token`; only the loop writes it.
 """
 
 from __future__ import annotations
@@ -19,15 +21,18 @@ import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import zmq.asyncio
 
 from zmesh import protocol as P
+from zmesh.candidates import DEFAULT_LINK_DELAY_S
 from zmesh.config import RoutingConfig
 from zmesh.engine import Engine
 from zmesh.kvstate import KvRefused, KvState
 from zmesh.kvtransfer import Assembly, ShipCosts, split
+from zmesh.peers import PeerEstimate
 
 NO_STATE = "no KV state to ship for this request"
 MAX_CONCURRENT_EXPORTS = 2
@@ -117,6 +122,31 @@ class KvPeer:
 
     # ---- requester ---------------------------------------------------------
 
+    def start_pull(
+        self,
+        holder: str,
+        peer: PeerEstimate | None,
+        dealer: zmq.asyncio.Socket | None,
+        tokens: list[int],
+        msg: P.Generate,
+    ) -> asyncio.Task[KvState] | None:
+        """Start pulling ``tokens``' state from ``holder`` for a "shipped" decision, while
+        the job queues; None when the holder cannot be asked (logged and counted as a
+        failed fetch, as a pull that fails later is)."""
+        if peer is None or dealer is None:
+            self._count("kv_fetch_failed")
+            self.log.warning(
+                "request.fallback",
+                request_id=msg.request_id,
+                target=holder,
+                why="KV pull failed: holder not connected",
+            )
+            return None
+        link = peer.link_delay_s or DEFAULT_LINK_DELAY_S
+        return asyncio.create_task(
+            self.fetch(dealer, peer.node_id, link, msg.tenant, tokens, msg.deadline, msg.request_id)
+        )
+
     def on_reply(self, msg: P.KvPart | P.Error) -> bool:
         """A holder's reply; False if it belongs to no pull of ours."""
         pull = self._pulls.get(msg.request_id or "")
@@ -196,26 +226,47 @@ class KvPeer:
             if holder == peer:
                 replies.put_nowait(None)
 
-    def import_state(self, state: KvState, tenant: str, request_id: str) -> int:
-        """On the engine thread: load a pulled state; 0 tokens if it was refused."""
+    def load(self, state: KvState, tenant: str) -> Imported:
+        """On the engine thread: load a pulled state into a slot. Engine work only: what
+        it cost and counts is recorded on the loop (`record_import`), which owns the
+        counters and the costs routing reads."""
         t0 = time.perf_counter()
         try:
             n = self.engine.import_prefix(state, self._namespace_of(tenant))
         except KvRefused as exc:
+            return Imported(state, 0, 0.0, exc)
+        return Imported(state, n, time.perf_counter() - t0)
+
+    def record_import(self, done: Imported, request_id: str) -> int:
+        """On the loop: count and log an import, feed its cost to routing; returns the
+        tokens that came over usefully (0 if refused, or a slot already held them all)."""
+        if done.refused is not None:
             self._count("kv_import_refused")
             self.log.warning(
-                "kv.import_refused", request_id=request_id, reason=exc.reason, error=exc.message
+                "kv.import_refused",
+                request_id=request_id,
+                reason=done.refused.reason,
+                error=done.refused.message,
             )
             return 0
-        seconds = time.perf_counter() - t0
-        if n == 0:
+        if done.new_tokens == 0:
             return 0  # a slot here already held all of it: nothing came over usefully
-        self.costs.observe_import(len(state.payload), seconds)
+        self.costs.observe_import(len(done.state.payload), done.seconds)
         self.log.info(
             "kv.imported",
             request_id=request_id,
-            tokens=state.n_tokens,
-            new_tokens=n,
-            import_s=round(seconds, 6),
+            tokens=done.state.n_tokens,
+            new_tokens=done.new_tokens,
+            import_s=round(done.seconds, 6),
         )
-        return state.n_tokens
+        return done.state.n_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Imported:
+    """What `KvPeer.load` did on the engine thread, for `KvPeer.record_import`."""
+
+    state: KvState
+    new_tokens: int  # tokens cached here that were not before
+    seconds: float
+    refused: KvRefused | None = None

@@ -326,6 +326,10 @@ class Engine(KvPool):
             # frees the slot it pinned.
             self._running.append(seq)
             seq.admitted(self._slots[choice.slot], choice.reuse, choice.evicted)
+        with self._cond:
+            settled = not self._waiting
+        if settled:  # every request queued after an import has claimed its slot or ended
+            self._drop_reservations()
         return ended
 
     def _decode(self, calls: list[tuple[Sequence, Call]], finished: int) -> StepReport:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import ctypes
 import time
 from collections.abc import Sequence
+from typing import cast
 
 import llama_cpp as ll
 
 from zmesh.engine.pool import SlotPool
 from zmesh.kvstate import KvRefused, KvState, make_state, verify
-from zmesh.slots import victim
+from zmesh.slots import SlotView, victim
 
 
 class KvPool(SlotPool):
@@ -54,14 +55,15 @@ class KvPool(SlotPool):
         if bad is not None:
             raise KvRefused("tokens", f"token id {bad} outside 0..{self.n_vocab - 1}")
         with self._llama:
-            holder, held = self._longest_holder(tokens, namespace)
+            _, held = self._longest_holder(tokens, namespace)
             if held >= len(tokens):
                 return 0
-            views = self._views(tokens, namespace)
-            exclude = holder.seq if holder is not None else None
-            index = victim(views, exclude)
-            if index is None and holder is not None and not holder.busy:
-                index = holder.seq  # the only idle slot: the longer import replaces it
+            with self._lock:
+                index, _ = self._import_target(tokens, namespace)
+                if index is not None:
+                    # Until its request claims it: a second import before then (the
+                    # same turn of the engine thread, say) must not overwrite it.
+                    self._reserved.add(index)
             if index is None:
                 raise KvRefused("busy", "every slot runs a request")
             target = self._slots[index]
@@ -76,6 +78,8 @@ class KvPool(SlotPool):
             pos_max = ll.llama_memory_seq_pos_max(self._mem, target.seq)
             if read == 0 or pos_min != 0 or pos_max + 1 != len(tokens):
                 ll.llama_memory_seq_rm(self._mem, target.seq, -1, -1)
+                with self._lock:
+                    self._reserved.discard(index)
                 raise KvRefused(
                     "rejected",
                     f"llama.cpp did not load the state (read {read} bytes, "
@@ -83,6 +87,41 @@ class KvPool(SlotPool):
                 )
             target.namespace = namespace
             target.tokens = tokens
-            target.last_used = time.monotonic()
+            with self._lock:
+                target.last_used = time.monotonic()
             self._publish(target)
             return len(tokens) - held
+
+    def import_evicts(self, tokens: Sequence[int], namespace: str) -> int:
+        """Cached tokens that importing a prefix of ``tokens`` longer than this engine's
+        match would overwrite now: all of the slot `import_prefix` would pick (0 when a
+        slot is empty, or none could take it). `SlotCache.import_evicts` is its model
+        (tests/test_slots.py runs both on one sequence). Any thread: it reads the trees
+        and the slot facts under the tree lock, as `local_match` does, never llama.cpp."""
+        with self._lock:
+            index, views = self._import_target(tokens, namespace)
+        return views[index].held if index is not None else 0
+
+    def _import_target(
+        self, tokens: Sequence[int], namespace: str
+    ) -> tuple[int | None, list[SlotView]]:
+        """The slot an import of a prefix of ``tokens`` takes, and the views it was chosen
+        from; under ``_lock``. `zmesh.slots.victim` sparing the slot holding the longest
+        prefix (the lowest-numbered), else that holder when it is the only idle slot.
+        Read from the trees, exact for idle slots (a busy slot's tree may lag behind it,
+        but a busy slot is never a target). Reserved slots count as busy."""
+        tree = self._trees.get(namespace)
+        m = tree.match(tokens) if tree is not None else None
+        holder = min(cast(frozenset[int], m.owners)) if m and m.length and m.owners else None
+        held = [0] * len(self._slots)
+        for t in self._trees.values():
+            for seq, seq_tokens in t.sequences().items():
+                held[cast(int, seq)] = len(seq_tokens)
+        views = [
+            SlotView(held[i], 0, s.last_used, s.busy or i in self._reserved)
+            for i, s in enumerate(self._slots)
+        ]
+        index = victim(views, holder)
+        if index is None and holder is not None and not views[holder].busy:
+            index = holder  # the only idle slot: the longer import replaces it
+        return index, views

@@ -12,7 +12,9 @@ Each namespace (tenant) has a radix tree; slots never share cache across
 namespaces. A tree never claims more than a slot holds: it is cut back before a slot
 is overwritten and extended after the work (for a busy slot, once its prompt is in,
 and when its request ends). Tree queries come from other threads (the routing
-loop), guarded by ``_lock``; llama.cpp's state is touched under ``_llama``.
+loop), guarded by ``_lock``, as are the slot facts those threads read beside them
+(``busy``, ``last_used``, the import reservations: see `KvPool.import_evicts`);
+llama.cpp's state is touched under ``_llama``.
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ class SlotPool(LlamaBase):
         self._trees: dict[str, RadixTree] = {}
         self._slots = [_Slot(seq=i) for i in range(cfg.n_slots)]
         self._scratch_seq = cfg.n_slots
+        # Slots an import filled for a request not yet admitted: no other import takes
+        # them (`KvPool.import_prefix`); dropped when a claim takes the slot or nothing
+        # waits any more. Under ``_lock``.
+        self._reserved: set[int] = set()
 
     # ---- cache view (thread-safe) -----------------------------------------
 
@@ -192,14 +198,21 @@ class SlotPool(LlamaBase):
                     ll.llama_memory_seq_cp(self._mem, source.seq, target.seq, 0, c.reuse)
                     target.tokens = source.tokens[: c.reuse]
                 self._publish(target)
-            target.busy = True
+            with self._lock:
+                target.busy = True
+                self._reserved.discard(target.seq)  # the import it held was for this claim
             return c
 
     def _release(self, slot: _Slot) -> None:
         """The slot's request ended: publish what it holds; it is idle again."""
         self._publish(slot)
-        slot.last_used = time.monotonic()
-        slot.busy = False
+        with self._lock:  # read together with the trees by other threads
+            slot.last_used = time.monotonic()
+            slot.busy = False
+
+    def _drop_reservations(self) -> None:
+        with self._lock:
+            self._reserved.clear()
 
     def _truncate(self, slot: _Slot, keep: int) -> None:
         """Roll ``slot`` back to its first ``keep`` tokens, in llama.cpp and the tree."""

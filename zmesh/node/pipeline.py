@@ -20,6 +20,7 @@ a fresh wire id), up to ``admit_retries``, else serves it here (reason ``refused
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -42,7 +43,6 @@ from zmesh.candidates import (
 )
 from zmesh.engine import EngineError
 from zmesh.kvpeer import KvPeer
-from zmesh.kvstate import KvState
 from zmesh.node.context import NodeContext
 from zmesh.node.load import Job, Load, expired, peer_median
 from zmesh.node.request import RequestContext, prompt_tokens
@@ -168,7 +168,13 @@ class Pipeline:
             reason = "fallback"
             break
         new_tokens = len(tokens) - req.local_match
-        kv_pull = self._start_pull(req, decision)
+        kv_pull = None
+        if decision.pull_from is not None:  # "shipped": pull while the job queues
+            peer = c.peers.get(decision.pull_from)
+            dealer = self._t.dealer_for(peer) if peer else None
+            kv_pull = self._kv.start_pull(
+                decision.pull_from, peer, dealer, req.tokens[: decision.pull_tokens], msg
+            )
         if kv_pull is not None:
             new_tokens = len(tokens) - decision.pull_tokens
         elif decision.pull_from is not None:
@@ -217,36 +223,6 @@ class Pipeline:
         )
         return True
 
-    def _start_pull(self, req: RequestContext, decision: Decision) -> asyncio.Task[KvState] | None:
-        """Start pulling the prefix a "shipped" decision names, while the job queues;
-        None when there is none to pull, or the holder cannot be asked (logged and counted
-        as a failed fetch, as a pull that fails later is)."""
-        if decision.pull_from is None:
-            return None
-        msg = req.msg
-        peer = self._c.peers.get(decision.pull_from)
-        dealer = self._t.dealer_for(peer) if peer else None
-        if peer is None or dealer is None:
-            self._c.count("kv_fetch_failed")
-            self._c.log.warning(
-                "request.fallback",
-                request_id=msg.request_id,
-                target=decision.pull_from,
-                why="KV pull failed: holder not connected",
-            )
-            return None
-        return asyncio.create_task(
-            self._kv.fetch(
-                dealer,
-                peer.node_id,
-                peer.link_delay_s or DEFAULT_LINK_DELAY_S,
-                msg.tenant,
-                req.tokens[: decision.pull_tokens],
-                msg.deadline,
-                msg.request_id,
-            )
-        )
-
     # ---- routing -----------------------------------------------------------
 
     def _rates(self) -> tuple[float, float]:
@@ -280,9 +256,12 @@ class Pipeline:
         ids, bs = req.block_ids, req.block_size
         prefill, service = self._rates()
         local = self._local_candidate(req, prefill, service)
+        ship = self.settings.ship
+        if ship:  # a pull's import overwrites a slot here: its tokens are charged to it
+            evicts = c.engine.import_evicts(tokens, req.namespace)
+            local = dataclasses.replace(local, ship_evict_tokens=evicts)
         local_match = local.matched_tokens
         cands = [local]
-        ship = self.settings.ship
         for peer in c.peers.alive():
             link = peer.link_delay_s or DEFAULT_LINK_DELAY_S
             cands.append(
@@ -324,6 +303,8 @@ class Pipeline:
             },
             decide_us=round((time.perf_counter() - t0) * 1e6, 1),
             **({"refused": list(refused)} if refused else {}),
+            # What a pull's import would overwrite here, charged to every pull.
+            **({"ship_evicts": local.ship_evict_tokens} if ship else {}),
             **decision.log_fields(),
         )
         return Route(decision, {cd.node_id: cd for cd in cands})

@@ -20,7 +20,7 @@ from typing import Any
 
 from zmesh import protocol as P
 from zmesh.engine import Engine, EngineError, GenerationResult, Request, run_calls
-from zmesh.kvpeer import KvPeer
+from zmesh.kvpeer import Imported, KvPeer
 from zmesh.node.context import NodeContext
 from zmesh.node.load import Job, Load, expired
 from zmesh.node.transport import Transport
@@ -268,19 +268,21 @@ class Worker:
         else:
             state, job.kv_state = job.kv_state, None
 
-            def start() -> Any:
-                # Import and queue in one turn of the engine thread: no other admission
-                # can take the slot the import just filled before this request claims it.
-                job.shipped_tokens = self._kv.import_state(state, msg.tenant, msg.request_id)
+            def start() -> tuple[Any, Imported]:
+                # Import and queue in one turn of the engine thread; the engine keeps the
+                # slot from other imports until this request claims it.
+                loaded = self._kv.load(state, msg.tenant)
                 submitted = engine.submit(request, on_piece, on_done)
                 # Set here, then check: a stop or Cancel that lands while this runs
                 # (the awaiting task already cancelled) still ends the request.
                 job.handle = submitted
                 if job.cancelled or self._stopping:
                     submitted.cancel()
-                return submitted
+                return submitted, loaded
 
-            handle = await asyncio.wrap_future(engine.call_soon(start))
+            handle, loaded = await asyncio.wrap_future(engine.call_soon(start))
+            # Counters and costs belong to the loop: recorded here, not on the engine.
+            job.shipped_tokens = self._kv.record_import(loaded, msg.request_id)
             if not job.shipped_tokens:
                 job.route_reason = "fallback"
         job.handle = handle
