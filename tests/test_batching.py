@@ -212,8 +212,10 @@ def test_prompts_admitted_together_prefill_one_at_a_time_and_rate_their_own_step
     assert order == [a.slot] * order.count(a.slot) + [b.slot] * order.count(b.slot)
     assert a.prompt_tokens == b.prompt_tokens and a.cached_tokens == b.cached_tokens <= 1
     assert 0.0 < a.prefill_work_s <= a.prefill_s
-    # b waited through a's whole prefill (the same prompt's): about half its time.
-    assert 0.0 < b.prefill_work_s < 0.8 * b.prefill_s
+    # b's time since admission spans a's chunk steps and then its own; its work, only
+    # its own (steps are timed, not counted: exact up to the timer's resolution).
+    assert b.prefill_work_s > 0.0
+    assert b.prefill_s >= a.prefill_work_s + b.prefill_work_s - 1e-3
 
 
 def test_generate_still_serves_one_request_with_streamed_text(
