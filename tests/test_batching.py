@@ -194,6 +194,28 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_another_slot_decodes(
     assert q.prompt_tokens > 3 * CHUNK
 
 
+def test_prompts_admitted_together_prefill_one_at_a_time_and_rate_their_own_steps(
+    eng: Engine, steps: list[StepReport]
+) -> None:
+    # Two cold prompts in one step: every chunk of the first comes before the second's
+    # (the load model, candidates.batch_wait_s, relies on it). The second's prefill
+    # time since admission spans the first's steps too; its prefill rate, which routing
+    # compares across nodes, must count only its own (prefill_work_s).
+    a, b = (
+        h.result()
+        for h in _submit_together(
+            eng,
+            [Request(prompt=QUESTION, params=LONG, namespace=f"pair-{k}") for k in range(2)],
+        )
+    )
+    order = [s.prefill[0] for s in steps if s.prefill is not None]
+    assert order == [a.slot] * order.count(a.slot) + [b.slot] * order.count(b.slot)
+    assert a.prompt_tokens == b.prompt_tokens and a.cached_tokens == b.cached_tokens <= 1
+    assert 0.0 < a.prefill_work_s <= a.prefill_s
+    # b waited through a's whole prefill (the same prompt's): about half its time.
+    assert 0.0 < b.prefill_work_s < 0.8 * b.prefill_s
+
+
 def test_generate_still_serves_one_request_with_streamed_text(
     eng: Engine, sequential: dict[str, str], steps: list[StepReport]
 ) -> None:

@@ -10,8 +10,11 @@ what a node does:
 - `batch_depth`, `batch_backlog_s`: the same for a node that runs up to
   ``max_running`` requests at once (continuous batching); with ``max_running=1``
   they give exactly `queue_depth` and `backlog_s`;
-- `unreported_s`: work we forwarded to a peer since its last heartbeat (which cannot
-  count it yet), added to the backlog that peer advertised;
+- `batch_wait_s`: a batching node's wait as its engine runs it (one prompt prefills
+  at a time, in the order requests got places): what a node advertises;
+- `unreported_s`, `free_places`: work we forwarded to a peer since its last heartbeat
+  (which cannot count it yet), added to the backlog that peer advertised: its prefill
+  when the peer has places free for it and for the new request, else all of it;
 - `local_candidate`, `peer_candidate`: the `Candidate` rows `decide` takes;
 - `borrowed_rate`: a rate not measured yet, from peers on like hardware;
 - `ship_s_per_token`, `ship_fixed_s`: what pulling a peer's cached prefix costs
@@ -48,14 +51,18 @@ __all__ = [
     "DEFAULT_PREFILL_S_PER_TOKEN",
     "DEFAULT_SERVICE_S",
     "PeerRow",
+    "Work",
     "backlog_s",
     "batch_backlog_s",
     "batch_depth",
+    "batch_wait_s",
     "borrowed_rate",
     "contenders",
+    "free_places",
     "head_key",
     "local_candidate",
     "peer_candidate",
+    "predict_prefill_s",
     "predict_s",
     "queue_depth",
     "ship_fixed_s",
@@ -95,6 +102,11 @@ def predict_s(
     most stop well before their limit."""
     expect = min(max_tokens, 2 * completion_tokens) if completion_tokens else max_tokens
     return max(new_tokens, 1) * prefill_s_per_token + expect * decode_s_per_token
+
+
+def predict_prefill_s(new_tokens: int, prefill_s_per_token: float) -> float:
+    """The prefill part of `predict_s`: until the request's first token, once it prefills."""
+    return max(new_tokens, 1) * prefill_s_per_token
 
 
 def queue_depth(waiting: int, running: bool) -> int:
@@ -143,16 +155,68 @@ def batch_backlog_s(
     return free[0]
 
 
-def unreported_s(forwards: Iterable[tuple[float, float]], last_heard: float | None) -> float:
-    """Predicted seconds of the forwards to one peer, ``(sent_at, cost_s)``, sent after
-    its last heartbeat (``last_heard``, the same clock): its advertised backlog cannot
-    include them yet."""
+class Work(NamedTuple):
+    """A request's predicted seconds on a node: until its first token once it prefills
+    (``prefill_s``), and in all (``service_s``: prefill + decode)."""
+
+    prefill_s: float
+    service_s: float
+
+
+def batch_wait_s(
+    running: Sequence[tuple[float, Work]], queued: Sequence[Work], max_running: int
+) -> float:
+    """Predicted seconds until a request arriving now would start its own prefill on a
+    node whose engine runs up to ``max_running`` requests at once and prefills one
+    prompt at a time (each step carries one chunk of the oldest unfinished prompt beside
+    every decoding sequence): ``running`` is ``(elapsed_s, work)`` of the requests that
+    hold places, in the order they got them; ``queued``, those waiting, in order.
+
+    The new request waits for a place (as in `batch_backlog_s`) and for the prefills
+    of every request ahead of it, whichever is later; a request's place frees once its
+    prefill (after those ahead) and its decode are done. A node with free places but
+    prompts still prefilling is not idle. With ``max_running=1`` this is `backlog_s`.
+    """
+    lane = -math.inf  # when the prompts ahead are all prefilled (0: now)
+    frees: list[float] = []  # when each place frees
+    for elapsed, w in running:
+        lane = max(-elapsed, lane) + w.prefill_s
+        frees.append(max(lane + max(w.service_s - w.prefill_s, 0.0), 0.0))
+    lane = max(lane, 0.0)
+    places = max(max_running, 1)
+    frees += [0.0] * max(places - len(frees), 0)
+    heapq.heapify(frees)
+    for w in queued:
+        lane = max(heapq.heappop(frees), lane) + w.prefill_s
+        heapq.heappush(frees, lane + max(w.service_s - w.prefill_s, 0.0))
+    return max(frees[0], lane)
+
+
+def free_places(places: int, depth: int) -> int:
+    """Places a peer had free when it last said so (``places`` 0: it did not say, and
+    is taken as one-at-a-time: a request it holds leaves none)."""
+    return max(places - depth, 0) if places > 0 else 0
+
+
+def unreported_s(
+    forwards: Iterable[tuple[float, ...]], last_heard: float | None, free: int = 0
+) -> float:
+    """Predicted seconds of the forwards to one peer, ``(sent_at, cost_s[, prefill_s])``,
+    sent after its last heartbeat (``last_heard``, the same clock): its advertised
+    backlog cannot include them yet.
+
+    On a peer that had ``free`` places (`free_places`) and still has one for the new
+    request once they took theirs, they only prefill ahead of it (`batch_wait_s`), so
+    each adds its ``prefill_s`` (missing: its cost); otherwise, all of each ``cost_s``.
+    """
     heard = last_heard or 0.0
-    total = 0.0
-    for sent_at, cost in forwards:
-        if sent_at > heard:
-            total += cost
-    return total
+    costs: list[float] = []
+    prefills: list[float] = []
+    for f in forwards:
+        if f[0] > heard:
+            costs.append(f[1])
+            prefills.append(f[2] if len(f) > 2 else f[1])
+    return sum(prefills) if len(costs) < free else sum(costs)
 
 
 def borrowed_rate(values: Iterable[float], default: float) -> float:

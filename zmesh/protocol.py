@@ -289,6 +289,9 @@ class Heartbeat(_Msg, tag="hb", kw_only=True):
     # Predicted seconds of work queued and running: a better wait estimate than
     # queue_depth x service_s when requests differ in size (cold vs cached prompts).
     backlog_s: Seconds = 0.0
+    # Requests it runs at once (its engine's max_running; 0: not said, one at a time):
+    # with queue_depth, whether a forward would find a place free there.
+    places: Count = 0
     peers: list[PeerInfo] = []
     block_size: int
     model_fingerprint: str

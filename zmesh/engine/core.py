@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -307,7 +308,10 @@ class Engine(KvPool):
                 b.logits[n - 1] = 1
                 rows.append((pre, n - 1))
         b.n_tokens = n
+        t0 = time.perf_counter()
         rc = ll.llama_decode(self._ctx, b)
+        if pre is not None:  # the step's cost is its chunk's (the decoders' rows are few)
+            pre.prefill_work_s += time.perf_counter() - t0
         self.stats.steps += 1
         if rc != 0:
             # Leave every slot of this batch exactly as far as we know it is.
@@ -403,7 +407,11 @@ class Engine(KvPool):
         st.cached_tokens += r.cached_tokens
         prefilled = r.prompt_tokens - r.cached_tokens
         if prefilled >= 32 and r.completion_tokens:  # tiny prefills: mostly fixed costs
-            st.prefill_s_per_token = ewma(st.prefill_s_per_token, r.prefill_s / prefilled)
+            # Its own steps, not the wall time since admission: prompts prefill one at a
+            # time, and the wait for earlier ones is the load model's (candidates.py),
+            # not this node's speed.
+            work = r.prefill_work_s or r.prefill_s
+            st.prefill_s_per_token = ewma(st.prefill_s_per_token, work / prefilled)
         st.service_s = ewma(st.service_s, r.queue_s + r.prefill_s + r.decode_s)
         st.completion_tokens = ewma(st.completion_tokens, float(r.completion_tokens))
         if r.completion_tokens > 1:

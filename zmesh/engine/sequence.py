@@ -91,6 +91,9 @@ class Sequence:
         self.generated = 0
         self.t_admit = self.t_first = self.t_last = 0.0
         self.ttft_s = self.prefill_s = 0.0
+        # Seconds of the steps that carried this prompt's chunks: its own prefill work,
+        # without the steps it waited through while an earlier prompt prefilled.
+        self.prefill_work_s = 0.0
 
     # ---- control -----------------------------------------------------------
 
@@ -164,6 +167,7 @@ class Sequence:
             completion_tokens=self.generated,
             ttft_s=self.ttft_s,
             prefill_s=self.prefill_s,
+            prefill_work_s=self.prefill_work_s,
             decode_s=end - self.t_first if self.generated else 0.0,
             slot=slot_seq,
             evicted_tokens=self.evicted,

@@ -47,6 +47,9 @@ class GenerationResult:
     slot: int
     evicted_tokens: int = 0
     queue_s: float = 0.0  # waiting for a slot
+    # Of prefill_s, the steps that carried this prompt's chunks (the engine prefills
+    # one prompt at a time: the rest is waiting for earlier prompts). 0: not measured.
+    prefill_work_s: float = 0.0
 
     @property
     def decode_tps(self) -> float:

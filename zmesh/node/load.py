@@ -21,8 +21,9 @@ from zmesh.candidates import (
     DEFAULT_DECODE_S_PER_TOKEN,
     DEFAULT_PREFILL_S_PER_TOKEN,
     DEFAULT_SERVICE_S,
-    batch_backlog_s,
+    Work,
     batch_depth,
+    batch_wait_s,
 )
 from zmesh.engine import Engine, Handle
 from zmesh.kvstate import KvState
@@ -51,6 +52,7 @@ class Job:
     route_reason: str
     route_path: list[str]
     predicted_s: float = 0.0  # predicted service time, for the advertised backlog
+    prefill_s: float = 0.0  # of which, its prefill (the engine prefills one at a time)
     attempt: int = 0
     chunks: int = 0
     cancelled: bool = False
@@ -119,10 +121,11 @@ class Load:
         return batch_depth(len(self.queue), len(self.running))
 
     def backlog_s(self) -> float:
-        """Predicted seconds until a request arriving now would start here."""
+        """Predicted seconds until a request arriving now would start its prefill here:
+        a place, and the prompts ahead of it prefilled (`candidates.batch_wait_s`)."""
         now = time.monotonic()
-        left = [j.predicted_s - (now - j.started_at) for j in self.running.values()]
-        return batch_backlog_s([j.predicted_s for j in self.queue], left, self.places())
+        running = [(now - j.started_at, _work(j)) for j in self.running.values()]
+        return batch_wait_s(running, [_work(j) for j in self.queue], self.places())
 
     def predict_s(self, new_tokens: int, max_tokens: int) -> float:
         st = self._engine.stats
@@ -133,6 +136,11 @@ class Load:
             st.decode_s_per_token or DEFAULT_DECODE_S_PER_TOKEN,
             st.completion_tokens,
         )
+
+    def predict_prefill_s(self, new_tokens: int) -> float:
+        """The prefill part of `predict_s`."""
+        rate = self._engine.stats.prefill_s_per_token or DEFAULT_PREFILL_S_PER_TOKEN
+        return cm.predict_prefill_s(new_tokens, rate)
 
     def put(self, job: Job) -> None:
         """Queue ``job``; raises asyncio.QueueFull when the queue is full."""
@@ -159,6 +167,10 @@ class Load:
         self.running.pop(job.key, None)
         self.changed = True
         self._wake.set()
+
+
+def _work(job: Job) -> Work:
+    return Work(min(job.prefill_s, job.predicted_s), job.predicted_s)
 
 
 def peer_median(peers: Iterable[PeerEstimate], field: str, default: float) -> float:

@@ -81,6 +81,7 @@ class Advertiser:
             prefill_s_per_token=st.prefill_s_per_token,
             service_s=st.service_s,
             backlog_s=round(self._load.backlog_s(), 4),
+            places=self._load.places(),
             block_size=c.engine.block_size,
             model_fingerprint=c.engine.fingerprint.hex(),
             peers=[
@@ -243,6 +244,7 @@ class Membership:
             prefill_s_per_token=hb.prefill_s_per_token,
             service_s=hb.service_s,
             backlog_s=hb.backlog_s,
+            places=hb.places,
         )
         self._maybe_resync(peer, action, now)
 

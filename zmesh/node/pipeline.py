@@ -34,6 +34,7 @@ from zmesh.candidates import (
     DEFAULT_LINK_DELAY_S,
     DEFAULT_PREFILL_S_PER_TOKEN,
     DEFAULT_SERVICE_S,
+    free_places,
     head_key,
     local_candidate,
     peer_candidate,
@@ -72,6 +73,7 @@ class Forward:
     target: str
     sent_at: float  # monotonic
     cost_s: float  # predicted service time at the target
+    prefill_s: float = 0.0  # of which, its prefill there (candidates.unreported_s)
     request_id: str = ""  # the caller's id; the peer knows it by its wire id (see forward)
     scope: bytes = b""  # the caller's scope: its Cancel follows the forward
     cancelled: bool = False  # the caller cancelled: never served here instead
@@ -181,6 +183,7 @@ class Pipeline:
             route_path=path,
             attempt=attempt,
             predicted_s=self._load.predict_s(max(new_tokens, 1), msg.params.max_tokens),
+            prefill_s=self._load.predict_prefill_s(new_tokens),
             kv_pull=kv_pull,
             pulled_from=decision.pull_from if kv_pull is not None else None,
         )
@@ -321,8 +324,15 @@ class Pipeline:
             # The rates this node's own estimate used (measured, else borrowed).
             prefill_s_per_token=prefill,
             service_s=service,
+            # With the scores: each estimate's parts (wait: its backlog, our unreported
+            # forwards included; the rest is the prefill of what it lacks, and the link).
             candidates={
-                cd.node_id: {"match": cd.matched_tokens, "queue": cd.queue_depth} for cd in cands
+                cd.node_id: {
+                    "match": cd.matched_tokens,
+                    "queue": cd.queue_depth,
+                    "wait": round(cd.wait_s or 0.0, 4),
+                }
+                for cd in cands
             },
             decide_us=round((time.perf_counter() - t0) * 1e6, 1),
             **({"refused": list(refused)} if refused else {}),
@@ -333,8 +343,13 @@ class Pipeline:
     def _unreported_forwards_s(self, peer: PeerEstimate) -> float:
         """Work we sent to ``peer`` since its last heartbeat, which cannot include it yet."""
         return unreported_s(
-            ((f.sent_at, f.cost_s) for f in self.forwards.values() if f.target == peer.node_id),
+            (
+                (f.sent_at, f.cost_s, f.prefill_s)
+                for f in self.forwards.values()
+                if f.target == peer.node_id
+            ),
             peer.last_heard,
+            free_places(peer.places, peer.queue_depth),
         )
 
     # ---- forwarding ----------------------------------------------------------
@@ -375,6 +390,7 @@ class Pipeline:
             target=peer.node_id,
             sent_at=time.monotonic(),
             cost_s=self._load.predict_s(max(new_tokens, 1), msg.params.max_tokens),
+            prefill_s=self._load.predict_prefill_s(new_tokens),
             request_id=rid,
             scope=req.scope,
         )

@@ -87,6 +87,7 @@ class PeerEstimate:
         "link_delay_s",
         "n_slots",
         "node_id",
+        "places",
         "prefill_s_per_token",
         "queue_depth",
         "reported_state",
@@ -134,6 +135,7 @@ class PeerEstimate:
         self.prefill_s_per_token = 0.0
         self.service_s = 0.0
         self.backlog_s = 0.0  # the peer's predicted seconds of queued + running work
+        self.places = 0  # requests it runs at once (0: not said)
         self.link_delay_s = 0.0  # one-way, EWMA; 0.0 until measured
         self.inflight = 0  # requests we forwarded there that have not finished
         # snapshot in flight
@@ -212,10 +214,12 @@ class PeerEstimate:
         prefill_s_per_token: float | None = None,
         service_s: float | None = None,
         backlog_s: float = 0.0,
+        places: int = 0,
     ) -> Action:
         """Refresh liveness and load; check our estimate against the peer's (seq, digest)."""
         self.mark_heard(now)
         self.backlog_s = max(backlog_s, 0.0)
+        self.places = max(places, 0)
         self.queue_depth = queue_depth
         self.busy_slots = busy_slots
         self.n_slots = n_slots
