@@ -1,8 +1,9 @@
 """The oracle in the simulator: `zmesh.oracle` on an exact mirror of every node.
 
 Each node's mirror replays every request dispatched there, in order, so it is the
-cache the request will find; its wait is when the node's first place frees (it
-runs ``max_running`` requests at once, each at the cost model's batched rate). At scale the
+cache the request will find; its wait is until the node has a place free (it runs
+``max_running`` requests at once) and has read the prompts sent before (one at a
+time, as the engine does). At scale the
 pool is the longest holders (an index of the mirrors) plus the least busy of a
 random sample.
 """
@@ -30,7 +31,7 @@ class MirrorMixin(SimBase):
                 n.idx,
                 n.shadow,
                 self._queue_depth(n),
-                max(min(n.shadow_free) - now, 0.0),
+                max(min(n.shadow_free) - now, n.shadow_lane - now, 0.0),
                 self._joins_batch(n.shadow_free, now),
             )
             for n in pool
@@ -43,12 +44,14 @@ class MirrorMixin(SimBase):
         claim = replay(target.shadow, job.tokens, tail, now)
         self._drain_shadow(target)
         # The place that frees first takes it, at the rates of the batch it joins.
+        # Its prompt is read once those dispatched before it are (one at a time).
         free = target.shadow_free
         place = free.index(min(free))
-        start = max(free[place], now)
+        start = max(free[place], now, target.shadow_lane)
         others = sum(1 for i, f in enumerate(free) if i != place and f > start)
         ttft = cost.ttft_s(len(job.tokens) - claim.reuse) * self._prefill_factor(others)
         decode = max(mt - 1, 0) * cost.decode_s_per_token * cost.slowdown(others + 1)
+        target.shadow_lane = start + ttft
         free[place] = start + ttft + decode
         job.node = target.idx
         job.reason = "oracle"

@@ -16,10 +16,12 @@ import contextlib
 from typing import Any
 
 from zmesh.candidates import (
+    Work,
     backlog_s,
-    batch_backlog_s,
     batch_depth,
+    batch_wait_s,
     local_candidate,
+    predict_prefill_s,
     predict_s,
 )
 from zmesh.routing import (
@@ -56,9 +58,10 @@ class ServingMixin(SimBase):
             predicted = head.predicted if head is not None else None
             since = head.started_at if head is not None else now
             return backlog_s(node.queued_s, predicted, now - since)
-        return batch_backlog_s(
-            [j.predicted for j in node.queue if j.state == QUEUED],
-            [j.predicted - (now - j.started_at) for j in running],
+        # As a batching node advertises it: a place, and the prompts ahead read.
+        return batch_wait_s(
+            [(now - j.started_at, Work(j.predicted_prefill, j.predicted)) for j in running],
+            [Work(j.predicted_prefill, j.predicted) for j in node.queue if j.state == QUEUED],
             self.cfg.max_running,
         )
 
@@ -193,7 +196,9 @@ class ServingMixin(SimBase):
             return
         mt = self.workload.requests[job.index].max_tokens
         batch = min(len(node.running) + 1, self.cfg.max_running)
-        job.predicted = self._predict(len(job.tokens) - node.cache.match(job.tokens), mt, batch)
+        new = len(job.tokens) - node.cache.match(job.tokens)
+        job.predicted = self._predict(new, mt, batch)
+        job.predicted_prefill = predict_prefill_s(new, self.cost.prefill_s_per_token)
         job.state = QUEUED
         node.queue.append(job)
         node.queued_s += job.predicted
@@ -344,4 +349,5 @@ class ServingMixin(SimBase):
         if self.policy == ORACLE:
             node.shadow = self._new_cache()
             node.shadow_free = [self.now] * self.cfg.max_running
+            node.shadow_lane = self.now
         self._push(self.now + self.cfg.heartbeat_s * self.rng.random(), HB, idx, node.gen)

@@ -37,6 +37,7 @@ class Job:
         "node",
         "paused",
         "predicted",
+        "predicted_prefill",
         "progress_at",
         "pull_from",
         "pull_got",
@@ -72,6 +73,7 @@ class Job:
         self.fwd_sent = 0.0
         self.fwd_cost = 0.0
         self.predicted = 0.0
+        self.predicted_prefill = 0.0  # of which its prompt (batching nodes read one at a time)
         self.first_at = 0.0
         self.done_at = 0.0
         self.ret_delay = 0.0
@@ -126,6 +128,7 @@ class SimNode:
         "service_ewma",
         "shadow",
         "shadow_free",
+        "shadow_lane",
         "view",
     )
 
@@ -154,6 +157,7 @@ class SimNode:
         self.fwd_out: dict[int, list[Job]] = {}  # peer -> forwards not finished
         # The oracle's mirror: when each of the node's places (max_running) frees.
         self.shadow_free: list[float] = [0.0]
+        self.shadow_lane = 0.0  # ... and when it will have read every prompt sent there
         self.incoming = 0  # forwards on their way here (diagnose: the real load)
 
 
