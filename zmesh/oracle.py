@@ -5,11 +5,13 @@ through the engine's slot policy (the simulator's `SlotCache`, or a `TokenCache`
 so it knows the cache each request will find, and it knows each node's exact wait.
 For a request it scores every node by::
 
-    est = wait + evicted * prefill + (prompt - matched) * prefill
+    est = wait + evicted * prefill + (prompt - matched) * prefill * factor
 
 where ``evicted`` is the other cached content that serving the request there would
 overwrite (one more prefill of it later: without that charge a greedy router evicts
-a hot prefix to save a few tokens), and lets `routing.decide` choose with the
+a hot prefix to save a few tokens), and ``factor`` how much slower than alone the
+node prefills it (a node that batches: the batch the request joins), and lets
+`routing.decide` choose with the
 ``oracle`` policy (lowest estimate, no thresholds) among those candidates, the best
 first as the "local" one. Then it replays the request on the chosen mirror.
 
@@ -63,6 +65,9 @@ class OracleNode:
     mirror: Mirror
     queue_depth: int
     wait_s: float  # exact seconds until it would start a request sent now
+    # How much slower than alone it prefills there: a node that batches serves a
+    # request that joins k running ones at its batched rate (1.0: alone).
+    prefill_factor: float = 1.0
 
 
 def choose(
@@ -78,8 +83,9 @@ def choose(
     rows = []
     for n in nodes:
         matched = n.mirror.match(tokens)
+        rate = prefill * n.prefill_factor
         wait = n.wait_s + n.mirror.evicted_tokens(tokens) * prefill
-        est = wait + (prompt - min(matched, prompt)) * prefill
+        est = wait + (prompt - min(matched, prompt)) * rate
         rows.append((est, n.order, n, matched, wait))
     rows.sort(key=lambda r: (r[0], r[1]))  # decide() keeps ties local: best one first
     cands = [
@@ -89,7 +95,7 @@ def choose(
             matched_tokens=matched,
             queue_depth=n.queue_depth,
             link_delay_s=0.0,
-            prefill_s_per_token=prefill,
+            prefill_s_per_token=prefill * n.prefill_factor,
             service_s=0.0,
             wait_s=wait,
         )

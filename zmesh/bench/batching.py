@@ -9,7 +9,10 @@ time (``max_running = 1``: the old engine's path, queueing in the engine's FIFO)
 Levels and modes interleave (c=1 batched, c=1 sequential, c=3 ...) so load drift on a
 shared machine hits both alike. Reported per run: aggregate generated tokens/s,
 TTFT (submit to first token, waiting for a slot included) mean/p50/p99, end-to-end
-mean/p50/p99, llama_decode steps and the mean number of sequences per step.
+mean/p50/p99, llama_decode steps and the mean number of sequences per step. With
+``--sequential`` and level 1, also what the simulator's server model predicts for the
+same runs (`zmesh.sim.enginecheck`: calibrated on the one-at-a-time c=1 run), as
+simulated / measured per figure.
 
     zmesh bench engine --concurrency 1,3,6 --sequential [--threads 1] [--json]
 """
@@ -174,7 +177,24 @@ def run(
                     f"e2e mean {res['e2e_mean_s']:6.2f} s  load {loadavg()}",
                     file=sys.stderr,
                 )
+            if c == 1:  # single sequences only so far: the engine's unbatched rate
+                out["prefill_s_per_token"] = engine.stats.prefill_s_per_token
     out["loadavg_after"] = loadavg()
+    if sequential and 1 in levels:
+        # What the simulator's server model predicts for the same runs (sim/enginecheck.py).
+        from zmesh.sim.enginecheck import side_by_side
+
+        out["simulator"] = side_by_side(out, out["prefill_s_per_token"])
+        for row in out["simulator"]:
+            print(
+                f"  sim c={row['concurrency']:<2} {row['mode']:<10} sim/engine: "
+                + "  ".join(
+                    f"{k} {v['sim_over_engine']:.2f}"
+                    for k, v in row.items()
+                    if k not in ("mode", "concurrency")
+                ),
+                file=sys.stderr,
+            )
     if sequential:
         ratios = {}
         for c in levels:

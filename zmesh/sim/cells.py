@@ -93,6 +93,7 @@ class Cell:
     keepalive: bool = True
     entry: str = "random"
     bandwidth_mbit: float = 1000.0  # every link's, for KV shipping (zmesh_ship)
+    max_running: int = 1  # requests a node runs at once (continuous batching)
 
     def build(self) -> tuple[SimConfig, Workload, Arrivals]:
         cost = load_cost_model(self.cost)
@@ -141,6 +142,7 @@ class Cell:
             forward_keepalive=self.keepalive,
             entry=self.entry,
             bandwidth_mbit=self.bandwidth_mbit,
+            max_running=self.max_running,
         )
         return cfg, wl, arrivals
 
@@ -200,6 +202,7 @@ def cell_shape(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
         "keepalive": args.keepalive,
         "entry": args.entry,
         "bandwidth_mbit": getattr(args, "bandwidth_mbit", 1000.0),
+        "max_running": getattr(args, "max_running", 1),
     }
 
 

@@ -128,6 +128,13 @@ def _common(ap: argparse.ArgumentParser) -> None:
         default=1000.0,
         help="every link's bandwidth for KV shipping (policy zmesh_ship), Mbit/s (default 1000)",
     )
+    ap.add_argument(
+        "--max-running",
+        type=int,
+        default=1,
+        help="requests a node runs at once (continuous batching, each at the cost model's "
+        "batched rate; a real node runs its n_slots); default 1: one at a time",
+    )
     ap.add_argument("--loss", type=float, default=0.0, help="gossip message loss (0..1)")
     ap.add_argument("--failures", type=int, default=0, help="node crashes during the run")
     ap.add_argument(

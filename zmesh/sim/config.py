@@ -53,6 +53,11 @@ class SimConfig:
     forward_keepalive: bool = True
     hash_prefix_tokens: int = 64
     max_queue: int = 64
+    # Requests a node runs at once (continuous batching: the engine's max_running,
+    # n_slots by default on a real node), each at the cost model's batched rate;
+    # 1: one at a time, the model the sweeps of docs/evaluation.md were run with.
+    max_running: int = 1
+    prefill_chunk: int = 128  # batched: prompt tokens read per step while others decode
     routing: dict[str, Any] = field(default_factory=dict)  # RoutingSettings overrides
     estimates: str = "auto"  # "per_node" | "shared" | "auto" (per_node up to 8 nodes)
     max_candidates: int = 0  # peers considered per decision; 0: all up to 64 nodes, else 16
@@ -88,6 +93,8 @@ class SimConfig:
     def __post_init__(self) -> None:
         if self.nodes < 1:
             raise ValueError("nodes must be >= 1")
+        if not 1 <= self.max_running <= self.n_slots:
+            raise ValueError(f"max_running must be in 1..n_slots ({self.n_slots})")
         if self.policy not in SIM_POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; known: {', '.join(SIM_POLICIES)}")
         if self.cache not in ("slots", "tokens"):

@@ -42,6 +42,7 @@ from collections.abc import Callable
 from typing import Any
 
 from zmesh.sim.arrivals import ArrivalsMixin
+from zmesh.sim.batch import BatchMixin
 from zmesh.sim.config import (
     HB,
     SIM_POLICIES,
@@ -64,6 +65,7 @@ class Simulator(
     ArrivalsMixin,
     RoutingMixin,
     ServingMixin,
+    BatchMixin,
     ShippingMixin,
     GossipMixin,
     MirrorMixin,

@@ -7,13 +7,20 @@ A request that finds ``cached`` of its ``prompt`` tokens in a slot costs::
 
 ``base_s`` is what a fully cached prompt still costs (sampler, the last token's
 logits): the engine benchmark's warm TTFT minus the few tokens it prefilled.
+
+A node that runs k requests in one batch (continuous batching) serves each of them
+``slowdown(k) = 1 + batch_beta * (k - 1)`` times slower than one alone: one
+llama_decode step for k sequences costs that much more than a step for one.
+``batch_beta`` comes from `zmesh bench engine --concurrency` (aggregate tokens/s at
+k in flight over one at a time is k / slowdown(k)); 0 would be a free batch, 1 no
+gain at all.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +33,11 @@ class CostModel:
     base_s: float
     decode_s_per_token: float
     source: str = "custom"
+    batch_beta: float = 0.0
+
+    def slowdown(self, running: int) -> float:
+        """How much slower each of ``running`` requests in one batch is served."""
+        return 1.0 + self.batch_beta * max(running - 1, 0)
 
     def ttft_s(self, uncached: int) -> float:
         return self.base_s + max(uncached, 0) * self.prefill_s_per_token
@@ -56,12 +68,20 @@ CPU_ENGINE_BENCH = {
     "warm_ttft_mean_s": 0.035,
     "decode_tokens_per_s": 64.0,
 }
+# `taskset -c 1 zmesh bench engine --concurrency 1,3,6 --sequential --threads 1
+# --requests 12 --json` (docs/evaluation.md, continuous batching): 3 busy slots gave
+# 1.44x the tokens/s of one at a time, so each of the 3 ran 3 / 1.44 = 2.08x slower.
+CPU_BATCH_BETA = (3 / 1.44 - 1) / 2
 
 PRESETS: dict[str, CostModel] = {
-    "cpu": CostModel.from_engine_bench(CPU_ENGINE_BENCH, "cpu: engine bench, 2 cores"),
+    "cpu": replace(
+        CostModel.from_engine_bench(CPU_ENGINE_BENCH, "cpu: engine bench, 2 cores"),
+        batch_beta=CPU_BATCH_BETA,
+    ),
     # Not measured here: a GPU-class server (prefill 20k tokens/s, decode 100 tokens/s).
     # It shows where the inter-node delay, not prefill, dominates what a hit saves.
-    "gpu": CostModel(1 / 20000, 0.010, 0.010, "gpu: illustrative, not measured"),
+    # Decode there is bound by memory bandwidth: a batch of k costs little more than one.
+    "gpu": CostModel(1 / 20000, 0.010, 0.010, "gpu: illustrative, not measured", 0.05),
 }
 
 

@@ -1,7 +1,9 @@
 """The oracle in the simulator: `zmesh.oracle` on an exact mirror of every node.
 
 Each node's mirror replays every request dispatched there, in order, so it is the
-cache the request will find; its wait is when the node will be free. At scale the
+cache the request will find; its wait is until the node has a place free (it runs
+``max_running`` requests at once) and has read the prompts sent before (one at a
+time, as the engine does). At scale the
 pool is the longest holders (an index of the mirrors) plus the least busy of a
 random sample.
 """
@@ -25,7 +27,12 @@ class MirrorMixin(SimBase):
         now = self.now
         known = [
             OracleNode(
-                n.name, n.idx, n.shadow, self._queue_depth(n), max(n.shadow_free_at - now, 0.0)
+                n.name,
+                n.idx,
+                n.shadow,
+                self._queue_depth(n),
+                max(min(n.shadow_free) - now, n.shadow_lane - now, 0.0),
+                self._joins_batch(n.shadow_free, now),
             )
             for n in pool
         ]
@@ -36,11 +43,35 @@ class MirrorMixin(SimBase):
         tail = tuple(-next(self._tail) for _ in range(max(mt - 1, 0)))
         claim = replay(target.shadow, job.tokens, tail, now)
         self._drain_shadow(target)
-        start = max(target.shadow_free_at, now)
-        target.shadow_free_at = start + cost.service_s(len(job.tokens) - claim.reuse, mt)
+        # The place that frees first takes it, at the rates of the batch it joins.
+        # Its prompt is read once those dispatched before it are (one at a time).
+        free = target.shadow_free
+        place = free.index(min(free))
+        start = max(free[place], now, target.shadow_lane)
+        others = sum(1 for i, f in enumerate(free) if i != place and f > start)
+        ttft = cost.ttft_s(len(job.tokens) - claim.reuse) * self._prefill_factor(others)
+        decode = max(mt - 1, 0) * cost.decode_s_per_token * cost.slowdown(others + 1)
+        target.shadow_lane = start + ttft
+        free[place] = start + ttft + decode
         job.node = target.idx
         job.reason = "oracle"
         self._enqueue(target, job)
+
+    def _joins_batch(self, free: list[float], now: float) -> float:
+        """How much slower than alone a request sent now reads its prompt on a node
+        whose places free at ``free``: beside those still busy, decoding (all busy:
+        a full batch less the one that frees)."""
+        busy = sum(1 for f in free if f > now)
+        return self._prefill_factor(min(busy, len(free) - 1))
+
+    def _prefill_factor(self, decoding: int) -> float:
+        """A prompt read while ``decoding`` others decode gets one chunk per step
+        (batch.py): its prefill takes (chunk + their decode step) / chunk as long."""
+        if decoding <= 0:
+            return 1.0
+        cost = self.cost
+        chunk = self.cfg.prefill_chunk * cost.prefill_s_per_token
+        return (chunk + cost.decode_s_per_token * cost.slowdown(decoding)) / chunk
 
     def _drain_shadow(self, node: SimNode) -> None:
         ev = node.shadow.drain_events()
@@ -62,7 +93,7 @@ class MirrorMixin(SimBase):
                 chosen[p] = self.nodes[p]
         # and the least busy nodes of a random sample (power of d choices)
         sample = self.rng.sample(alive, min(len(alive), 2 * self.limit))
-        sample.sort(key=lambda n: n.shadow_free_at)
+        sample.sort(key=lambda n: min(n.shadow_free))
         for n in sample:
             if len(chosen) >= self.limit:
                 break

@@ -44,7 +44,7 @@ class ResultsMixin(SimBase):
     def _note_herd(self, node: SimNode, job: Job) -> None:
         """A forward queued behind a request of its own instant that another entry sent:
         the herd that no entry could see, only the holder (docs/evaluation.md, "Bursts")."""
-        held = [*node.queue, *([node.running] if node.running is not None else [])]
+        held = [*node.queue, *node.running]
         if any(j.sent_at == job.sent_at and j.entry != job.entry for j in held):
             self.herd_queued += 1
 

@@ -46,7 +46,7 @@ class RoutingMixin(SimBase):
         paper = self.policy == PAPER
         local_match = node.cache.match(tokens)
         if self.cfg.pending_prefixes:
-            queued = list(node.queue) + ([node.running] if node.running is not None else [])
+            queued = [*node.queue, *node.running]
             local_match = max(local_match, self._pending_match(ids, queued))
         local = local_candidate(
             node.name,

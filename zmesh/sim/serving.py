@@ -1,8 +1,10 @@
 """Serving in the simulator: forwards, a node's FIFO queue, the slot cache, crashes.
 
-A node serves one request at a time from its queue (`max_queue`), its service time
-from the cost model on what its cache (`SlotCache`/`TokenCache`) misses; its load
-(queue depth, backlog, the prediction of each request) is `zmesh.candidates`'. A
+A node runs up to ``max_running`` requests at once from its queue (`max_queue`): one
+at a time by default, or a continuous batch as a real node's engine does (batch.py).
+A request's service time comes from the cost model on what its cache
+(`SlotCache`/`TokenCache`) misses. Its load (queue depth, backlog, the prediction of
+each request) is `zmesh.candidates`'. A
 forward whose peer fails or is suspected (or, without keep-alives, times out) is
 served again by its entry. A crash loses the node's queue and cache; it restarts
 empty with a new epoch.
@@ -14,10 +16,13 @@ import contextlib
 from typing import Any
 
 from zmesh.candidates import (
+    Work,
     backlog_s,
+    batch_depth,
+    batch_wait_s,
     local_candidate,
+    predict_prefill_s,
     predict_s,
-    queue_depth,
 )
 from zmesh.routing import (
     ORACLE,
@@ -44,17 +49,31 @@ from zmesh.stats import ewma
 
 class ServingMixin(SimBase):
     def _queue_depth(self, node: SimNode) -> int:
-        return queue_depth(len(node.queue), node.running is not None)
+        return batch_depth(len(node.queue), len(node.running))
 
     def _backlog(self, node: SimNode) -> float:
-        running = node.running
-        predicted = running.predicted if running is not None else None
-        return backlog_s(node.queued_s, predicted, self.now - node.running_since)
+        now, running = self.now, node.running
+        if self.cfg.max_running == 1:  # exactly the one-at-a-time figures
+            head = running[0] if running else None
+            predicted = head.predicted if head is not None else None
+            since = head.started_at if head is not None else now
+            return backlog_s(node.queued_s, predicted, now - since)
+        # As a batching node advertises it: a place, and the prompts ahead read.
+        return batch_wait_s(
+            [(now - j.started_at, Work(j.predicted_prefill, j.predicted)) for j in running],
+            [Work(j.predicted_prefill, j.predicted) for j in node.queue if j.state == QUEUED],
+            self.cfg.max_running,
+        )
 
-    def _predict(self, new_tokens: int, max_tokens: int) -> float:
+    def _predict(self, new_tokens: int, max_tokens: int, batch: int = 1) -> float:
+        """The service time a node predicts, at the rate it measures while it runs a
+        batch of ``batch`` (a node learns its rates from what it serves, batched)."""
         # Answers here always run to max_tokens: no completion-length estimate.
         c = self.cost
-        return predict_s(new_tokens, max_tokens, c.prefill_s_per_token, c.decode_s_per_token)
+        s = c.slowdown(batch)
+        return predict_s(
+            new_tokens, max_tokens, c.prefill_s_per_token * s, c.decode_s_per_token * s
+        )
 
     def _forward(self, node: SimNode, job: Job, target: int) -> None:
         job.forwarded = True
@@ -176,23 +195,28 @@ class ServingMixin(SimBase):
                 self._finish_failed(job.index, job.stream)
             return
         mt = self.workload.requests[job.index].max_tokens
-        job.predicted = self._predict(len(job.tokens) - node.cache.match(job.tokens), mt)
+        batch = min(len(node.running) + 1, self.cfg.max_running)
+        new = len(job.tokens) - node.cache.match(job.tokens)
+        job.predicted = self._predict(new, mt, batch)
+        job.predicted_prefill = predict_prefill_s(new, self.cost.prefill_s_per_token)
         job.state = QUEUED
         node.queue.append(job)
         node.queued_s += job.predicted
         self._load_changed(node)
-        if node.running is None:
+        if len(node.running) < self.cfg.max_running:
             self._start_next(node)
 
-    def _start_next(self, node: SimNode) -> None:
-        while node.queue:
+    def _start_next(self, node: SimNode) -> bool:
+        """Start queued requests while places are free; whether any started."""
+        started = False
+        while node.queue and len(node.running) < self.cfg.max_running:
             job = node.queue.popleft()
             node.queued_s = max(node.queued_s - job.predicted, 0.0)
             if job.state != QUEUED:
                 continue
             self._start(node, job)
-            return
-        node.running = None
+            started = True
+        return started
 
     def _start(self, node: SimNode, job: Job) -> None:
         import_s = 0.0
@@ -201,10 +225,14 @@ class ServingMixin(SimBase):
                 self._wait_for_pull(node, job)
                 return
             import_s = self._import_pull(node, job)
+        batched = self.cfg.max_running > 1
+        if batched:
+            self._advance(node)  # (batch.py) before the batch changes
         job.state = RUNNING
         job.run_node = node.idx
-        node.running = job
-        node.running_since = self.now
+        if job not in node.running:  # (one that waited for its pull holds its place)
+            node.running.append(job)
+        job.started_at = self.now
         claim = node.cache.claim(job.tokens)
         job.claim = claim
         job.cached = claim.reuse
@@ -218,21 +246,29 @@ class ServingMixin(SimBase):
             service *= f
         ttft += import_s
         service += import_s
-        job.first_at = self.now + ttft
         if job.forwarded:
             job.ret_delay = self._delay(node.idx, job.entry)
         self._load_changed(node)
         self._cache_changed(node)
-        self._push(self.now + service, DONE, job, node.gen)
+        if batched:
+            job.first_left, job.work_left = ttft, service
+            self._reschedule(node)
+            return
+        job.first_at = self.now + ttft
+        job.done_due = self.now + service
+        self._push(job.done_due, DONE, job, node.gen)
 
     def _on_done(self, job: Job, gen: int) -> None:
         node = self.nodes[job.run_node]
-        if node.gen != gen or node.running is not job:
-            return  # the node crashed meanwhile
+        if node.gen != gen or job not in node.running or self.now != job.done_due:
+            return  # the node crashed meanwhile, or the batch changed its end
         if job.paused > 0.0:  # a peer's KV export paused it (shipping.py)
-            self._push(self.now + job.paused, DONE, job, gen)
+            job.done_due = self.now + job.paused
+            self._push(job.done_due, DONE, job, gen)
             job.paused = 0.0
             return
+        if self.cfg.max_running > 1 and not self._batch_event(node, job):
+            return  # its prompt is read, not its answer (batch.py)
         mt = self.workload.requests[job.index].max_tokens
         tail = tuple(-next(self._tail) for _ in range(max(mt - 1, 0)))
         seq = job.tokens + tail
@@ -244,14 +280,15 @@ class ServingMixin(SimBase):
             )
             ids = ids + more
         node.cache.finish(job.claim.slot, seq, ids, self.now)
-        node.service_ewma = ewma(node.service_ewma, self.now - node.running_since)
+        node.service_ewma = ewma(node.service_ewma, self.now - job.started_at)
         node.served += 1
-        node.running = None
+        node.running.remove(job)
         self._cache_changed(node)
         self._load_changed(node)
         if job.state == RUNNING:
             self._complete(job, node)
-        self._start_next(node)
+        if not self._start_next(node) and node.running and self.cfg.max_running > 1:
+            self._reschedule(node)  # the batch shrank: the others go faster
 
     def _complete(self, job: Job, node: SimNode) -> None:
         job.state = FINISHED
@@ -275,10 +312,10 @@ class ServingMixin(SimBase):
             return
         node.alive = False
         node.gen += 1
-        lost = list(node.queue) + ([node.running] if node.running is not None else [])
+        lost = [*node.queue, *node.running]
         node.queue.clear()
         node.queued_s = 0.0
-        node.running = None
+        node.running = []
         for job in lost:
             if job.forwarded:
                 job.state = WAIT  # its entry falls back once it notices
@@ -311,5 +348,6 @@ class ServingMixin(SimBase):
         self._boot(node)  # a restart: empty cache, new epoch
         if self.policy == ORACLE:
             node.shadow = self._new_cache()
-            node.shadow_free_at = self.now
+            node.shadow_free = [self.now] * self.cfg.max_running
+            node.shadow_lane = self.now
         self._push(self.now + self.cfg.heartbeat_s * self.rng.random(), HB, idx, node.gen)

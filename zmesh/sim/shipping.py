@@ -69,13 +69,14 @@ class ShippingMixin(SimBase):
             return
         t = self.now
         export = n * cfg.ship_export_s_per_token
-        running = holder.running
-        if running is not None and running.pull_got != PULL_PENDING:
-            # Exported between two decode steps: the running request pauses for it.
+        batch = [r for r in holder.running if r.pull_got != PULL_PENDING]
+        if batch:
+            # Exported between two decode steps: the running requests pause for it.
             t += self.cost.decode_s_per_token
-            running.paused += export
-            if t < running.first_at:
-                running.first_at += export
+            for running in batch:
+                running.paused += export
+                if t < running.first_at:
+                    running.first_at += export
         t += export
         nbytes = n * cfg.ship_bytes_per_token
         wire = nbytes / self._bandwidth_bytes_per_s(holder.idx, back)
@@ -91,15 +92,15 @@ class ShippingMixin(SimBase):
             return
         job.pull_got = n
         node = self.nodes[job.node]
-        if job.state == RUNNING and node.running is job and node.alive:
+        if job.state == RUNNING and job in node.running and node.alive:
             self._start(node, job)
 
     def _wait_for_pull(self, node: SimNode, job: Job) -> None:
         """The job is at the head of the queue before its pull came: the worker waits."""
         job.state = RUNNING
         job.run_node = node.idx
-        node.running = job
-        node.running_since = self.now
+        node.running.append(job)
+        job.started_at = self.now
         self._load_changed(node)
 
     def _import_pull(self, node: SimNode, job: Job) -> float:

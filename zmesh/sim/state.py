@@ -25,8 +25,10 @@ class Job:
         "cached",
         "claim",
         "done_at",
+        "done_due",
         "entry",
         "first_at",
+        "first_left",
         "forwarded",
         "fwd_cost",
         "fwd_sent",
@@ -35,6 +37,8 @@ class Job:
         "node",
         "paused",
         "predicted",
+        "predicted_prefill",
+        "progress_at",
         "pull_from",
         "pull_got",
         "pull_n",
@@ -43,9 +47,11 @@ class Job:
         "ret_delay",
         "run_node",
         "sent_at",
+        "started_at",
         "state",
         "stream",
         "tokens",
+        "work_left",
     )
 
     def __init__(self, index: int, tokens: tuple[int, ...], ids: list[int], entry: int) -> None:
@@ -55,11 +61,19 @@ class Job:
         self.entry = entry
         self.node = entry
         self.sent_at = 0.0
+        self.started_at = 0.0  # when it got its place on the node that runs it
+        # Running in a batch (serving.py): alone-seconds of work left, and until its
+        # first token; when they were last brought up to date; when it will end.
+        self.work_left = 0.0
+        self.first_left = 0.0
+        self.progress_at = 0.0
+        self.done_due = 0.0
         self.state = WAIT
         self.forwarded = False
         self.fwd_sent = 0.0
         self.fwd_cost = 0.0
         self.predicted = 0.0
+        self.predicted_prefill = 0.0  # of which its prompt (batching nodes read one at a time)
         self.first_at = 0.0
         self.done_at = 0.0
         self.ret_delay = 0.0
@@ -110,11 +124,11 @@ class SimNode:
         "queue",
         "queued_s",
         "running",
-        "running_since",
         "served",
         "service_ewma",
         "shadow",
-        "shadow_free_at",
+        "shadow_free",
+        "shadow_lane",
         "view",
     )
 
@@ -132,8 +146,7 @@ class SimNode:
         self.alive = True
         self.gen = 0  # bumps on crash: events of an older life are ignored
         self.queue: deque[Job] = deque()
-        self.running: Job | None = None
-        self.running_since = 0.0
+        self.running: list[Job] = []  # up to SimConfig.max_running, in start order
         self.queued_s = 0.0
         self.busy = False
         self.flush_pending = False
@@ -142,7 +155,9 @@ class SimNode:
         self.service_ewma = 0.0
         self.inflight: dict[int, int] = {}  # peer -> our forwards not finished
         self.fwd_out: dict[int, list[Job]] = {}  # peer -> forwards not finished
-        self.shadow_free_at = 0.0
+        # The oracle's mirror: when each of the node's places (max_running) frees.
+        self.shadow_free: list[float] = [0.0]
+        self.shadow_lane = 0.0  # ... and when it will have read every prompt sent there
         self.incoming = 0  # forwards on their way here (diagnose: the real load)
 
 
