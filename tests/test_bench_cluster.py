@@ -57,10 +57,12 @@ def test_oracle_follows_the_cache_then_the_queue() -> None:
         t, _ = o.choose(f"x{k}", [*prefix, 2000 + k], now=now)
         seen.add(t)
     assert len(seen) > 1
-    assert all(rid != "r1" for rid, _, _ in o.mirrors[t1].outstanding)
+    assert all(o[0] != "r1" for o in o.mirrors[t1].outstanding)
 
 
-def test_oracle_on_batching_nodes_waits_only_when_every_place_is_taken() -> None:
+def test_oracle_on_batching_nodes_waits_for_a_place_and_the_prompts_ahead() -> None:
+    """A node that runs two at once reads one prompt at a time (as the engine steps):
+    the oracle waits for a place and for the prompts sent there before."""
     one, two = (
         Oracle(["a"], n_slots=2, max_tokens=4),
         Oracle(["a"], n_slots=2, max_tokens=4, places=2),
@@ -68,11 +70,14 @@ def test_oracle_on_batching_nodes_waits_only_when_every_place_is_taken() -> None
     for o in (one, two):
         o.choose("r1", list(range(2, 300)), now=0.0)
     m1, m2 = one.mirrors["a"], two.mirrors["a"]
-    # One running: a node that runs two at once starts the next at once.
-    assert one._wait(m1, 0.0) > 0.0 and two._wait(m2, 0.0) == 0.0
+    # One running, a place free: the next waits for r1's prompt only, not its answer.
+    assert 0.0 < two._wait(m2, 0.0) < one._wait(m1, 0.0)
+    prompt_s = m2.outstanding[0][3]
+    assert two._wait(m2, 0.0) == pytest.approx(prompt_s)
+    assert two._wait(m2, prompt_s + 1e-3) == 0.0
     for o in (one, two):
         o.choose("r2", list(range(500, 800)), now=0.0)
-    # Both places taken: the wait is the first to free, not the sum.
+    # Both places taken: the wait is the first to free or the prompts, not the sum.
     assert 0.0 < two._wait(m2, 0.0) < one._wait(m1, 0.0)
 
 

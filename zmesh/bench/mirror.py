@@ -4,8 +4,9 @@ It mirrors each node's slots by replaying, in order, every request it sent there
 through the engine's slot policy (`zmesh.sim.cache.SlotCache`), so it knows the cache
 each request will find; it knows every queue because it is the only sender (its wait:
 the predictions of the requests outstanding there, the first one's elapsed part
-deducted; on nodes that run ``places`` requests at once, `candidates.batch_backlog_s`
-of them, the first ``places`` counted as running since they were sent), and it
+deducted; on nodes that run ``places`` requests at once, `candidates.batch_wait_s` of
+them, as such a node advertises: a place, and the prompts ahead read one at a time;
+the first ``places`` counted as running since they were sent), and it
 learns the real prefill and decode rates from the answers.
 """
 
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from zmesh import protocol as P
-from zmesh.candidates import batch_backlog_s
+from zmesh.candidates import Work, batch_wait_s
 from zmesh.oracle import OracleNode, choose, replay
 from zmesh.routing import PolicyState
 from zmesh.sim.cache import SlotCache
@@ -26,8 +27,9 @@ from zmesh.stats import ewma
 @dataclass
 class _Mirror:
     cache: SlotCache
-    # (rid, predicted seconds, dispatched at), in the order the node serves them
-    outstanding: list[tuple[str, float, float]] = field(default_factory=list)
+    # (rid, predicted seconds, dispatched at, of which its prompt), in the order the
+    # node serves them
+    outstanding: list[tuple[str, float, float, float]] = field(default_factory=list)
     last_done: float = 0.0
 
 
@@ -53,12 +55,15 @@ class Oracle:
             return 0.0
         if self.places > 1:
             running, queued = m.outstanding[: self.places], m.outstanding[self.places :]
-            left = [p - max(now - sent, 0.0) for _, p, sent in running]
-            return batch_backlog_s([p for _, p, _ in queued], left, self.places)
-        _, predicted, dispatched = m.outstanding[0]
+            return batch_wait_s(
+                [(max(now - sent, 0.0), Work(pf, p)) for _, p, sent, pf in running],
+                [Work(pf, p) for _, p, _, pf in queued],
+                self.places,
+            )
+        _, predicted, dispatched, _ = m.outstanding[0]
         started = max(m.last_done, dispatched)  # the head of the queue is running
         first = max(predicted - max(now - started, 0.0), 0.0)
-        return first + sum(p for _, p, _ in m.outstanding[1:])
+        return first + sum(o[1] for o in m.outstanding[1:])
 
     def choose(
         self, rid: str, tokens: list[int], now: float, max_tokens: int = 0
@@ -75,8 +80,8 @@ class Oracle:
         tail = tuple(range(self._tail, self._tail - (mt - 1), -1))
         self._tail -= mt
         claim = replay(m.cache, seq, tail, now)
-        predicted = self.base + (len(seq) - claim.reuse) * self.prefill + (mt - 1) * self.decode
-        m.outstanding.append((rid, predicted, now))
+        prefill = self.base + (len(seq) - claim.reuse) * self.prefill
+        m.outstanding.append((rid, prefill + (mt - 1) * self.decode, now, prefill))
         return target.node_id, claim.reuse
 
     def finished(self, target: str, rid: str, done: P.Done | None, now: float) -> None:
