@@ -80,6 +80,10 @@ class Candidate:
     # overwrite (the slot it lands in); their prefill is charged to the pull, as the
     # oracle charges evictions. 0: a free slot, or not known.
     ship_evict_tokens: int = 0
+    # KV shipping (local only): alive peers that also hold a leading part of those
+    # evicted tokens, (node_id, tokens): what they hold can be pulled back rather than
+    # prefilled (`shipping.evict_charge_s`). Empty: no peer holds any, or not known.
+    ship_evict_held: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
