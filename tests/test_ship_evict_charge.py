@@ -51,7 +51,10 @@ def node(
 
 def route(cands: list[Candidate], prompt: int = 1100) -> Decision:
     return decide(
-        RouteRequest(prompt, 0, 0), cands, RoutingSettings(ship=True), PolicyState.seeded(0)
+        RouteRequest(prompt, 0, 0),
+        cands,
+        RoutingSettings(ship=True, ship_evict_pull_back=True),
+        PolicyState.seeded(0),
     )
 
 
@@ -78,7 +81,7 @@ def test_a_holder_over_a_slow_link_or_unknown_leaves_the_charge_whole() -> None:
 
 
 def test_the_charge_in_figures() -> None:
-    s = RoutingSettings(ship=True)
+    s = RoutingSettings(ship=True, ship_evict_pull_back=True)
     here = replace(node("m", local=True), ship_evict_tokens=600)
     peers = [node("a"), node("b", ship=SHIP * 4)]
     assert evict_charge_s(here, peers, s) == 600 * PREFILL
@@ -87,7 +90,7 @@ def test_the_charge_in_figures() -> None:
     via_b = 0.002 + 600 * SHIP * 4
     assert evict_charge_s(part, peers, s) == min(via_a, via_b)
     # A pull carries at most ship_max_tokens: the rest is prefilled.
-    capped = RoutingSettings(ship=True, ship_max_tokens=512)
+    capped = RoutingSettings(ship=True, ship_evict_pull_back=True, ship_max_tokens=512)
     assert evict_charge_s(part, peers, capped) == min(via_a, 0.002 + 512 * SHIP * 4 + 88 * PREFILL)
     # Held counts above what is evicted are clipped.
     over = replace(here, ship_evict_held=(("a", 5000),))
@@ -105,7 +108,9 @@ def test_the_charge_is_never_above_a_full_prefill_nor_negative(
 ) -> None:
     here = replace(node("m", local=True), ship_evict_tokens=evicted, ship_evict_held=tuple(held))
     peers = [node(n, ship=r) for n, r in zip("abc", rates, strict=True)]
-    c = evict_charge_s(here, peers, RoutingSettings(ship=True, ship_max_tokens=cap))
+    c = evict_charge_s(
+        here, peers, RoutingSettings(ship=True, ship_evict_pull_back=True, ship_max_tokens=cap)
+    )
     assert 0 <= c <= evicted * PREFILL + 1e-12
     if not held:
         assert c == evicted * PREFILL
@@ -145,3 +150,9 @@ def test_the_sim_cache_names_the_blocks_its_import_would_evict() -> None:
     assert evict_held([Holder("p", set(hasher.block_ids(a)))], cache.import_victim_ids(c), 16) == (
         ("p", 64),
     )
+
+
+def test_without_the_setting_the_whole_eviction_is_a_prefill() -> None:
+    here = replace(node("m", local=True), ship_evict_tokens=600, ship_evict_held=(("a", 600),))
+    off = RoutingSettings(ship=True)
+    assert evict_charge_s(here, [node("a")], off) == 600 * PREFILL

@@ -138,6 +138,9 @@ class RoutingSettings:
     ship: bool = False
     ship_min_tokens: int = 64  # smaller gains are not worth a transfer
     ship_max_tokens: int = 0  # the most a state can carry (the engine's window); 0: no cap
+    # Charge evicted tokens a pullable peer also holds as a pull back, not a prefill
+    # (`shipping.evict_charge_s`); off: the whole evicted slot is charged as a prefill.
+    ship_evict_pull_back: bool = False
     # Holder-side admission (admission.py): a forward carries the latest first token its
     # forwarder still prefers to serving it itself; a peer past that refuses it as busy.
     admission: bool = True

@@ -12,8 +12,9 @@ import lands in a slot (a free one, else the least recently used): ``evicted_her
 (the local candidate's ``ship_evict_tokens``) is what it overwrites, prefilled again
 by whoever needs it next, as the oracle charges evictions; without that charge the
 simulator's MMLU runs (4 slots per node) lost more to evicted subjects than the pulls
-saved (docs/evaluation.md, "Simulator: KV shipping"). Evicted tokens a pullable peer
-also holds (``ship_evict_held``) are charged as pulling them back from it instead,
+saved (docs/evaluation.md, "Simulator: KV shipping"). With ``ship_evict_pull_back``,
+evicted tokens a pullable peer also holds (``ship_evict_held``) are charged as
+pulling them back from it instead,
 where that is cheaper (`evict_charge_s`): the mesh still has them, so losing them
 here costs at most a pull later, not a prefill; over a slow link the pull back costs
 as much as the prefill and the charge stays whole. The
@@ -24,6 +25,7 @@ candidate; `zmesh.py` takes it only when it beats serving here and forwarding by
 gain threshold. On a slow link ``ship_s_per_token`` is large and a pull never wins.
 
 Parameters (`RoutingSettings`): ``ship`` (off), ``ship_min_tokens`` (64),
+``ship_evict_pull_back`` (off: docs/evaluation.md, "the eviction charge"),
 ``ship_max_tokens`` (the engine's sliding window for models that have one: llama.cpp
 exports no cell older than the window, so a longer prefix cannot travel whole; the
 rest of the prompt is prefilled after the import).
@@ -78,6 +80,7 @@ def best_pull(
 def evict_charge_s(local: Candidate, peers: list[Candidate], settings: RoutingSettings) -> float:
     """Seconds a pull's import costs later by what it evicts here.
 
+    Without ``settings.ship_evict_pull_back``: a prefill of all of it.
     The evicted tokens (``local.ship_evict_tokens``) are prefilled again by whoever
     needs them next, unless a peer among ``peers`` that can be pulled from holds a
     leading part of them (``local.ship_evict_held``): then the cheapest of pulling that
@@ -87,7 +90,7 @@ def evict_charge_s(local: Candidate, peers: list[Candidate], settings: RoutingSe
     evicted = max(local.ship_evict_tokens, 0)
     prefill = local.prefill_s_per_token
     best = evicted * prefill
-    if not evicted or not local.ship_evict_held:
+    if not evicted or not local.ship_evict_held or not settings.ship_evict_pull_back:
         return best
     pullable = {p.node_id: p for p in peers if p.alive and p.ship_s_per_token is not None}
     for node_id, held in local.ship_evict_held:

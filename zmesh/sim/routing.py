@@ -62,7 +62,9 @@ class RoutingMixin(SimBase):
             local = replace(
                 local,
                 ship_evict_tokens=node.cache.import_evicts(tokens),
-                ship_evict_held=self._evict_held(node, view, tokens),
+                ship_evict_held=self._evict_held(node, view, tokens)
+                if self.settings.ship_evict_pull_back
+                else (),
             )
         policy = self.policy
         self._refused = job.refused_by  # left out of the candidates (admission)
