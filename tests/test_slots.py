@@ -122,12 +122,12 @@ def test_slot_cache_predicts_the_engines_imports_request_by_request() -> None:
             assert state is not None and state.n_tokens == len(prefix)
             states[tuple(prefix)] = state
         eng.clear()
-        cache = SlotCache(3)
+        cache = SlotCache(3, eng.hasher("default"))
         seen = {"import into a free slot": 0, "import evicts": 0, "claims": 0}
         for step in range(36):
             if step == 18:  # start over once (as a bench does): imports into free slots again
                 eng.clear()
-                cache = SlotCache(3)
+                cache = SlotCache(3, eng.hasher("default"))
             kind = rng.random()
             prefix: list[int] | None = None
             if kind < 0.35:
@@ -141,6 +141,10 @@ def test_slot_cache_predicts_the_engines_imports_request_by_request() -> None:
             if prefix is not None and eng.local_match(tokens, "default") < len(prefix):
                 evicts = eng.import_evicts(tokens, "default")
                 assert evicts == cache.import_evicts(tokens)
+                # And the block ids of what it evicts (routing asks peers for them).
+                ids = cache.import_victim_ids(tokens)
+                assert eng.import_victim(tokens, "default") == (evicts, ids)
+                assert bool(ids) == (evicts >= config.block_size)
                 before = eng.stats.evicted_tokens
                 new = eng.import_prefix(states[tuple(prefix)], "default")
                 assert new == cache.import_prefix(tuple(prefix)) > 0

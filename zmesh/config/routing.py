@@ -28,6 +28,8 @@ class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # serve here when that is predicted sooner than prefilling here or forwarding.
     ship: bool = _ROUTING.ship
     ship_min_tokens: int = _ROUTING.ship_min_tokens  # smaller gains are not worth a transfer
+    # Evicted tokens a peer holds are charged as a pull back (routing/shipping.py).
+    ship_evict_pull_back: bool = _ROUTING.ship_evict_pull_back
     # The node's own.
     # To a peer's first reply (then serve locally); after a Progress frame, as long as
     # the peer keeps sending them (and stays alive), up to the request's deadline.
@@ -63,6 +65,7 @@ class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             balance_rel=self.balance_rel,
             ship=self.ship,
             ship_min_tokens=self.ship_min_tokens,
+            ship_evict_pull_back=self.ship_evict_pull_back,
             admission=self.admission,
             admit_retries=self.admit_retries,
             admit_slack_frac=self.admit_slack_frac,

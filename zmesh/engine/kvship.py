@@ -15,6 +15,7 @@ from typing import cast
 
 import llama_cpp as ll
 
+from zmesh.blocks import BlockHasher
 from zmesh.engine.pool import SlotPool
 from zmesh.kvstate import KvRefused, KvState, make_state, verify
 from zmesh.slots import SlotView, victim
@@ -101,6 +102,20 @@ class KvPool(SlotPool):
         with self._lock:
             index, views = self._import_target(tokens, namespace)
         return views[index].held if index is not None else 0
+
+    def import_victim(self, tokens: Sequence[int], namespace: str) -> tuple[int, list[int]]:
+        """`import_evicts`, and the block ids (of its own namespace) of what it names
+        ([] for nothing): peers whose estimates hold them can give them back, so routing
+        charges those tokens as a pull rather than a prefill (`shipping.evict_charge_s`)."""
+        with self._lock:
+            index, views = self._import_target(tokens, namespace)
+            if index is None or not views[index].held:
+                return 0, []
+            for tree in self._trees.values():
+                seq = tree.sequences().get(index)
+                if seq:
+                    return views[index].held, cast(BlockHasher, tree.hasher).block_ids(seq)
+            return views[index].held, []
 
     def _import_target(
         self, tokens: Sequence[int], namespace: str

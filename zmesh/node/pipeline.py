@@ -58,6 +58,7 @@ from zmesh.routing import (
     decide,
 )
 from zmesh.routing.admission import admission_bar, admit, after_refusal
+from zmesh.routing.shipping import evict_held, evict_log_fields
 
 # A forwarder waits this long past a request's deadline for the peer's own
 # deadline_exceeded (which says where the time went) before answering it itself.
@@ -260,9 +261,10 @@ class Pipeline:
         prefill, service = self._rates()
         local = self._local_candidate(req, prefill, service)
         ship = self.settings.ship
-        if ship:  # a pull's import overwrites a slot here: its tokens are charged to it
-            evicts = c.engine.import_evicts(tokens, req.namespace)
-            local = dataclasses.replace(local, ship_evict_tokens=evicts)
+        if ship:  # a pull's import overwrites a slot here: charged to it, less what peers hold
+            evicts, victim = c.engine.import_victim(tokens, req.namespace)
+            held = evict_held(c.peers.alive(), victim, bs)
+            local = dataclasses.replace(local, ship_evict_tokens=evicts, ship_evict_held=held)
         local_match = local.matched_tokens
         cands = [local]
         for peer in c.peers.alive():
@@ -313,8 +315,8 @@ class Pipeline:
             },
             decide_us=round((time.perf_counter() - t0) * 1e6, 1),
             **({"refused": list(refused)} if refused else {}),
-            # What a pull's import would overwrite here, charged to every pull.
-            **({"ship_evicts": local.ship_evict_tokens} if ship else {}),
+            # What a pull's import would overwrite here, and which peers hold it too.
+            **(evict_log_fields(local) if ship else {}),
             **decision.log_fields(),
         )
         return Route(decision, {cd.node_id: cd for cd in cands})

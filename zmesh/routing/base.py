@@ -80,6 +80,10 @@ class Candidate:
     # overwrite (the slot it lands in); their prefill is charged to the pull, as the
     # oracle charges evictions. 0: a free slot, or not known.
     ship_evict_tokens: int = 0
+    # KV shipping (local only): alive peers that also hold a leading part of those
+    # evicted tokens, (node_id, tokens): what they hold can be pulled back rather than
+    # prefilled (`shipping.evict_charge_s`). Empty: no peer holds any, or not known.
+    ship_evict_held: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +138,9 @@ class RoutingSettings:
     ship: bool = False
     ship_min_tokens: int = 64  # smaller gains are not worth a transfer
     ship_max_tokens: int = 0  # the most a state can carry (the engine's window); 0: no cap
+    # Charge evicted tokens a pullable peer also holds as a pull back, not a prefill
+    # (`shipping.evict_charge_s`); off: the whole evicted slot is charged as a prefill.
+    ship_evict_pull_back: bool = False
     # Holder-side admission (admission.py): a forward carries the latest first token its
     # forwarder still prefers to serving it itself; a peer past that refuses it as busy.
     admission: bool = True

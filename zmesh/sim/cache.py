@@ -148,6 +148,14 @@ class SlotCache:
         match would overwrite: the slot `import_prefix` picks (0 if one is free)."""
         return len(self.slots[self._import_target(tokens)])
 
+    def import_victim_ids(self, tokens: Sequence[int]) -> list[int]:
+        """The block ids of what that import would overwrite ([] if a slot is free, or
+        no hasher): peers holding them can give them back (`shipping.evict_charge_s`)."""
+        seq = self.slots[self._import_target(tokens)]
+        if not seq or self.hasher is None:
+            return []
+        return self.hasher.block_ids(seq)
+
     def _import_target(self, tokens: Sequence[int]) -> int:
         # As `Engine.import_prefix`: `zmesh.slots.victim` sparing the longest holder,
         # else that holder itself (no slot is ever busy here).
@@ -209,6 +217,9 @@ class TokenCache:
 
     def import_evicts(self, tokens: Sequence[int]) -> int:
         return 0  # LRU leaves go under the token budget; not modelled
+
+    def import_victim_ids(self, tokens: Sequence[int]) -> list[int]:
+        return []
 
     def claim(self, tokens: tuple[int, ...]) -> Claim:
         reuse = min(self.tree.match(tokens, touch=True).length, len(tokens) - 1)

@@ -29,6 +29,7 @@ from zmesh.routing import (
     decide,
 )
 from zmesh.routing.admission import admission_bar, after_refusal
+from zmesh.routing.shipping import evict_held
 from zmesh.sim.base import SimBase
 from zmesh.sim.state import Job, SimNode, View
 
@@ -56,9 +57,15 @@ class RoutingMixin(SimBase):
             cost.prefill_s_per_token,
             service,
         )
-        if self.settings.ship:
-            local = replace(local, ship_evict_tokens=node.cache.import_evicts(tokens))
         view = self.views[self.view_of[node.idx]]
+        if self.settings.ship:
+            local = replace(
+                local,
+                ship_evict_tokens=node.cache.import_evicts(tokens),
+                ship_evict_held=self._evict_held(node, view, tokens)
+                if self.settings.ship_evict_pull_back
+                else (),
+            )
         policy = self.policy
         self._refused = job.refused_by  # left out of the candidates (admission)
         if policy in ("zmesh", PAPER):
@@ -199,8 +206,14 @@ class RoutingMixin(SimBase):
         if ship:
             # Every peer a pull could come from (`best_pull`'s own filter) may win it.
             enough = local.matched_tokens + self.settings.ship_min_tokens
+            # And every holder of what the import would evict (`evict_charge_s`).
+            held = {node_id for node_id, _ in local.ship_evict_held}
             kept = {id(row) for row in keep}
-            keep += [r for r in rows if r.blocks * bs >= enough and id(r) not in kept]
+            keep += [
+                r
+                for r in rows
+                if (r.blocks * bs >= enough or r.node_id in held) and id(r) not in kept
+            ]
         for row in keep:
             p, est = row.ref  # type: ignore[misc]
             # The real estimate's match; the index only told us which peers to look at.
@@ -271,6 +284,15 @@ class RoutingMixin(SimBase):
                 for _, est in view.alive
             ]
         return view.static
+
+    def _evict_held(
+        self, node: SimNode, view: View, tokens: tuple[int, ...]
+    ) -> tuple[tuple[str, int], ...]:
+        """Alive peers (as this node's view has them) holding a leading part of what a
+        pull's import would evict here, as the node's route() asks its PeerTable."""
+        me = node.idx
+        peers = (est for p, est in view.alive if p != me)
+        return evict_held(peers, node.cache.import_victim_ids(tokens), self.cfg.block_size)
 
     def _candidate_peers(
         self, view: View, me: int, ids: list[int]
