@@ -34,10 +34,10 @@ that serving the request there would overwrite (the slot the engine's policy wou
 take: `Engine.evict_tokens`, the simulator's `SlotCache.evicted_tokens`), as the
 oracle charges evictions: the forwarder adds its own to the bar, the peer its own to
 its estimate. It is off by default: on MMLU (prefixes that stay hot) it moves cold
-copies to where they evict less and gains up to 18 % at 16 nodes; on conversations
-the slot it would evict mostly holds one that has ended, the charge is noise of
-several seconds, and refusals that lose a held system prompt double
-(docs/evaluation.md, "Bursts").
+copies to where they evict less (16 nodes: 5-12 % lower mean TTFT over 8 seeds); on
+conversations the slot a peer would evict mostly holds one that has ended, the charge
+is noise of several seconds, and refusals that lose a held system prompt more than
+double (docs/evaluation.md, "Bursts").
 
 Parameters (`RoutingSettings`):
 - ``admission`` (on): attach bars to forwards (zmesh policy only: the baselines make
