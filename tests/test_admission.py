@@ -27,6 +27,8 @@ from zmesh.routing import (
 from zmesh.routing.admission import admission_bar, admit, after_refusal
 
 PREFILL = 1 / 1024  # s per token: 1024 unmatched tokens cost exactly 1 s
+S = RoutingSettings()
+EVICTING = RoutingSettings(admit_evictions=True)
 
 
 def cand(
@@ -85,14 +87,14 @@ def test_refused_is_a_reason() -> None:
 
 def test_holder_admits_up_to_the_bar_and_refuses_past_it() -> None:
     me = cand("h", local=True, matched=768, wait=1.0)  # 1 s backlog + 256 tokens: 1.25 s
-    assert admit(me, 1024, 1.25) == (True, 1.25)
-    assert admit(me, 1024, 1.0) == (False, 1.25)
-    assert admit(me, 1024, None) == (True, 1.25)  # no bar: always admitted
+    assert admit(me, 1024, 1.25, S) == (True, 1.25)
+    assert admit(me, 1024, 1.0, S) == (False, 1.25)
+    assert admit(me, 1024, None, S) == (True, 1.25)  # no bar: always admitted
 
 
 def test_holder_estimate_leaves_out_the_link_both_sides_pay() -> None:
     me = cand("h", local=True, matched=1024, wait=0.5, link=0.25)
-    assert admit(me, 1024, 0.5) == (True, 0.5)
+    assert admit(me, 1024, 0.5, S) == (True, 0.5)
 
 
 @settings(max_examples=300)
@@ -124,7 +126,7 @@ def test_a_forward_decided_on_an_exact_picture_is_admitted(
         return
     target = next(c for c in cands if c.node_id == d.target)
     itself = replace(target, is_local=True, link_delay_s=0.0)
-    assert admit(itself, prompt, admission_bar(d, s))[0]
+    assert admit(itself, prompt, admission_bar(d, s), s)[0]
 
 
 @given(wait=st.floats(0, 1e3), bar=st.floats(0, 1e3), matched=st.integers(0, 4096))
@@ -132,8 +134,69 @@ def test_admission_is_exactly_the_estimate_against_the_bar(
     wait: float, bar: float, matched: int
 ) -> None:
     me = cand("h", local=True, matched=matched, wait=wait)
-    ok, est = admit(me, 2048, bar)
+    ok, est = admit(me, 2048, bar, S)
     assert est == estimate_s(me, 2048)
+    assert ok == (est <= bar)
+
+
+# ---- evictions (admit_evictions) ----------------------------------------------------------
+
+
+def test_evictions_count_only_when_switched_on() -> None:
+    me = cand("h", local=True, matched=768, wait=1.0)  # 1.25 s, as above
+    # Serving here would overwrite 512 cached tokens: half a second to prefill again.
+    assert admit(me, 1024, 1.5, S, evict_tokens=512) == (True, 1.25)
+    assert admit(me, 1024, 1.5, EVICTING, evict_tokens=512) == (False, 1.75)
+    assert admit(me, 1024, 1.75, EVICTING, evict_tokens=512) == (True, 1.75)
+    assert admit(me, 1024, 1.5, EVICTING) == (True, 1.25)  # nothing evicted
+    d = forward("b", 2.0, 0.5)
+    assert admission_bar(d, S, evict_s=0.5) == 2.0
+    assert admission_bar(d, EVICTING, evict_s=0.5) == 2.5
+    # The forwarder's eviction raises its own estimate, not the peer's it may be under.
+    assert admission_bar(forward("b", 1.0, 2.0), EVICTING, evict_s=0.5) == 2.0
+    assert admission_bar(d, RoutingSettings(admission=False, admit_evictions=True), 0.5) is None
+
+
+@settings(max_examples=300)
+@given(
+    local_wait=st.floats(0, 64),
+    local_match=st.integers(0, 2048),
+    local_evict=st.integers(0, 4096),
+    peers=st.lists(
+        st.tuples(st.floats(0, 64), st.integers(0, 2048), st.floats(0, 0.25)),
+        min_size=1,
+        max_size=6,
+    ),
+    prompt=st.integers(1, 2048),
+)
+def test_an_exact_picture_and_a_peer_that_evicts_nothing_is_admitted(
+    local_wait: float,
+    local_match: int,
+    local_evict: int,
+    peers: list[tuple[float, int, float]],
+    prompt: int,
+) -> None:
+    # The forwarder's own eviction only raises the bar: refusals still come only from
+    # what it could not know (here: the peer's evictions, none).
+    cands = [cand("a", local=True, matched=local_match, wait=local_wait)]
+    cands += [cand(f"p{i}", matched=m, wait=w, link=d) for i, (w, m, d) in enumerate(peers)]
+    d = decide(RouteRequest(prompt, 0, 0), cands, EVICTING, PolicyState.seeded(0))
+    if not d.forward:
+        return
+    target = next(c for c in cands if c.node_id == d.target)
+    itself = replace(target, is_local=True, link_delay_s=0.0)
+    bar = admission_bar(d, EVICTING, local_evict * PREFILL)
+    assert bar is not None and bar >= admission_bar(d, S)  # type: ignore[operator]
+    assert admit(itself, prompt, bar, EVICTING, evict_tokens=0)[0]
+
+
+@given(wait=st.floats(0, 1e3), bar=st.floats(0, 1e3), evict=st.integers(0, 8192), on=st.booleans())
+def test_admission_is_the_estimate_plus_what_it_evicts_against_the_bar(
+    wait: float, bar: float, evict: int, on: bool
+) -> None:
+    me = cand("h", local=True, matched=512, wait=wait)
+    ok, est = admit(me, 2048, bar, RoutingSettings(admit_evictions=on), evict_tokens=evict)
+    assert est == estimate_s(me, 2048) + (evict * PREFILL if on else 0.0)
     assert ok == (est <= bar)
 
 

@@ -69,7 +69,9 @@ def test_the_rules_by_example() -> None:
 def test_slot_cache_makes_the_engines_choices_request_by_request() -> None:
     """One recorded sequence (shared heads, multi-turn extensions, strangers) through
     the real engine, then through `SlotCache`: same slot, cached tokens and evicted
-    tokens for every request."""
+    tokens for every request. What each predicts it would evict (`Engine.evict_tokens`,
+    `SlotCache.evicted_tokens`: holder-side admission's eviction charge) is what the
+    request then evicts."""
     rng = random.Random(11)
     heads = [rng.sample(range(300, 3000), 40) for _ in range(4)]
     prompts: list[list[int]] = []
@@ -86,7 +88,9 @@ def test_slot_cache_makes_the_engines_choices_request_by_request() -> None:
     recorded = []
     with Engine(EngineConfig(n_slots=3, slot_ctx=160, block_size=8)) as eng:
         for tokens in prompts:
+            predicted = eng.evict_tokens(tokens, "default")
             r = eng.generate(tokens=tokens, params=SamplingParams(max_tokens=rng.randint(1, 3)))
+            assert predicted == r.evicted_tokens
             held = tuple(eng.slot_tokens()[r.slot][1])
             recorded.append((r.slot, r.cached_tokens, r.evicted_tokens, held))
         assert eng.check_consistency() == []
@@ -94,6 +98,7 @@ def test_slot_cache_makes_the_engines_choices_request_by_request() -> None:
     cache = SlotCache(3)
     for tokens, (slot, cached, evicted, held) in zip(prompts, recorded, strict=True):
         before = cache.slots[slot][:cached]
+        assert cache.evicted_tokens(tuple(tokens)) == evicted
         c = cache.claim(tuple(tokens))
         assert (c.slot, c.reuse, c.evicted) == (slot, cached, evicted)
         kinds["evicted"] += evicted > 0

@@ -51,6 +51,8 @@ class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     admit_retries: int = _ROUTING.admit_retries
     admit_slack_frac: float = _ROUTING.admit_slack_frac  # the bar is raised by this fraction
     admit_slack_s: float = _ROUTING.admit_slack_s  # of itself, and by these seconds
+    # Both sides count the prefill of what serving the request would evict.
+    admit_evictions: bool = _ROUTING.admit_evictions
 
     def settings(self, **node: Any) -> RoutingSettings:
         """The policy knobs as `decide` takes them; ``node``: what the node adds
@@ -70,6 +72,7 @@ class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             admit_retries=self.admit_retries,
             admit_slack_frac=self.admit_slack_frac,
             admit_slack_s=self.admit_slack_s,
+            admit_evictions=self.admit_evictions,
             **node,
         )
 

@@ -86,6 +86,20 @@ class SlotPool(LlamaBase):
             tree = self._trees.get(namespace)
             return tree.match(tokens).length if tree else 0
 
+    def evict_tokens(self, tokens: Sequence[int], namespace: str) -> int:
+        """Cached tokens of other content that serving ``tokens`` here would overwrite:
+        the slot policy's choice (`choose`) on the slots as published, every one taken
+        as idle (a request waits for its slot); 0 in place or into an empty slot."""
+        with self._lock:
+            views = []
+            for s in self._slots:
+                tree = self._trees.get(s.namespace) if s.namespace is not None else None
+                held = tree.sequence(s.seq) if tree is not None else ()
+                common = common_prefix(held, tokens) if s.namespace == namespace else 0
+                views.append(SlotView(len(held), common, s.last_used))
+        c = choose(views, len(tokens)) if tokens else None
+        return 0 if c is None or c.in_place else c.evicted
+
     def drain_events(self) -> BlockEvents:
         """Block ids added/removed across all namespaces since the last drain."""
         out = BlockEvents()

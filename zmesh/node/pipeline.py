@@ -206,7 +206,8 @@ class Pipeline:
             return False
         prefill, service = self._rates()
         local = self._local_candidate(req, prefill, service)
-        ok, est = admit(local, len(req.tokens), msg.admit_bar_s)
+        evict = self._evict_tokens(req)
+        ok, est = admit(local, len(req.tokens), msg.admit_bar_s, self.settings, evict)
         c = self._c
         if ok:
             c.count("forwards_admitted")
@@ -238,6 +239,12 @@ class Pipeline:
         )
         service = st.service_s or peer_median(c.peers.alive(), "service_s", DEFAULT_SERVICE_S)
         return prefill, service
+
+    def _evict_tokens(self, req: RequestContext) -> int:
+        """Cached tokens serving ``req`` here would overwrite, when admission counts them."""
+        if not (self.settings.admission and self.settings.admit_evictions):
+            return 0
+        return self._c.engine.evict_tokens(req.tokens, req.namespace)
 
     def _local_candidate(self, req: RequestContext, prefill: float, service: float) -> Candidate:
         """This node as routing (and admission) sees it: real match, queue and backlog."""
@@ -358,7 +365,9 @@ class Pipeline:
             hops=msg.hops + 1,
             origin=c.node_id,
             progress=True,
-            admit_bar_s=admission_bar(decision, self.settings),
+            admit_bar_s=admission_bar(
+                decision, self.settings, self._evict_tokens(req) * self._rates()[0]
+            ),
         )
         if dealer is None or peer is None or not t.send(dealer, [], fwd_msg):
             c.log.warning(

@@ -29,12 +29,23 @@ Forwarder and peer compare first tokens as seen by the forwarder: serving at the
 costs link + wait + prefill + link back; a refusal costs link + link back + the local
 estimate. The links cancel, so the comparison is of the two estimates alone.
 
+With ``admit_evictions`` both estimates also count the prefill of the cached tokens
+that serving the request there would overwrite (the slot the engine's policy would
+take: `Engine.evict_tokens`, the simulator's `SlotCache.evicted_tokens`), as the
+oracle charges evictions: the forwarder adds its own to the bar, the peer its own to
+its estimate. It is off by default: on MMLU (prefixes that stay hot) it moves cold
+copies to where they evict less (16 nodes: 5-12 % lower mean TTFT over 8 seeds); on
+conversations the slot a peer would evict mostly holds one that has ended, the charge
+is noise of several seconds, and refusals that lose a held system prompt more than
+double (docs/evaluation.md, "Bursts").
+
 Parameters (`RoutingSettings`):
 - ``admission`` (on): attach bars to forwards (zmesh policy only: the baselines make
   no estimates to hold a peer to), and refuse forwards past their bar. A forward
   without a bar (a node with admission off, or an older node) is always admitted.
 - ``admit_retries`` (1): runner-ups the forwarder asks after refusals; one more refusal
   and it serves the request itself; 0: always serve a refused request here.
+- ``admit_evictions`` (off): count evictions on both sides (above).
 - ``admit_slack_frac`` (0.0) and ``admit_slack_s`` (0.0): the bar is raised by this
   fraction of itself plus these seconds. A refusal moves the request, and so a copy of
   its prefix, to the forwarder: cache affinity and the refusal's round trip argue for
@@ -59,23 +70,41 @@ from zmesh.routing.base import (
 from zmesh.routing.registry import decide
 
 
-def admission_bar(decision: Decision, settings: RoutingSettings) -> float | None:
+def admission_bar(
+    decision: Decision, settings: RoutingSettings, evict_s: float = 0.0
+) -> float | None:
     """The bar to send with a forward: refuse it if your first token comes later than
-    this many seconds after you receive it; None: no bar (admission off, or no forward)."""
+    this many seconds after you receive it; None: no bar (admission off, or no forward).
+
+    ``evict_s``: the prefill of what serving the request here would overwrite (this
+    node's cached tokens that its slot choice would evict, times its prefill rate),
+    counted with ``admit_evictions``.
+    """
     if not settings.admission or settings.policy != ZMESH or not decision.forward:
         return None
-    bar = max(decision.est_local_s, decision.est_target_s, 0.0)
+    here = decision.est_local_s + (max(evict_s, 0.0) if settings.admit_evictions else 0.0)
+    bar = max(here, decision.est_target_s, 0.0)
     return bar * (1.0 + settings.admit_slack_frac) + settings.admit_slack_s
 
 
-def admit(local: Candidate, prompt_tokens: int, bar_s: float | None) -> tuple[bool, float]:
+def admit(
+    local: Candidate,
+    prompt_tokens: int,
+    bar_s: float | None,
+    settings: RoutingSettings,
+    evict_tokens: int = 0,
+) -> tuple[bool, float]:
     """(admitted, this node's estimate) for a forward carrying ``bar_s``.
 
     ``local`` is this node's own candidate, built as for routing: its backlog now as
-    ``wait_s`` (or queue x service), its real match, its prefill rate. Without a bar
-    the forward is admitted (the forwarder asked for no admission check).
+    ``wait_s`` (or queue x service), its real match, its prefill rate.
+    ``evict_tokens``: this node's cached tokens that serving the request would
+    overwrite; with ``admit_evictions`` their prefill counts in the estimate. Without
+    a bar the forward is admitted (the forwarder asked for no admission check).
     """
     est = estimate_s(local, max(prompt_tokens, 0)) - local.link_delay_s
+    if settings.admit_evictions:
+        est += max(evict_tokens, 0) * local.prefill_s_per_token
     if bar_s is None:
         return True, est
     return est <= bar_s, est

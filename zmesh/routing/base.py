@@ -147,6 +147,10 @@ class RoutingSettings:
     admit_retries: int = 1  # refusals after which the forwarder serves it itself
     admit_slack_frac: float = 0.0  # the bar is raised by this fraction of itself...
     admit_slack_s: float = 0.0  # ...and by these seconds
+    # Both sides also count the prefill of what serving the request would evict, as
+    # the oracle does (off: it helps long-lived prefixes, hurts conversations; see
+    # admission.py and docs/evaluation.md, "Bursts").
+    admit_evictions: bool = False
 
     def __post_init__(self) -> None:
         if self.policy not in ALL_POLICIES:

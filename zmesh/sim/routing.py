@@ -91,11 +91,17 @@ class RoutingMixin(SimBase):
         target = self.by_name[d.target]
         if d.pull_from is not None:  # "shipped": pull while the request queues here
             self._start_pull(node, job, self.by_name[d.pull_from], d.pull_tokens)
-        job.bar = admission_bar(d, self.settings)
+        job.bar = admission_bar(d, self.settings, self._evict_s(node, job, d.forward))
         if self.cfg.diagnose:
             picked = next(c for c in cands if c.node_id == d.target)
             self._note_pick(job, target, picked.queue_depth == 0)
         return target, d.reason
+
+    def _evict_s(self, node: SimNode, job: Job, forward: bool) -> float:
+        """Prefill of what serving ``job`` here would overwrite (the admission bar's)."""
+        if not (forward and self.settings.admission and self.settings.admit_evictions):
+            return 0.0
+        return node.cache.evicted_tokens(job.tokens) * self.cost.prefill_s_per_token
 
     def _verify(
         self,

@@ -132,7 +132,8 @@ class ServingMixin(SimBase):
             cost.prefill_s_per_token,
             node.service_ewma or cost.service_s(len(job.tokens), 1),
         )
-        if admit(local, len(job.tokens), job.bar)[0]:
+        evict = node.cache.evicted_tokens(job.tokens) if self.settings.admit_evictions else 0
+        if admit(local, len(job.tokens), job.bar, self.settings, evict)[0]:
             return False
         self.refusals += 1
         self._push(self.now + self._delay(node.idx, job.entry), REFUSED, job, None)
