@@ -48,7 +48,10 @@ def pair(engine: Engine) -> Iterator[Pair]:
         # for a third) while its third slot keeps the primed prefix for node-a to pull.
         eb.max_running = BUSY_PLACES
 
-    with running_pair(ENGINE, {**routing, "ship_timeout_s": 2.0}, routing, two_places) as p:
+    # node-b serves what reaches it (max_hops 0): while it reads the first long prompt
+    # it would rightly send the second to idle node-a, and it must hold both.
+    holder = {**routing, "max_hops": 0}
+    with running_pair(ENGINE, {**routing, "ship_timeout_s": 2.0}, holder, two_places) as p:
         yield p
 
 

@@ -22,6 +22,7 @@ from meshkit import RawClient, RunningNode
 from zmesh import protocol as P
 from zmesh.config import EngineConfig, NodeConfig, config_from_dict
 from zmesh.engine import Engine, Handle, run_calls
+from zmesh.kvpeer import Imported
 from zmesh.lab import free_ports
 from zmesh.node import Node
 from zmesh.node.load import Job
@@ -114,12 +115,12 @@ def test_a_stop_during_an_import_then_submit_cancels_what_it_submitted(
     node = running.node
     importing, go = threading.Event(), threading.Event()
 
-    def import_state(state: Any, tenant: str, request_id: str) -> int:
+    def load(state: Any, tenant: str) -> Imported:
         importing.set()  # on the engine thread, between two steps
         assert go.wait(WAIT_S)
-        return 0
+        return Imported(state, 0, 0.0)
 
-    monkeypatch.setattr(node.kv, "import_state", import_state)
+    monkeypatch.setattr(node.kv, "load", load)
     submitted: list[Handle] = []
     real_submit = engine.submit
 
@@ -131,7 +132,7 @@ def test_a_stop_during_an_import_then_submit_cancels_what_it_submitted(
 
     def enqueue() -> None:
         async def pulled() -> object:
-            return object()  # the "state": import_state above takes anything
+            return object()  # the "state": load above takes anything
 
         assert node.worker.enqueue(_job(node, "f3", asyncio.ensure_future(pulled())))
 
