@@ -35,16 +35,7 @@ PEERS = st.lists(
 )
 
 
-def cand(
-    node_id: str,
-    *,
-    local: bool = False,
-    matched: int = 0,
-    wait: float = 0.0,
-    link: float = 0.0,
-    alive: bool = True,
-) -> Candidate:
-    return candidate(node_id, local=local, matched=matched, wait=wait, link=link, alive=alive)
+cand = candidate
 
 
 def req(prompt: int = 1024) -> RouteRequest:
