@@ -35,8 +35,22 @@ def started(lab: Lab, timeout: float = 120.0) -> Iterator[Lab]:
         lab.stop()
 
 
+def node_config(node_id: str, ports: Sequence[int], **settings: object) -> NodeConfig:
+    """A node serving on 127.0.0.1 ``ports[0]`` and gossiping on ``ports[1]``, with
+    ``settings`` (any other NodeConfig keys) on top."""
+    return config_from_dict(
+        {
+            "node_id": node_id,
+            "serve_addr": f"tcp://127.0.0.1:{ports[0]}",
+            "gossip_addr": f"tcp://127.0.0.1:{ports[1]}",
+            **settings,
+        }
+    )
+
+
 class RunningNode:
-    """A Node on its own event-loop thread, as `zmesh node` runs it, minus the process."""
+    """A Node on its own event-loop thread, as `zmesh node` runs it, minus the process.
+    As a context manager: stopped on the way out, however the block ends."""
 
     def __init__(self, cfg: NodeConfig, engine: Engine) -> None:
         self.node = Node(cfg, engine=engine)
@@ -51,10 +65,20 @@ class RunningNode:
             assert time.monotonic() < deadline, "node did not start"
             time.sleep(0.02)
 
+    @property
+    def serve_addr(self) -> str:
+        return self.node.serve_addr
+
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.node.stop)
         self.thread.join(timeout=30)
         self.loop.close()
+
+    def __enter__(self) -> RunningNode:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 @dataclass
@@ -70,20 +94,17 @@ class Pair:
 def pair_config(name: str, ports: list[int], peer_ports: list[int], routing: dict) -> NodeConfig:
     """One node of a `Pair`: seeded with the other, a peer that goes quiet stays
     "alive" for 30 s (tests that stop or delay a peer decide what happens before)."""
-    return config_from_dict(
-        {
-            "node_id": name,
-            "serve_addr": f"tcp://127.0.0.1:{ports[0]}",
-            "gossip_addr": f"tcp://127.0.0.1:{ports[1]}",
-            "seeds": [
-                {
-                    "serve": f"tcp://127.0.0.1:{peer_ports[0]}",
-                    "gossip": f"tcp://127.0.0.1:{peer_ports[1]}",
-                }
-            ],
-            "routing": routing,
-            "gossip": {"suspect_after_s": 30.0, "dead_after_s": 60.0},
-        }
+    return node_config(
+        name,
+        ports,
+        seeds=[
+            {
+                "serve": f"tcp://127.0.0.1:{peer_ports[0]}",
+                "gossip": f"tcp://127.0.0.1:{peer_ports[1]}",
+            }
+        ],
+        routing=routing,
+        gossip={"suspect_after_s": 30.0, "dead_after_s": 60.0},
     )
 
 
@@ -229,7 +250,8 @@ class Tally:
 
 class RawClient:
     """One DEALER per endpoint; counts every reply frame by request id, so a request
-    answered twice is seen (the library client drops replies it no longer waits for)."""
+    answered twice is seen (the library client drops replies it no longer waits for).
+    ``async with RawClient(...) as rc`` starts its readers and closes it on the way out."""
 
     _ids = itertools.count()
 
@@ -314,6 +336,13 @@ class RawClient:
             t.cancel()
         await asyncio.gather(*self._readers, return_exceptions=True)
         self.ctx.destroy(linger=0)
+
+    async def __aenter__(self) -> RawClient:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
 
 def generate(rid: str, prompt: str, max_tokens: int, deadline_s: float | None = None) -> P.Generate:

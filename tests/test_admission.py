@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from routekit import PREFILL, candidate
 
 from zmesh.routing import (
     REASON_LOAD,
@@ -26,21 +27,15 @@ from zmesh.routing import (
 )
 from zmesh.routing.admission import admission_bar, admit, after_refusal
 
-PREFILL = 1 / 1024  # s per token: 1024 unmatched tokens cost exactly 1 s
 S = RoutingSettings()
 EVICTING = RoutingSettings(admit_evictions=True)
+# Peers as (wait, matched tokens, link delay): a random mesh seen from the forwarder.
+PEERS = st.lists(
+    st.tuples(st.floats(0, 64), st.integers(0, 2048), st.floats(0, 0.25)), min_size=1, max_size=6
+)
 
 
-def cand(
-    node_id: str,
-    *,
-    local: bool = False,
-    matched: int = 0,
-    wait: float = 0.0,
-    link: float = 0.0,
-    alive: bool = True,
-) -> Candidate:
-    return Candidate(node_id, local, matched, 0, link, PREFILL, 0.25, alive, wait)
+cand = candidate
 
 
 def req(prompt: int = 1024) -> RouteRequest:
@@ -101,11 +96,7 @@ def test_holder_estimate_leaves_out_the_link_both_sides_pay() -> None:
 @given(
     local_wait=st.floats(0, 64),
     local_match=st.integers(0, 2048),
-    peers=st.lists(
-        st.tuples(st.floats(0, 64), st.integers(0, 2048), st.floats(0, 0.25)),
-        min_size=1,
-        max_size=6,
-    ),
+    peers=PEERS,
     prompt=st.integers(1, 2048),
     slack=st.floats(0, 1),
 )
@@ -162,11 +153,7 @@ def test_evictions_count_only_when_switched_on() -> None:
     local_wait=st.floats(0, 64),
     local_match=st.integers(0, 2048),
     local_evict=st.integers(0, 4096),
-    peers=st.lists(
-        st.tuples(st.floats(0, 64), st.integers(0, 2048), st.floats(0, 0.25)),
-        min_size=1,
-        max_size=6,
-    ),
+    peers=PEERS,
     prompt=st.integers(1, 2048),
 )
 def test_an_exact_picture_and_a_peer_that_evicts_nothing_is_admitted(

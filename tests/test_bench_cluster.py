@@ -12,7 +12,7 @@ import pytest
 from zmesh.bench.figures import figures, ratios, steady
 from zmesh.bench.mirror import Oracle
 from zmesh.bench.sender import Record
-from zmesh.bench.vocab import tokenize_workload
+from zmesh.bench.vocab import Tokenizer, tokenize_workload
 from zmesh.workload import chat_workload, mmlu_workload
 from zmesh.workload.report import percentile, summarize
 
@@ -34,6 +34,14 @@ def test_tokenize_workload_shares_prefix_tokens() -> None:
     for r in chat.requests:
         if r.parent >= 0:
             assert ct[r.index][: len(ct[r.parent])] == ct[r.parent]
+
+
+def test_the_tokenizer_frees_its_vocabulary_when_its_block_ends() -> None:
+    """The benches load it for their plan only (`with Tokenizer() as tok`)."""
+    with Tokenizer() as tok:
+        ids = tok("Paris is the capital of", True)
+        assert ids and ids == tok("Paris is the capital of", True)
+    assert tok._model is None
 
 
 def test_oracle_follows_the_cache_then_the_queue() -> None:

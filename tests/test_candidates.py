@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import math
-
 import hypothesis.strategies as st
 from hypothesis import given, settings
 
 from zmesh.candidates import (
     PeerRow,
     backlog_s,
-    batch_backlog_s,
-    batch_depth,
     borrowed_rate,
     contenders,
     head_key,
     local_candidate,
     predict_s,
-    queue_depth,
     row_estimate_s,
     unreported_s,
 )
@@ -54,7 +49,6 @@ def test_predict_s_is_prefill_plus_the_expected_answer(
 
 
 def test_load_model() -> None:
-    assert queue_depth(3, True) == 4 and queue_depth(0, False) == 0
     assert backlog_s(2.0, None, 9.0) == 2.0
     assert backlog_s(2.0, 1.5, 0.5) == 3.0
     assert backlog_s(2.0, 1.5, 7.0) == 2.0  # an overdue request counts as about done
@@ -62,48 +56,6 @@ def test_load_model() -> None:
     assert unreported_s(sent, None) == 0.875
     assert unreported_s(sent, 3.0) == 0.125  # heard at 3.0: only what was sent after
     assert unreported_s([], 1.0) == 0.0
-
-
-costs = st.floats(0.0, 100.0, allow_nan=False)
-
-
-@given(
-    queued=st.lists(costs, max_size=8),
-    running=st.one_of(st.none(), costs),
-    elapsed=st.floats(0.0, 200.0, allow_nan=False),
-)
-def test_batch_load_model_with_one_running_is_todays(
-    queued: list[float], running: float | None, elapsed: float
-) -> None:
-    left = [] if running is None else [max(running - elapsed, 0.0)]
-    old = backlog_s(sum(queued), running, elapsed)
-    assert math.isclose(batch_backlog_s(queued, left, 1), old, rel_tol=1e-9, abs_tol=1e-9)
-    assert batch_depth(len(queued), len(left)) == queue_depth(len(queued), running is not None)
-
-
-def test_batch_backlog_with_several_running() -> None:
-    # A free place and nobody waiting: a new request starts at once.
-    assert batch_backlog_s([], [5.0, 3.0], 3) == 0.0
-    # Every place busy: the first to free.
-    assert batch_backlog_s([], [5.0, 3.0, 4.0], 3) == 3.0
-    # Waiting requests take the places as they free, in order: 3 -> 3+2=5, 4 -> 4+1=5,
-    # then the new one gets the next free place (5.0, of three at 5).
-    assert batch_backlog_s([2.0, 1.0], [5.0, 3.0, 4.0], 3) == 5.0
-    # Nothing runs but requests wait (their pulls): they start first.
-    assert batch_backlog_s([2.0, 1.0], [], 2) == 1.0
-
-
-@given(
-    queued=st.lists(costs, max_size=8),
-    running=st.lists(costs, max_size=6),
-    places=st.integers(1, 6),
-)
-def test_batch_backlog_bounds(queued: list[float], running: list[float], places: int) -> None:
-    b = batch_backlog_s(queued, running, places)
-    # Never later than one at a time behind everything, never negative; more places
-    # never make a new request start later.
-    assert 0.0 <= b <= sum(queued) + sum(running) + 1e-9
-    assert batch_backlog_s(queued, running, places + 1) <= b + 1e-9
 
 
 def test_borrowed_rate() -> None:

@@ -6,6 +6,7 @@ prefills ahead of the next request while a place stays free for that one."""
 from __future__ import annotations
 
 import asyncio
+import heapq
 import math
 from collections.abc import Sequence
 from types import SimpleNamespace
@@ -16,7 +17,6 @@ from hypothesis import given
 from zmesh.candidates import (
     Work,
     backlog_s,
-    batch_backlog_s,
     batch_wait_s,
     free_places,
     local_candidate,
@@ -37,6 +37,29 @@ def close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
 
 
+def place_wait_s(queued_s: Sequence[float], running_left_s: Sequence[float], places: int) -> float:
+    """The reference the batching wait must reduce to when prompts take no time to
+    prefill: only places count. Each waiting request takes the first place to free,
+    the new one the next (``running_left_s``: what is left of each running request).
+    The node's load model before prompts' serial prefills were modelled."""
+    if len(running_left_s) < places and not queued_s:
+        return 0.0  # a place is free and nobody waits for it
+    free = [max(t, 0.0) for t in running_left_s] + [0.0] * max(places - len(running_left_s), 0)
+    heapq.heapify(free)
+    for cost in queued_s:
+        heapq.heappush(free, heapq.heappop(free) + cost)
+    return free[0]
+
+
+def test_the_place_model() -> None:
+    assert place_wait_s([], [5.0, 3.0], 3) == 0.0  # a free place, nobody waiting
+    assert place_wait_s([], [5.0, 3.0, 4.0], 3) == 3.0  # every place busy: the first to free
+    # Waiting requests take the places as they free: 3 -> 3+2=5, 4 -> 4+1=5, then the
+    # new one gets the next (5.0, of three at 5).
+    assert place_wait_s([2.0, 1.0], [5.0, 3.0, 4.0], 3) == 5.0
+    assert place_wait_s([2.0, 1.0], [], 2) == 1.0  # nothing runs, requests wait: them first
+
+
 @given(queued=st.lists(works, max_size=8), running=st.one_of(st.none(), works), elapsed=secs)
 def test_one_place_is_one_at_a_time(
     queued: list[Work], running: Work | None, elapsed: float
@@ -54,10 +77,10 @@ def test_one_place_is_one_at_a_time(
 def test_without_prefill_it_is_the_place_model(
     running: list[tuple[float, Work]], queued: list[Work], places: int
 ) -> None:
-    # Prompts that take no time to prefill: only the places count (batch_backlog_s).
+    # Prompts that take no time to prefill: only the places count (place_wait_s).
     run = [(e, Work(0.0, w.service_s)) for e, w in running]
     left = [w.service_s - e for e, w in run]
-    want = batch_backlog_s([w.service_s for w in queued], left, places)
+    want = place_wait_s([w.service_s for w in queued], left, places)
     assert close(batch_wait_s(run, [Work(0.0, w.service_s) for w in queued], places), want)
 
 
@@ -67,7 +90,7 @@ def test_bounds(running: list[tuple[float, Work]], queued: list[Work], places: i
     left = [wk.service_s - e for e, wk in running]
     # Never sooner than a place frees (serial prefills only delay), never later than
     # everything one after another, never negative; more places never make it later.
-    assert w >= batch_backlog_s([q.service_s for q in queued], left, places) - 1e-9
+    assert w >= place_wait_s([q.service_s for q in queued], left, places) - 1e-9
     everything = sum(wk.service_s for _, wk in running) + sum(q.service_s for q in queued)
     assert 0.0 <= w <= everything + 1e-9
     assert batch_wait_s(running, queued, places + 1) <= w + 1e-9
@@ -76,8 +99,8 @@ def test_bounds(running: list[tuple[float, Work]], queued: list[Work], places: i
 def test_prompts_prefill_one_at_a_time() -> None:
     cold = Work(1.5, 1.6)  # a cold 750-token prompt, 4-token answer
     # Three places, one taken by a prompt 0.5 s into its 1.5 s prefill: a place is
-    # free, but a new request prefills after it (batch_backlog_s: 0, start now).
-    assert batch_backlog_s([], [1.1], 3) == 0.0
+    # free, but a new request prefills after it (place_wait_s: 0, start now).
+    assert place_wait_s([], [1.1], 3) == 0.0
     assert close(batch_wait_s([(0.5, cold)], [], 3), 1.0)
     # Two admitted together: the second prefills after the first (1.5 + 1.5 - 0.5).
     assert close(batch_wait_s([(0.5, cold), (0.5, cold)], [], 3), 2.5)

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import zmq
+from meshkit import started
 
 from zmesh import (
     AsyncClient,
@@ -26,13 +27,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def lab2():
-    lab = Lab(n_nodes=2, engine={"n_slots": 2, "slot_ctx": 512})
-    lab.start()
-    try:
-        asyncio.run(lab.wait_converged(timeout=90))
+    with started(Lab(n_nodes=2, engine={"n_slots": 2, "slot_ctx": 512}), timeout=90) as lab:
         yield lab
-    finally:
-        lab.stop()
 
 
 def dead_endpoint() -> str:

@@ -10,6 +10,7 @@ every test the engine runs nothing, waits for nothing and agrees with llama.cpp.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -24,6 +25,7 @@ import zmesh.engine.sequence as sequence_mod
 from zmesh.config import EngineConfig
 from zmesh.engine import Engine, EngineError, GenerationResult, Handle, Request, run_calls
 from zmesh.engine.core import Call
+from zmesh.kvstate import KvState
 from zmesh.protocol import SamplingParams
 
 WAIT_S = 60.0  # bound on every wait for a fact (2 shared cores, a loaded machine)
@@ -391,3 +393,119 @@ def test_close_waits_for_a_tokenization_under_way_on_another_thread() -> None:
     assert not t.is_alive()
     (err,) = outcome
     assert isinstance(err, EngineError) and err.message == "engine closed"
+
+
+# ---- calls on the llama.cpp context after close -------------------------------------
+
+
+def _outcome(call: Callable[[], object]) -> str:
+    """ "closed" for the engine's clear error; anything else, named (a C crash ends the
+    test run before this returns: it also fails)."""
+    try:
+        call()
+    except EngineError as exc:
+        if exc.code == "unavailable" and exc.message == "engine closed":
+            return "closed"
+        return f"EngineError({exc.code}, {exc.message})"
+    except Exception as exc:
+        return repr(exc)
+    return "returned"
+
+
+def _two_states(eng: Engine) -> tuple[list[int], dict[str, KvState]]:
+    """On a one-slot engine: COUNT's exported state in namespaces "a" and "b"; the slot
+    holds "b"'s. Importing "a"'s then evicts the slot (llama.cpp work, not a no-op)."""
+    states = {}
+    for ns in ("a", "b"):
+        eng.generate(COUNT, params=ENDS_IN_6, namespace=ns)
+        state = eng.export_prefix(eng.tokenize(COUNT), ns)
+        assert state is not None
+        states[ns] = state
+    return eng.tokenize(COUNT), states
+
+
+def test_calls_on_the_freed_context_after_close_raise_engine_closed() -> None:
+    """`close` frees llama.cpp's context and model while the slots still hold what they
+    cached: an export, an import or a clear after it would read freed C memory (a
+    segfault or garbage). Each, and every other call touching llama.cpp, raises the
+    engine's "engine closed" (unavailable) instead."""
+    eng = Engine(EngineConfig(n_slots=1, slot_ctx=128))
+    try:
+        tokens, states = _two_states(eng)
+    finally:
+        eng.close()
+    assert eng.busy_slots() == 1  # what it held is still on the books: calls would use it
+    calls: dict[str, Callable[[], object]] = {
+        "export_prefix": lambda: eng.export_prefix(tokens, "b"),
+        "import_prefix": lambda: eng.import_prefix(states["a"], "a"),
+        "clear": eng.clear,
+        "slot_state_bytes": lambda: eng.slot_state_bytes(0),
+        "check_consistency": eng.check_consistency,
+        "step": eng.step,
+        "tokenize": lambda: eng.tokenize("Hi"),
+        "detokenize": lambda: eng.detokenize(tokens),
+        "chat_template": eng.chat_template,
+    }
+    assert {name: _outcome(call) for name, call in calls.items()} == dict.fromkeys(calls, "closed")
+
+
+@pytest.mark.parametrize("where", ["export_prefix", "import_prefix", "clear"])
+def test_a_call_racing_close_completes_or_raises_engine_closed(where: str) -> None:
+    """The node exports and imports on its loop's threads while a stop closes the engine
+    on another: a call either runs on a live context or raises "engine closed", never
+    reads freed memory. The racer calls in a loop, each call doing llama.cpp work (an
+    export of what the slot holds; an import of the other namespace's state, evicting
+    it; a clear after an import), until close has returned and it made a few more
+    calls; every call after close must raise."""
+    eng = Engine(EngineConfig(n_slots=1, slot_ctx=128))
+    try:
+        tokens, states = _two_states(eng)
+    except BaseException:
+        eng.close()
+        raise
+    closed_done = threading.Event()
+    ran = threading.Event()
+    outcomes: list[str] = []
+    after_close: list[str] = []
+    n = [0]
+
+    def step_boundary() -> None:
+        """The engine thread runs a step: nothing waits, so it drops the slot
+        reservation an import made (else the next import would find no idle slot)."""
+        with contextlib.suppress(EngineError):  # closed meanwhile: nothing to drop
+            eng.call_soon(lambda: None).result(WAIT_S)
+
+    def one_call() -> object:
+        n[0] += 1
+        if where == "export_prefix":
+            return eng.export_prefix(tokens, "b")
+        ns = "a" if n[0] % 2 else "b"
+        if where == "import_prefix":
+            got = eng.import_prefix(states[ns], ns)
+            step_boundary()
+            return got
+        eng.import_prefix(states[ns], ns)  # something for the clear to drop
+        step_boundary()
+        return eng.clear()
+
+    def race() -> None:
+        while len(after_close) < 3:
+            late = closed_done.is_set()  # close had returned before this call began
+            got = _outcome(one_call)
+            (after_close if late else outcomes).append(got)
+            ran.set()
+
+    racer = threading.Thread(target=race, name="racer")
+    racer.start()
+    try:
+        assert ran.wait(WAIT_S)
+        eng.close()
+        closed_done.set()
+        racer.join(WAIT_S)
+        assert not racer.is_alive()
+    finally:
+        closed_done.set()
+        eng.close()
+    assert set(outcomes) <= {"returned", "closed"}, outcomes
+    assert "returned" in outcomes
+    assert set(after_close) <= {"closed"}, after_close

@@ -9,11 +9,11 @@ from collections.abc import Iterator
 import msgspec
 import pytest
 import zmq
-from meshkit import RawClient, RunningNode, generate, idle_heartbeat
+from meshkit import RawClient, RunningNode, generate, idle_heartbeat, node_config
 
 from zmesh import protocol as P
 from zmesh.client import AsyncClient, Client, RequestError
-from zmesh.config import ConfigError, EngineConfig, config_from_dict
+from zmesh.config import ConfigError, EngineConfig
 from zmesh.engine import Engine
 from zmesh.lab import free_ports
 from zmesh.node import Node
@@ -32,15 +32,7 @@ def engine() -> Iterator[Engine]:
 
 
 def config(ports: list[int], **kw: object):
-    return config_from_dict(
-        {
-            "node_id": "lim",
-            "serve_addr": f"tcp://127.0.0.1:{ports[0]}",
-            "gossip_addr": f"tcp://127.0.0.1:{ports[1]}",
-            "max_inflight_per_client": LIMIT,
-            **kw,
-        }
-    )
+    return node_config("lim", ports, **{"max_inflight_per_client": LIMIT, **kw})
 
 
 def test_who_counts_as_a_client(engine: Engine) -> None:
@@ -69,15 +61,11 @@ def test_who_counts_as_a_client(engine: Engine) -> None:
 def test_a_client_over_its_limit_gets_a_clear_error_and_others_are_served(
     engine: Engine,
 ) -> None:
-    ports = free_ports(2)
-    running = RunningNode(config(ports), engine)
-    ep = f"tcp://127.0.0.1:{ports[0]}"
+    running = RunningNode(config(free_ports(2)), engine)
+    ep = running.serve_addr
 
     async def main() -> None:
-        greedy, polite = RawClient([ep]), RawClient([ep])
-        greedy.start()
-        polite.start()
-        try:
+        async with RawClient([ep]) as greedy, RawClient([ep]) as polite:
             # A burst of 5 from one connection: 2 admitted, 3 refused at once.
             events = [
                 await greedy.send(ep, generate(f"g{i}", f"Story {i}: once upon a", 24))
@@ -95,9 +83,6 @@ def test_a_client_over_its_limit_gets_a_clear_error_and_others_are_served(
             # Answers free the budget: the same connection is admitted again.
             again = await greedy.ask(ep, generate("g-again", "Once more:", 2), 60)
             assert isinstance(again, P.Done)
-        finally:
-            await greedy.close()
-            await polite.close()
 
     async def library() -> list[P.Done | BaseException]:
         # The library client raises the code as a RequestError and does not retry it.
@@ -107,7 +92,7 @@ def test_a_client_over_its_limit_gets_a_clear_error_and_others_are_served(
                 return_exceptions=True,
             )
 
-    try:
+    with running:
         asyncio.run(main())
         results = asyncio.run(library())
         refused = [r for r in results if isinstance(r, RequestError)]
@@ -117,8 +102,6 @@ def test_a_client_over_its_limit_gets_a_clear_error_and_others_are_served(
             st = c.status()
         assert st.counters.get("requests_client_limited") == 5 - LIMIT + 4 - LIMIT
         assert (st.inflight, st.inflight_clients, st.queue_depth) == (0, 0, 0)
-    finally:
-        running.stop()
 
 
 def test_forwards_from_a_known_peer_are_not_limited(engine: Engine) -> None:
@@ -132,7 +115,7 @@ def test_forwards_from_a_known_peer_are_not_limited(engine: Engine) -> None:
     running = RunningNode(
         config(ports, seeds=[{"serve": fake_serve, "gossip": fake_gossip}]), engine
     )
-    ep = f"tcp://127.0.0.1:{ports[0]}"
+    ep = running.serve_addr
     hb = idle_heartbeat(
         "fake-peer", fake_serve, fake_gossip, engine.block_size, engine.fingerprint.hex()
     )
@@ -145,9 +128,7 @@ def test_forwards_from_a_known_peer_are_not_limited(engine: Engine) -> None:
                 time.sleep(0.1)
 
         async def main() -> None:
-            peer = RawClient([ep])
-            peer.start()
-            try:
+            async with RawClient([ep]) as peer:
                 events = []
                 for i in range(LIMIT + 2):
                     msg = generate(f"f{i}", f"Forwarded {i}:", 8)
@@ -156,8 +137,6 @@ def test_forwards_from_a_known_peer_are_not_limited(engine: Engine) -> None:
                 await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 60)
                 assert peer.tally.lost == [] and peer.tally.twice == []
                 assert len(peer.tally.done()) == LIMIT + 2, peer.tally.errors()
-            finally:
-                await peer.close()
 
         asyncio.run(main())
         with Client([ep], timeout=30) as c:
@@ -228,15 +207,12 @@ def test_max_peers_must_be_positive() -> None:
 def test_a_full_queue_refuses_and_keeps_no_request_in_flight(engine: Engine) -> None:
     """A request refused as `overloaded` is over: it holds no in-flight place (it used
     to stay counted for good, and its caller ran into its limit)."""
-    ports = free_ports(2)
     # A client limit high enough that only the queue (one waiting job) refuses.
-    running = RunningNode(config(ports, max_queue=1, max_inflight_per_client=100), engine)
-    ep = f"tcp://127.0.0.1:{ports[0]}"
+    running = RunningNode(config(free_ports(2), max_queue=1, max_inflight_per_client=100), engine)
+    ep = running.serve_addr
 
     async def main() -> None:
-        rc = RawClient([ep])
-        rc.start()
-        try:
+        async with RawClient([ep]) as rc:
             events = [
                 await rc.send(ep, generate(f"q{i}", f"Story {i}: once upon a", 24))
                 for i in range(6)
@@ -249,22 +225,17 @@ def test_a_full_queue_refuses_and_keeps_no_request_in_flight(engine: Engine) -> 
             assert (st.inflight, st.inflight_clients, st.queue_depth) == (0, 0, 0)
             again = await rc.ask(ep, generate("q-again", "Once more:", 2), 120)
             assert isinstance(again, P.Done), again
-        finally:
-            await rc.close()
 
-    try:
+    with running:
         asyncio.run(main())
-    finally:
-        running.stop()
 
 
 def test_token_id_prompts_are_checked_on_the_loop_and_answered(engine: Engine) -> None:
     """A Generate with token ids (what a peer's forward carries) is checked on the
     node's loop, not on the tokenizer thread: an id outside the vocabulary gets a clear
     invalid_request, a good one is served, and the node takes the next request."""
-    ports = free_ports(2)
-    running = RunningNode(config(ports, max_inflight_per_client=100), engine)
-    ep = f"tcp://127.0.0.1:{ports[0]}"
+    running = RunningNode(config(free_ports(2), max_inflight_per_client=100), engine)
+    ep = running.serve_addr
     good = engine.prompt_tokens("Once upon a time there was", None)
 
     def ids(rid: str, tokens: list[int]) -> P.Generate:
@@ -273,9 +244,7 @@ def test_token_id_prompts_are_checked_on_the_loop_and_answered(engine: Engine) -
         )
 
     async def main() -> None:
-        rc = RawClient([ep])
-        rc.start()
-        try:
+        async with RawClient([ep]) as rc:
             bad = await rc.ask(ep, ids("bad", [*good, engine.n_vocab]), 120)
             assert isinstance(bad, P.Error), bad
             assert bad.code == P.INVALID_REQUEST and "outside" in bad.message, bad
@@ -283,10 +252,6 @@ def test_token_id_prompts_are_checked_on_the_loop_and_answered(engine: Engine) -
             assert isinstance(ok, P.Done), ok
             assert ok.prompt_tokens == len(good) and ok.completion_tokens >= 1
             assert rc.tally.lost == [] and rc.tally.twice == []
-        finally:
-            await rc.close()
 
-    try:
+    with running:
         asyncio.run(main())
-    finally:
-        running.stop()

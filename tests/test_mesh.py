@@ -12,7 +12,7 @@ from meshkit import RawClient, generate, idle_heartbeat, is_request, log_events,
 
 from zmesh import protocol as P
 from zmesh.client import Client
-from zmesh.lab import Lab, free_ports
+from zmesh.lab import Lab, LabNode, free_ports
 from zmesh.model import default_model_path, model_fingerprint
 
 pytestmark = pytest.mark.slow
@@ -33,6 +33,17 @@ PINNED = {"place_slack_frac": 0.0}
 
 def converge(lab: Lab, timeout: float = 60.0) -> float:
     return asyncio.run(lab.wait_converged(timeout=timeout))
+
+
+def _primed_on(lab: Lab, node: LabNode, prefix: str) -> str:
+    """``prefix``, cached on ``node`` only (served there once), once the mesh knows it."""
+    with Client(lab.endpoints, timeout=60) as client:
+        primed = client.generate(
+            prefix + "Question: prime node-b\nAnswer:", max_tokens=2, endpoint=node.serve
+        )
+        assert primed.served_by == node.name
+    converge(lab)
+    return prefix
 
 
 @pytest.fixture(scope="module")
@@ -87,25 +98,15 @@ def test_a_forwarded_request_keeps_its_deadline_and_is_answered_once(lab3: Lab) 
     """The absolute deadline travels with the forward; the serving peer stops decoding
     when it passes, and the client gets one deadline_exceeded, not a local restart."""
     a, b = lab3.nodes[0], lab3.nodes[1]
-    only_on_b = FEW_SHOT.replace("geology", "mineralogy")
-    with Client(lab3.endpoints, timeout=60) as client:
-        primed = client.generate(
-            only_on_b + "Question: prime node-b\nAnswer:", max_tokens=2, endpoint=b.serve
-        )
-        assert primed.served_by == b.name
-    converge(lab3)
+    only_on_b = _primed_on(lab3, b, FEW_SHOT.replace("geology", "mineralogy"))
     long_ask = generate("dl-forwarded", only_on_b + "Count to 500: 1, 2, 3,", 500, deadline_s=1.0)
     expired = generate("dl-expired", "Too late for this one.", 4, deadline_s=-1.0)
 
     async def main() -> RawClient:
-        rc = RawClient([a.serve])
-        rc.start()
-        try:
+        async with RawClient([a.serve]) as rc:
             await rc.ask(a.serve, long_ask, 10)
             await rc.ask(a.serve, expired, 10)
             await rc.drain()  # a second answer would be counted by now
-        finally:
-            await rc.close()
         return rc
 
     tally = asyncio.run(main()).tally
@@ -133,20 +134,12 @@ def test_a_cancel_follows_a_forwarded_request_to_the_peer(lab3: Lab) -> None:
     """The caller cancels a request its entry node forwarded: the peer stops it (the
     cancel follows under the forward's wire id), and nobody serves it again."""
     a, b = lab3.nodes[0], lab3.nodes[1]
-    only_on_b = FEW_SHOT.replace("geology", "petrology")
-    with Client(lab3.endpoints, timeout=60) as client:
-        primed = client.generate(
-            only_on_b + "Question: prime node-b\nAnswer:", max_tokens=2, endpoint=b.serve
-        )
-        assert primed.served_by == b.name
-    converge(lab3)
+    only_on_b = _primed_on(lab3, b, FEW_SHOT.replace("geology", "petrology"))
     long_ask = generate("cancel-me", only_on_b + "Count to 500: 1, 2, 3,", 400, deadline_s=600)
     long_ask.stream = True
 
     async def main() -> RawClient:
-        rc = RawClient([a.serve])
-        rc.start()
-        try:
+        async with RawClient([a.serve]) as rc:
             done = await rc.send(a.serve, long_ask)
             give_up = time.monotonic() + 300
             while rc.tally.chunks["cancel-me"] < 2:  # the peer is decoding it
@@ -155,8 +148,6 @@ def test_a_cancel_follows_a_forwarded_request_to_the_peer(lab3: Lab) -> None:
             await rc.socks[a.serve].send(P.encode(P.Cancel(request_id="cancel-me")))
             await asyncio.wait_for(done.wait(), 300)
             await rc.drain()
-        finally:
-            await rc.close()
         return rc
 
     tally = asyncio.run(main()).tally

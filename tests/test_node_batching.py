@@ -15,11 +15,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from meshkit import RawClient, RunningNode
+from meshkit import RawClient, RunningNode, node_config
 from test_batching import COUNT, LETTERS, QUESTION
 
 from zmesh import protocol as P
-from zmesh.config import EngineConfig, config_from_dict
+from zmesh.config import EngineConfig
 from zmesh.engine import Engine, StepReport
 from zmesh.lab import free_ports
 
@@ -73,22 +73,12 @@ async def until(fact: threading.Event) -> None:
 
 
 def test_three_requests_run_together_on_one_node(engine: Engine) -> None:
-    ports = free_ports(2)
-    cfg = config_from_dict(
-        {
-            "node_id": "batch",
-            "serve_addr": f"tcp://127.0.0.1:{ports[0]}",
-            "gossip_addr": f"tcp://127.0.0.1:{ports[1]}",
-        }
-    )
-    running = RunningNode(cfg, engine)
-    ep = cfg.serve_addr
+    running = RunningNode(node_config("batch", free_ports(2)), engine)
+    ep = running.serve_addr
     steps: list[StepReport] = []
 
     async def main() -> None:
-        rc = RawClient([ep])
-        rc.start()
-        try:
+        async with RawClient([ep]) as rc:
             # Alone, one after another, from a cold cache each.
             alone: dict[str, str] = {}
             for name, (prompt, n) in PROMPTS.items():
@@ -151,13 +141,11 @@ def test_three_requests_run_together_on_one_node(engine: Engine) -> None:
                 assert finals[0].text == alone[name]
             await rc.drain()
             assert all(len(f) == 1 for f in rc.tally.finals.values())
-        finally:
-            engine.on_step = None
-            await rc.close()
 
     try:
-        asyncio.run(main())
+        with running:
+            asyncio.run(main())
     finally:
-        running.stop()
+        engine.on_step = None
     assert engine.running() == 0 and engine.waiting() == 0
     assert engine.check_consistency() == []

@@ -12,10 +12,10 @@ import asyncio
 import time
 from typing import Any
 
-from meshkit import RawClient, RunningNode
+from meshkit import RawClient, RunningNode, node_config
 
 from zmesh import protocol as P
-from zmesh.config import EngineConfig, config_from_dict
+from zmesh.config import EngineConfig
 from zmesh.engine import Engine
 from zmesh.lab import free_ports
 
@@ -40,16 +40,11 @@ class LogSpy:
 
 
 def test_the_completed_line_and_counters_precede_the_done() -> None:
-    ports = free_ports(2)
-    cfg = config_from_dict(
-        {
-            "node_id": "order",
-            "serve_addr": f"tcp://127.0.0.1:{ports[0]}",
-            "gossip_addr": f"tcp://127.0.0.1:{ports[1]}",
-        }
-    )
-    with Engine(EngineConfig(n_slots=1, slot_ctx=256, n_threads=1)) as engine:
-        running = RunningNode(cfg, engine)
+    cfg = node_config("order", free_ports(2))
+    with (
+        Engine(EngineConfig(n_slots=1, slot_ctx=256, n_threads=1)) as engine,
+        RunningNode(cfg, engine) as running,
+    ):
         node = running.node
         spy = LogSpy(node.context.log)
         node.context.log = spy
@@ -65,9 +60,7 @@ def test_the_completed_line_and_counters_precede_the_done() -> None:
         node.transport.reply = reply  # type: ignore[method-assign]
 
         async def main() -> None:
-            rc = RawClient([cfg.serve_addr])
-            rc.start()
-            try:
+            async with RawClient([cfg.serve_addr]) as rc:
                 for i in range(2):
                     msg = P.Generate(
                         request_id=f"o{i}",
@@ -77,11 +70,6 @@ def test_the_completed_line_and_counters_precede_the_done() -> None:
                     )
                     done = await rc.ask(cfg.serve_addr, msg, WAIT_S)
                     assert isinstance(done, P.Done), done
-            finally:
-                await rc.close()
 
-        try:
-            asyncio.run(main())
-        finally:
-            running.stop()
+        asyncio.run(main())
     assert at_done == [(True, 1), (True, 2)]

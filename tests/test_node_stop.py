@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from meshkit import RawClient, RunningNode
+from meshkit import RawClient, RunningNode, node_config
 
 from zmesh import protocol as P
-from zmesh.config import EngineConfig, NodeConfig, config_from_dict
+from zmesh.config import EngineConfig
 from zmesh.engine import Engine, Handle, run_calls
 from zmesh.kvpeer import Imported
 from zmesh.lab import free_ports
@@ -44,15 +44,7 @@ def engine() -> Iterator[Engine]:
 def running(engine: Engine) -> Iterator[RunningNode]:
     """A node on its own loop thread, stopped after the test, however it ended; the
     engine (shared by the module) is idle and consistent after it."""
-    ports = free_ports(2)
-    cfg: NodeConfig = config_from_dict(
-        {
-            "node_id": "stopper",
-            "serve_addr": f"tcp://127.0.0.1:{ports[0]}",
-            "gossip_addr": f"tcp://127.0.0.1:{ports[1]}",
-        }
-    )
-    rn = RunningNode(cfg, engine)
+    rn = RunningNode(node_config("stopper", free_ports(2)), engine)
     _poll(lambda: engine.deliver is not run_calls, "the worker never took the engine's delivery")
     try:
         yield rn
@@ -64,6 +56,27 @@ def running(engine: Engine) -> Iterator[RunningNode]:
         _poll(lambda: engine.running() == 0 and engine.waiting() == 0, "engine still busy")
         assert engine.check_consistency() == []
         engine.clear()
+
+
+def _story(rid: str) -> P.Generate:
+    """A long streamed request (STORY, LONG tokens): still running when the node stops."""
+    return P.Generate(
+        request_id=rid,
+        prompt=STORY,
+        params=P.SamplingParams(max_tokens=LONG, temperature=0.0),
+        deadline=time.time() + 600,
+        stream=True,
+    )
+
+
+async def _streaming(rc: RawClient, ep: str, rid: str, chunks: int, what: str) -> None:
+    """Send `_story` as ``rid``; return once ``chunks`` of its text came back: it runs,
+    far from its end."""
+    await rc.send(ep, _story(rid))
+    give_up = time.monotonic() + WAIT_S
+    while rc.tally.chunks[rid] < chunks:
+        assert time.monotonic() < give_up, what
+        await asyncio.sleep(0.01)
 
 
 def _poll(fact: Callable[[], object], what: str) -> None:
@@ -84,13 +97,7 @@ def _on_loop(rn: RunningNode, fn: Callable[[], Any]) -> Any:
 
 def _job(node: Node, rid: str, pull: asyncio.Task[Any]) -> Job:
     """A local job whose KV pull is ``pull`` (built on the node's loop)."""
-    msg = P.Generate(
-        request_id=rid,
-        prompt=STORY,
-        params=P.SamplingParams(max_tokens=LONG, temperature=0.0),
-        deadline=time.time() + 600,
-        stream=True,
-    )
+    msg = _story(rid)
     req = RequestContext.build(
         node.engine,
         msg,
@@ -176,28 +183,14 @@ def test_text_delivered_after_the_stop_began_is_not_sent(
         worker_deliver(calls)
 
     async def main() -> None:
-        rc = RawClient([node.serve_addr])
-        rc.start()
-        try:
-            msg = P.Generate(
-                request_id="f4",
-                prompt=STORY,
-                params=P.SamplingParams(max_tokens=LONG, temperature=0.0),
-                deadline=time.time() + 600,
-                stream=True,
-            )
-            await rc.send(node.serve_addr, msg)
-            give_up = time.monotonic() + WAIT_S
-            while rc.tally.chunks["f4"] < 2:  # it runs and streams
-                assert time.monotonic() < give_up, "no text streamed"
-                await asyncio.sleep(0.01)
+        async with RawClient([node.serve_addr]) as rc:
+            await _streaming(rc, node.serve_addr, "f4", 2, "no text streamed")  # it runs
             engine.deliver = deliver
+            give_up = time.monotonic() + WAIT_S
             while not held.is_set():
                 assert time.monotonic() < give_up, "no step delivered"
                 await asyncio.sleep(0.01)
             running.loop.call_soon_threadsafe(node.stop)
-        finally:
-            await rc.close()
 
     asyncio.run(main())
     running.stop()
@@ -226,23 +219,8 @@ def test_a_stopping_node_cancels_the_pull_of_a_job_still_queued(
         assert node.worker.enqueue(_job(node, "f6", pull))
 
     async def main() -> None:
-        rc = RawClient([node.serve_addr])
-        rc.start()
-        try:
-            msg = P.Generate(
-                request_id="busy",
-                prompt=STORY,
-                params=P.SamplingParams(max_tokens=LONG, temperature=0.0),
-                deadline=time.time() + 600,
-                stream=True,
-            )
-            await rc.send(node.serve_addr, msg)
-            give_up = time.monotonic() + WAIT_S
-            while rc.tally.chunks["busy"] < 1:  # it holds the only place
-                assert time.monotonic() < give_up, "the busy request never ran"
-                await asyncio.sleep(0.01)
-        finally:
-            await rc.close()
+        async with RawClient([node.serve_addr]) as rc:  # it holds the only place
+            await _streaming(rc, node.serve_addr, "busy", 1, "the busy request never ran")
 
     asyncio.run(main())
     _on_loop(running, enqueue)

@@ -389,6 +389,19 @@ def table() -> PeerTable:
     return PeerTable("me", suspect_after_s=2.0, dead_after_s=8.0, snapshot_timeout_s=TIMEOUT)
 
 
+def synced_peer(t: PeerTable, now: float, *blocks: int) -> tuple[PeerEstimate, LocalAdvert]:
+    """Peer "b", heard at ``now``, whose advert holds ``blocks`` and which we have
+    synced (its heartbeat, then a full snapshot)."""
+    t.upsert("b", "s", "g", now)
+    peer = t.get("b")
+    assert peer is not None
+    a = LocalAdvert(7)
+    publish(a, adds(*blocks), [])
+    heartbeat(peer, a, now)
+    snapshot(peer, a)
+    return peer, a
+
+
 def test_table_never_includes_self() -> None:
     t = table()
     assert not t.upsert("me", "s", "g", 0.0)
@@ -434,13 +447,7 @@ def test_peer_heard_of_but_never_heard_dies() -> None:
 
 def test_failure_detector_boundaries_and_drop() -> None:
     t = table()
-    t.upsert("b", "s", "g", 1.0)
-    peer = t.get("b")
-    assert peer is not None
-    a = LocalAdvert(7)
-    publish(a, adds(1, 2), [])
-    heartbeat(peer, a, 1.0)
-    snapshot(peer, a)
+    peer, _ = synced_peer(t, 1.0, 1, 2)
     assert t.tick(3.0) == []  # silent exactly suspect_after: still alive
     assert peer.state is PeerState.ALIVE
     assert t.tick(3.25) == [PeerEvent("suspect", "b")]
@@ -454,13 +461,7 @@ def test_failure_detector_boundaries_and_drop() -> None:
 
 def test_suspect_peer_comes_back_with_its_estimate() -> None:
     t = table()
-    t.upsert("b", "s", "g", 0.0)
-    peer = t.get("b")
-    assert peer is not None
-    a = LocalAdvert(7)
-    publish(a, adds(1), [])
-    heartbeat(peer, a, 0.0)
-    snapshot(peer, a)
+    peer, a = synced_peer(t, 0.0, 1)
     assert t.tick(2.5) == [PeerEvent("suspect", "b")]
     assert heartbeat(peer, a, 3.0) == Action(OK)
     assert t.tick(3.0) == [PeerEvent("alive", "b")]
@@ -475,13 +476,7 @@ def test_silent_peer_goes_straight_to_dead_in_one_tick() -> None:
 
 def test_returning_peer_is_resynced() -> None:
     t = table()
-    t.upsert("b", "s", "g", 0.0)
-    peer = t.get("b")
-    assert peer is not None
-    old = LocalAdvert(7)
-    publish(old, adds(1, 2), [])
-    heartbeat(peer, old, 0.0)
-    snapshot(peer, old)
+    peer, _ = synced_peer(t, 0.0, 1, 2)
     assert t.tick(20.0) == [PeerEvent("dead", "b")]
     new = LocalAdvert(8)  # restarted: new epoch
     publish(new, adds(5), [])

@@ -18,6 +18,7 @@ from dataclasses import replace
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from routekit import PREFILL, SERVICE, candidate
 
 from zmesh.routing import (
     ALL_POLICIES,
@@ -54,22 +55,7 @@ from zmesh.routing import (
 )
 from zmesh.routing.consistent_hash import _ring
 
-PREFILL = 1 / 1024  # s per token: 1024 unmatched tokens cost exactly 1 s
-SERVICE = 0.25  # s per queued request
-
-
-def cand(
-    node_id: str,
-    *,
-    local: bool = False,
-    matched: int = 0,
-    queue: int = 0,
-    link: float = 0.0,
-    prefill: float = PREFILL,
-    service: float = SERVICE,
-    alive: bool = True,
-) -> Candidate:
-    return Candidate(node_id, local, matched, queue, link, prefill, service, alive)
+cand = candidate
 
 
 def req(prompt: int = 1024, hops: int = 0, head_key: int = 0) -> RouteRequest:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 
 from hypothesis import given
 from hypothesis import strategies as st
+from routekit import PREFILL, SHIP, shipping_node
 
 from zmesh.blocks import BlockHasher
 from zmesh.routing import (
@@ -23,30 +24,7 @@ from zmesh.routing import (
 from zmesh.routing.shipping import evict_charge_s, evict_held
 from zmesh.sim.cache import KnownIdsHasher, SlotCache
 
-PREFILL = 1 / 1024  # as tests/test_shipping.py: 1024 tokens prefill in 1 s
-SHIP = 1 / 20_000  # 20k tokens shipped per second
-
-
-def node(
-    name: str,
-    *,
-    local: bool = False,
-    matched: int = 0,
-    wait: float = 0.0,
-    ship: float | None = SHIP,
-) -> Candidate:
-    return Candidate(
-        name,
-        local,
-        matched,
-        0,
-        0.0,
-        PREFILL,
-        0.1,
-        wait_s=wait,
-        ship_s_per_token=None if local else ship,
-        ship_fixed_s=0.002,
-    )
+node = shipping_node
 
 
 def route(cands: list[Candidate], prompt: int = 1100) -> Decision:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from routekit import PREFILL, shipping_node
 
 from zmesh import protocol as P
 from zmesh.kvstate import KvLayout, KvRefused, make_state
@@ -19,31 +20,7 @@ from zmesh.routing import (
     estimate_s,
 )
 
-PREFILL = 1 / 1024  # 1024 tokens prefill in 1 s
-SHIP = 1 / 20_000  # 20k tokens shipped per second: 1024 tokens in ~0.05 s
-
-
-def node(
-    name: str,
-    *,
-    local: bool = False,
-    matched: int = 0,
-    wait: float = 0.0,
-    ship: float | None = SHIP,
-    link: float = 0.0,
-) -> Candidate:
-    return Candidate(
-        name,
-        local,
-        matched,
-        0,
-        link,
-        PREFILL,
-        0.1,
-        wait_s=wait,
-        ship_s_per_token=None if local else ship,
-        ship_fixed_s=0.002,
-    )
+node = shipping_node
 
 
 def route(cands: list[Candidate], prompt: int = 1100, **kw: object):

@@ -260,65 +260,31 @@ def test_scale_path_with_candidate_subsets() -> None:
 # ---- the command line ------------------------------------------------------------------
 
 
+def _zmesh_sim(*args: str, timeout: float) -> tuple[dict, str]:
+    """Run ``python -m zmesh sim ARGS --json``, which must succeed: what it printed
+    (one JSON object) and its stderr."""
+    cmd = [sys.executable, "-m", "zmesh", "sim", *args, "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
+    return json.loads(out.stdout), out.stderr
+
+
 def test_sim_run_cli_writes_json(tmp_path) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "zmesh",
-            "sim",
-            "run",
-            "--nodes",
-            "3",
-            "--requests",
-            "150",
-            "--policies",
-            "zmesh,random",
-            "--jobs",
-            "1",
-            "--out",
-            str(tmp_path),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
+    res, _ = _zmesh_sim(
+        *("run", "--nodes", "3", "--requests", "150", "--policies", "zmesh,random"),
+        *("--jobs", "1", "--out", str(tmp_path)),
         timeout=120,
-        check=True,
     )
-    res = json.loads(out.stdout)
     assert set(res["policies"]) == {"zmesh", "random"}
     assert "ttft_mean_s" in res["policies"]["zmesh"] and "hit_rate" in res["policies"]["random"]
     assert list(tmp_path.glob("run-*.json"))
 
 
 def test_sim_sweep_cli_tiny(tmp_path) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "zmesh",
-            "sim",
-            "sweep",
-            "--nodes",
-            "3",
-            "--delays-ms",
-            "1,100",
-            "--alphas",
-            "0,1",
-            "--requests",
-            "120",
-            "--jobs",
-            "1",
-            "--out",
-            str(tmp_path),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
+    res, _ = _zmesh_sim(
+        *("sweep", "--nodes", "3", "--delays-ms", "1,100", "--alphas", "0,1"),
+        *("--requests", "120", "--jobs", "1", "--out", str(tmp_path)),
         timeout=240,
-        check=True,
     )
-    res = json.loads(out.stdout)
     assert len(res["cells"]) == 2 * 2 * len(SIM_POLICIES)
     assert "max_zmesh_over_best_baseline" in res["summary"]
 
@@ -409,19 +375,20 @@ def test_keepalives_and_give_up_keep_bursts_from_falling_back() -> None:
 
 
 def test_sim_run_cli_bursty_diagnosis_and_settings(tmp_path) -> None:
-    cmd = [sys.executable, "-m", "zmesh", "sim", "run", "--workload", "bursty", "--nodes", "3"]
-    cmd += ["--requests", "60", "--policies", "zmesh,oracle", "--jobs", "1"]
-    cmd += ["--set", "give_up_s=2.5", "--forward-timeout-s", "3", "--no-keepalive"]
-    cmd += ["--out", str(tmp_path)]
-    out = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=300, check=True)
-    res = json.loads(out.stdout)
+    args = ["run", "--workload", "bursty", "--nodes", "3"]
+    args += ["--requests", "60", "--policies", "zmesh,oracle", "--jobs", "1"]
+    args += ["--set", "give_up_s=2.5", "--forward-timeout-s", "3", "--no-keepalive"]
+    res, stderr = _zmesh_sim(*args, "--out", str(tmp_path), timeout=300)
     z = res["policies"]["zmesh"]
     assert sum(r["requests"] for r in z["diagnosis"]["by_reason"].values()) == z["requests"]
     assert res["policies"]["oracle"]["diagnosis"]["by_reason"]["oracle"]["requests"] == 60
-    assert "sent to a node that looked idle" in out.stderr
+    assert "sent to a node that looked idle" in stderr
     assert list(tmp_path.glob("run-bursty-n3-*-bursts.json"))
     bad = subprocess.run(
-        [*cmd[:-2], "--set", "no_such=1"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "zmesh", "sim", *args, "--set", "no_such=1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert bad.returncode != 0 and "no_such" in bad.stderr
 

@@ -101,7 +101,7 @@ def test_one_place_is_the_one_at_a_time_model() -> None:
 def test_batching_nodes_route_near_the_oracle_and_lose_no_request() -> None:
     """On nodes that run 3 at once, zmesh's load picture is what a batching node
     advertises (`candidates.batch_wait_s`: a place, and the prompts ahead read one at a
-    time). With only "a place is free" (batch_backlog_s) it sent requests to nodes
+    time). With only "a place is free" (the place model) it sent requests to nodes
     still reading other prompts and ended 1.66x the oracle's mean TTFT here."""
     wl = mmlu_workload(300, alpha=1.0, subjects=8, seed=5)
     ttft = {}

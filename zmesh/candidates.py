@@ -5,13 +5,12 @@ the node (`Node._route`) and the simulator, so that what the simulator assumes i
 what a node does:
 
 - `head_key`: the 64-bit key of the prompt head that ``consistent_hash`` places by;
-- `predict_s`, `queue_depth`, `backlog_s`: a node's load model (how long a request
-  will take, how much work waits ahead of a new one), also what it advertises;
-- `batch_depth`, `batch_backlog_s`: the same for a node that runs up to
-  ``max_running`` requests at once (continuous batching); with ``max_running=1``
-  they give exactly `queue_depth` and `backlog_s`;
-- `batch_wait_s`: a batching node's wait as its engine runs it (one prompt prefills
-  at a time, in the order requests got places): what a node advertises;
+- `predict_s`, `backlog_s`: a one-at-a-time node's load model (how long a request
+  will take, how much work waits ahead of a new one: the simulator's nodes);
+- `batch_depth`, `batch_wait_s`: a node that runs up to ``max_running`` requests at
+  once (continuous batching): its depth, and its wait as its engine runs it (one
+  prompt prefills at a time, in the order requests got places): what a node
+  advertises; with ``max_running=1`` the wait is `backlog_s`;
 - `unreported_s`, `free_places`: work we forwarded to a peer since its last heartbeat
   (which cannot count it yet), added to the backlog that peer advertised: its prefill
   when the peer has places free for it and for the new request, else all of it;
@@ -53,7 +52,6 @@ __all__ = [
     "PeerRow",
     "Work",
     "backlog_s",
-    "batch_backlog_s",
     "batch_depth",
     "batch_wait_s",
     "borrowed_rate",
@@ -64,7 +62,6 @@ __all__ = [
     "peer_candidate",
     "predict_prefill_s",
     "predict_s",
-    "queue_depth",
     "ship_fixed_s",
     "ship_s_per_token",
     "unreported_s",
@@ -109,11 +106,6 @@ def predict_prefill_s(new_tokens: int, prefill_s_per_token: float) -> float:
     return max(new_tokens, 1) * prefill_s_per_token
 
 
-def queue_depth(waiting: int, running: bool) -> int:
-    """Requests on a node: waiting, plus the one it runs."""
-    return waiting + (1 if running else 0)
-
-
 def backlog_s(
     queued_s: float, running_predicted_s: float | None, running_elapsed_s: float
 ) -> float:
@@ -128,31 +120,6 @@ def backlog_s(
 def batch_depth(waiting: int, running: int) -> int:
     """Requests on a node that runs several at once: waiting, plus those running."""
     return waiting + running
-
-
-def batch_backlog_s(
-    queued_s: Sequence[float], running_left_s: Sequence[float], max_running: int
-) -> float:
-    """Predicted seconds until a request arriving now would start on a node that runs
-    up to ``max_running`` requests at once: ``running_left_s`` is what is left of each
-    running request's prediction, ``queued_s`` the predictions of those waiting, in
-    order. Each waiting request takes the first place to free; the new one the next.
-
-    The predictions are service times at the rate the node measures while it runs
-    what it runs (a batched step serves k sequences at once, each a little slower),
-    so k requests running in parallel free their places after their own predictions,
-    not after the sum. With ``max_running=1`` this is `backlog_s`: the queue's sum
-    plus what is left of the running one.
-    """
-    places = max(max_running, 1)
-    if len(running_left_s) < places and not queued_s:
-        return 0.0  # a place is free and nobody waits for it
-    free = [max(t, 0.0) for t in running_left_s]
-    free += [0.0] * max(places - len(free), 0)
-    heapq.heapify(free)
-    for cost in queued_s:
-        heapq.heappush(free, heapq.heappop(free) + cost)
-    return free[0]
 
 
 class Work(NamedTuple):
@@ -172,10 +139,11 @@ def batch_wait_s(
     every decoding sequence): ``running`` is ``(elapsed_s, work)`` of the requests that
     hold places, in the order they got them; ``queued``, those waiting, in order.
 
-    The new request waits for a place (as in `batch_backlog_s`) and for the prefills
-    of every request ahead of it, whichever is later; a request's place frees once its
-    prefill (after those ahead) and its decode are done. A node with free places but
-    prompts still prefilling is not idle. With ``max_running=1`` this is `backlog_s`.
+    The new request waits for a place (the first to free, each waiting request taking
+    one before it) and for the prefills of every request ahead of it, whichever is
+    later; a request's place frees once its prefill (after those ahead) and its decode
+    are done. A node with free places but prompts still prefilling is not idle. With
+    ``max_running=1`` this is `backlog_s`.
     """
     lane = -math.inf  # when the prompts ahead are all prefilled (0: now)
     frees: list[float] = []  # when each place frees

@@ -64,16 +64,27 @@ def _key_kwargs(args: argparse.Namespace, endpoints: list[str]) -> dict[str, obj
     return {"client_key": args.client_key, "server_key": dict(zip(endpoints, keys, strict=True))}
 
 
+def _client_options(
+    args: argparse.Namespace, command: str
+) -> tuple[list[str], dict[str, object]] | None:
+    """The endpoints and key options of a client command (`ask`, `status`); None once
+    it said what is wrong with them."""
+    endpoints = args.endpoint or DEFAULT_ENDPOINTS
+    try:
+        return endpoints, _key_kwargs(args, endpoints)
+    except ValueError as exc:
+        _say(f"zmesh {command}: {exc}")
+        return None
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     from zmesh.client import Client, ZmeshError
     from zmesh.protocol import Chunk, Done
 
-    endpoints = args.endpoint or DEFAULT_ENDPOINTS
-    try:
-        keys = _key_kwargs(args, endpoints)
-    except ValueError as exc:
-        _say(f"zmesh ask: {exc}")
+    options = _client_options(args, "ask")
+    if options is None:
         return 2
+    endpoints, keys = options
     try:
         with Client(endpoints, timeout=args.timeout, **keys) as c:
             kw = dict(
@@ -104,12 +115,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from zmesh.client import Client, ZmeshError
 
-    endpoints = args.endpoint or DEFAULT_ENDPOINTS
-    try:
-        keys = _key_kwargs(args, endpoints)
-    except ValueError as exc:
-        _say(f"zmesh status: {exc}")
+    options = _client_options(args, "status")
+    if options is None:
         return 2
+    endpoints, keys = options
     rc = 0
     with Client(endpoints, **keys) as c:
         for ep in endpoints:

@@ -242,11 +242,8 @@ def build_plan(args: argparse.Namespace, tok: Tokenizer) -> Plan:
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    tok = Tokenizer()
-    try:
+    with Tokenizer() as tok:
         plan = build_plan(args, tok)
-    finally:
-        tok.close()
     wl = plan.workload
     n_prompt = statistics.fmean(len(t) for t in plan.tokens)
     say(

@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 
+from zmesh.bench.output import print_result
 from zmesh.config import EngineConfig
 from zmesh.engine import Engine, GenerationResult
 from zmesh.kvstate import pack, unpack
@@ -198,12 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     res = run(args.suffixes, args.prefix_tokens, args.max_tokens or 16, args.threads)
-    if args.json:
-        print(json.dumps(res))
-    else:
-        width = max(len(k) for k in res)
-        for k, v in res.items():
-            print(f"{k:<{width}}  {v}")
+    print_result(res, args.json)
     return 0
 
 

@@ -177,11 +177,8 @@ async def run_system(
 
 async def bench_workload(args: argparse.Namespace, workload: str) -> dict[str, Any]:
     args.workload = workload
-    tok = Tokenizer()
-    try:
+    with Tokenizer() as tok:
         plan = build_plan(args, tok)
-    finally:
-        tok.close()
     wl = plan.workload
     say(
         f"zmesh bench gateway: {wl.name}, {len(wl)} requests on {args.nodes} nodes x "

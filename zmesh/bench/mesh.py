@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import time
 
 from zmesh import protocol as P
+from zmesh.bench.output import print_result
 from zmesh.client import AsyncClient
 from zmesh.lab import Lab
 
@@ -139,11 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         res = asyncio.run(_measure(lab, args.pairs))
     finally:
         lab.stop()
-    if args.json:
-        print(json.dumps(res))
-    else:
-        for k, v in res.items():
-            print(f"{k:<24} {v}")
+    print_result(res, args.json)
     return 0
 
 

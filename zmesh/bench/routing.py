@@ -10,11 +10,11 @@ Times the parts the node runs per request, on the real code: block ids of the pr
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
 
+from zmesh.bench.output import print_result
 from zmesh.blocks import BlockHasher
 from zmesh.peers import PeerEstimate
 from zmesh.radix import RadixTree
@@ -87,11 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     res = run(args.peers, args.blocks, args.iterations, args.prompt_tokens)
-    if args.json:
-        print(json.dumps(res))
-    else:
-        for k, v in res.items():
-            print(f"{k:<16} {v}")
+    print_result(res, args.json)
     return 0
 
 

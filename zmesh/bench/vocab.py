@@ -50,6 +50,12 @@ class Tokenizer:
             self._ll.llama_model_free(self._model)
             self._model = None
 
+    def __enter__(self) -> Tokenizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def tokenize_workload(workload: Workload, tok: Tokenizer) -> list[list[int]]:
     """Token ids per request: the shared prefix tokenized once, then each request's own

@@ -23,9 +23,10 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future
+from contextlib import contextmanager
 from typing import Any
 
 import llama_cpp as ll
@@ -34,8 +35,14 @@ from zmesh.blocks import DEFAULT_KEY
 from zmesh.config import EngineConfig
 from zmesh.engine.kvship import KvPool
 from zmesh.engine.sequence import Handle, OnDone, OnPiece, Phase, Sequence
-from zmesh.engine.types import EngineError, GenerationResult, Request, StepReport
-from zmesh.protocol import INVALID_REQUEST, UNAVAILABLE, SamplingParams
+from zmesh.engine.types import (
+    EngineError,
+    GenerationResult,
+    Request,
+    StepReport,
+    closed_error,
+)
+from zmesh.protocol import INVALID_REQUEST, SamplingParams
 from zmesh.stats import ewma
 
 log = logging.getLogger("zmesh.engine")
@@ -49,11 +56,6 @@ def run_calls(calls: list[Call]) -> None:
             call()
         except Exception:  # a caller's callback must not stop the engine
             log.exception("engine callback failed")
-
-
-def closed_error() -> EngineError:
-    """What `submit`, `call_soon` and every request or call a close cuts short raise."""
-    return EngineError(UNAVAILABLE, "engine closed")
 
 
 class _Settle:
@@ -86,7 +88,7 @@ class Engine(KvPool):
         self._running: list[Sequence] = []  # engine thread only, in admission order
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._tokenizing = 0  # prompt_tokens calls under way (close waits for them)
+        self._model_users = 0  # `_model_use` calls under way (close waits for them)
 
     # ---- lifecycle -----------------------------------------------------------
 
@@ -101,7 +103,7 @@ class Engine(KvPool):
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-            while self._tokenizing:  # other threads read the vocabulary close frees
+            while self._model_users:  # other threads read the vocabulary close frees
                 self._cond.wait()
         t = self._thread
         if t is not None:
@@ -111,7 +113,7 @@ class Engine(KvPool):
         for _, fut in between:
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(closed_error())
-        with self._llama:
+        with self._llama:  # a call holding the context ends first; later ones raise
             self._fail_all(closed_error())
             self._free_llama()
 
@@ -187,18 +189,25 @@ class Engine(KvPool):
         return Handle(seq)
 
     def prompt_tokens(self, prompt: str | bytes | None, tokens: Seq[int] | None) -> list[int]:
-        """`LlamaBase.prompt_tokens` (any thread), never while `close` frees the model:
-        raises `closed_error` once closed, and a close waits for those under way."""
+        """`LlamaBase.prompt_tokens` (any thread) under `_model_use`: raises
+        `closed_error` once closed, even for token ids."""
+        with self._model_use():
+            return super().prompt_tokens(prompt, tokens)
+
+    @contextmanager
+    def _model_use(self) -> Iterator[None]:
+        """Never while `close` frees the model: raises `closed_error` once closed, and
+        a close waits for those under way (tokenizing, detokenizing, chat templates)."""
         with self._cond:
             if self._closed:
                 raise closed_error()
-            self._tokenizing += 1
+            self._model_users += 1
         try:
-            return super().prompt_tokens(prompt, tokens)
+            yield
         finally:
             with self._cond:
-                self._tokenizing -= 1
-                if self._closed and not self._tokenizing:
+                self._model_users -= 1
+                if self._closed and not self._model_users:
                     self._cond.notify_all()  # the close waiting for this one
 
     def generate(
@@ -241,7 +250,7 @@ class Engine(KvPool):
             prompt, tokens=tokens, params=SamplingParams(max_tokens=1), namespace=namespace
         )
         # One token sampled and not decoded: the prompt's row is the last one out.
-        with self._llama:
+        with self._live():
             return ll.llama_get_logits_ith(self._ctx, -1)[: self.n_vocab], r.cached_tokens
 
     def running(self) -> int:
@@ -285,7 +294,7 @@ class Engine(KvPool):
         cancelled ones, and decode one batch for everything that runs."""
         calls: list[tuple[Sequence, Call]] = []
         try:
-            with self._llama:
+            with self._live():
                 self._run_between()
                 finished = self._admit(calls)
                 report = self._decode(calls, finished) if self._running else None

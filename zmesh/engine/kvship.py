@@ -1,9 +1,9 @@
 """KV shipping at the engine: export a slot's cached prefix, import a shipped one.
 
-Both run under the llama.cpp lock, so any thread may call them; the node runs them on
-the engine thread between two steps (`Engine.call_soon`). An export reads a
-busy slot's stable prefix too (shared into the scratch sequence, nothing copied); an
-import only ever lands in an idle slot.
+Both run under the llama.cpp lock, so any thread may call them (once the engine is
+closed they raise `closed_error`); the node runs them on the engine thread between two
+steps (`Engine.call_soon`). An export reads a busy slot's stable prefix too (shared
+into the scratch sequence, nothing copied); an import only ever lands in an idle slot.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class KvPool(SlotPool):
         """The KV state of the longest prefix of ``tokens`` that a slot of ``namespace``
         holds, or None if none holds ``min_tokens`` of it. The slot itself is untouched:
         its prefix is shared into the scratch sequence (no copy), read out, and dropped."""
-        with self._llama:
+        with self._live():
             best, common = self._longest_holder(tokens, namespace)
             common = min(common, self.max_ship_tokens)
             if best is None or common < max(min_tokens, 1):
@@ -55,7 +55,7 @@ class KvPool(SlotPool):
         bad = next((t for t in tokens if not 0 <= t < self.n_vocab), None)
         if bad is not None:
             raise KvRefused("tokens", f"token id {bad} outside 0..{self.n_vocab - 1}")
-        with self._llama:
+        with self._live():
             _, held = self._longest_holder(tokens, namespace)
             if held >= len(tokens):
                 return 0

@@ -2,19 +2,24 @@
 
 `LlamaBase` owns llama.cpp's handles; the slot pool and the stepper build on it.
 Everything here that reads only the vocabulary or the model's metadata is thread-safe.
+Once freed (`Engine.close`), the handles point at freed C memory: every use of the
+context goes through `_live` and every public read of the model through `_model_use`,
+so a late call raises `closed_error` instead of crashing the process.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import llama_cpp as ll
 
 from zmesh.config import EngineConfig
-from zmesh.engine.types import MIN_SLOT_CTX, EngineError
+from zmesh.engine.types import MIN_SLOT_CTX, EngineError, closed_error
 from zmesh.model import model_fingerprint, resolve_model_path
 from zmesh.protocol import INVALID_REQUEST, PROMPT_TOO_LONG
 
@@ -61,6 +66,9 @@ class LlamaBase:
         self.max_prompt_chars = self.max_prompt_tokens * cfg.prompt_chars_per_token
         # One step holds a token for every decoding slot plus a prefill chunk.
         self.n_batch = max(cfg.n_batch, cfg.n_slots + 1)
+        # Held by whoever touches llama.cpp's context (a whole step, an export...) and
+        # by `_free_llama`: see `_live`.
+        self._llama = threading.RLock()
         self._load(cfg)
 
     def _load(self, cfg: EngineConfig) -> None:
@@ -106,11 +114,27 @@ class LlamaBase:
         )
 
     def _free_llama(self) -> None:
-        if getattr(self, "_ctx", None):
-            ll.llama_batch_free(self._batch)
-            ll.llama_free(self._ctx)
-            ll.llama_model_free(self._model)
-            self._ctx = None
+        with self._llama:  # waits for a call holding the context (`_live`) to leave
+            if getattr(self, "_ctx", None):
+                ll.llama_batch_free(self._batch)
+                ll.llama_free(self._ctx)
+                ll.llama_model_free(self._model)
+                self._ctx = None
+
+    @contextmanager
+    def _live(self) -> Iterator[None]:
+        """Hold llama.cpp's lock on a context not freed: raises `closed_error` once
+        `_free_llama` ran (any thread; a free waits for the holder to leave)."""
+        with self._llama:
+            if not getattr(self, "_ctx", None):
+                raise closed_error()
+            yield
+
+    def _model_use(self) -> AbstractContextManager[None]:
+        """Held around a public read of the model or vocabulary (which `_free_llama`
+        frees) off the engine thread; `Engine` makes a close wait for it and refuses
+        it once closed."""
+        return nullcontext()
 
     # ---- tokens ------------------------------------------------------------
 
@@ -119,6 +143,10 @@ class LlamaBase:
             data = text.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise EngineError(INVALID_REQUEST, f"prompt is not valid UTF-8: {exc.reason}") from exc
+        with self._model_use():
+            return self._tokenize(data)
+
+    def _tokenize(self, data: bytes) -> list[int]:
         cap = len(data) + 8
         buf = (ll.llama_token * cap)()
         n = ll.llama_tokenize(self._vocab, data, len(data), buf, cap, self._add_bos, True)
@@ -140,7 +168,8 @@ class LlamaBase:
         return bool(ll.llama_vocab_is_eog(self._vocab, token))
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        return b"".join(self._piece(t) for t in tokens).decode("utf-8", errors="replace")
+        with self._model_use():
+            return b"".join(self._piece(t) for t in tokens).decode("utf-8", errors="replace")
 
     def prompt_tokens(self, prompt: str | bytes | None, tokens: Sequence[int] | None) -> list[int]:
         """Validate and tokenize a request's prompt (text or token ids). Thread-safe (it
@@ -186,11 +215,12 @@ class LlamaBase:
         ``gemma``) for GGUFs shipped without one (the packaged model is one)."""
         if override:
             return override.encode()
-        tmpl = ll.llama_model_chat_template(self._model, None)
-        if tmpl:
-            return bytes(tmpl)
-        buf = ctypes.create_string_buffer(64)
-        n = ll.llama_model_meta_val_str(self._model, b"general.architecture", buf, len(buf))
+        with self._model_use():
+            tmpl = ll.llama_model_chat_template(self._model, None)
+            if tmpl:
+                return bytes(tmpl)
+            buf = ctypes.create_string_buffer(64)
+            n = ll.llama_model_meta_val_str(self._model, b"general.architecture", buf, len(buf))
         return buf.value.rstrip(b"0123456789") if n > 0 else b""
 
     def chat_prompt(self, messages: Sequence[tuple[str, str]], template: str | None = None) -> str:

@@ -14,7 +14,8 @@ is overwritten and extended after the work (for a busy slot, once its prompt is 
 and when its request ends). Tree queries come from other threads (the routing
 loop), guarded by ``_lock``, as are the slot facts those threads read beside them
 (``busy``, ``last_used``, the import reservations: see `KvPool.import_evicts`);
-llama.cpp's state is touched under ``_llama``.
+llama.cpp's state is touched under ``_llama``, through `LlamaBase._live`: after a
+close every such call raises `closed_error`.
 """
 
 from __future__ import annotations
@@ -51,8 +52,6 @@ class SlotPool(LlamaBase):
         self.block_size = cfg.block_size
         self.stats = EngineStats()
         self._lock = threading.Lock()  # guards slots' trees against routing reads
-        # Held by whoever touches llama.cpp's context: a whole step, an export...
-        self._llama = threading.RLock()
         self._trees: dict[str, RadixTree] = {}
         self._slots = [_Slot(seq=i) for i in range(cfg.n_slots)]
         self._scratch_seq = cfg.n_slots
@@ -128,7 +127,7 @@ class SlotPool(LlamaBase):
         return [(s.namespace, list(s.tokens)) for s in self._slots]
 
     def slot_state_bytes(self, slot: int) -> int:
-        with self._llama:
+        with self._live():
             return int(ll.llama_state_seq_get_size(self._ctx, slot))
 
     @property
@@ -146,7 +145,7 @@ class SlotPool(LlamaBase):
         """Differences between llama.cpp's memory, the slots and the trees (empty =
         ok). A busy slot's tree may lag behind it, never run ahead of it."""
         problems = []
-        with self._llama, self._lock:
+        with self._live(), self._lock:
             for s in self._slots:
                 pos_max = ll.llama_memory_seq_pos_max(self._mem, s.seq)
                 pos_min = ll.llama_memory_seq_pos_min(self._mem, s.seq)
@@ -194,7 +193,7 @@ class SlotPool(LlamaBase):
     def _claim(self, ids: list[int], namespace: str) -> Choice | None:
         """Choose the slot for ``ids`` and make it hold the reusable prefix; None when
         every slot it could take is busy. The slot is then busy (pinned)."""
-        with self._llama:
+        with self._live():
             c = choose(self._views(ids, namespace), len(ids))
             if c is None:
                 return None
@@ -232,7 +231,7 @@ class SlotPool(LlamaBase):
         """Roll ``slot`` back to its first ``keep`` tokens, in llama.cpp and the tree."""
         if keep >= len(slot.tokens):
             return
-        with self._llama:
+        with self._live():
             if not ll.llama_memory_seq_rm(self._mem, slot.seq, keep, -1):
                 ll.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)
                 keep = 0
@@ -245,7 +244,7 @@ class SlotPool(LlamaBase):
 
     def clear(self) -> None:
         """Drop what every idle slot holds (benchmarks and tests start over with it)."""
-        with self._llama:
+        with self._live():
             for s in self._slots:
                 if not s.busy:
                     self._truncate(s, 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from zmesh.protocol import SamplingParams
+from zmesh.protocol import UNAVAILABLE, SamplingParams
 
 MIN_SLOT_CTX = 64
 
@@ -17,6 +17,12 @@ class EngineError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def closed_error() -> EngineError:
+    """What every call on a closed engine raises, and every request or call a close
+    cuts short fails with."""
+    return EngineError(UNAVAILABLE, "engine closed")
 
 
 @dataclass(slots=True)
