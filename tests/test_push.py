@@ -136,9 +136,9 @@ def test_settings_are_checked() -> None:
     with pytest.raises(SettingError):
         RoutingSettings(ship_push_interval_s=0.0)
     node = {"node_id": "n", "serve_addr": "tcp://127.0.0.1:1", "gossip_addr": "tcp://127.0.0.1:2"}
-    with pytest.raises(ConfigError, match="routing.ship_push_interval_s"):
+    with pytest.raises(ConfigError, match=r"routing\.ship_push_interval_s"):
         config_from_dict({**node, "routing": {"ship_push": True, "ship_push_interval_s": -1.0}})
-    with pytest.raises(ConfigError, match="routing.ship_push_min_queued"):
+    with pytest.raises(ConfigError, match=r"routing\.ship_push_min_queued"):
         config_from_dict({**node, "routing": {"ship_push_min_queued": 0}})
     cfg = config_from_dict({**node, "routing": {"ship_push": True}})
     assert not RoutingConfig().ship_push and cfg.routing.settings().ship_push
@@ -218,3 +218,9 @@ def test_the_hot_prefix_counts_only_requests_holding_exactly_it(
     head = waiting[i][1][n - 1]
     sharing = [w for w in waiting if min(w[0], w[2] - 1, 128) // 16 == n and w[1][n - 1] == head]
     assert count == len(sharing) >= 1
+
+
+def test_the_peer_takes_one_pushed_prefix_at_a_time() -> None:
+    from zmesh.routing.shipping import REFUSE_PULLING
+
+    assert push_accept(500, 0, 2, ON, pulling=True) == REFUSE_PULLING

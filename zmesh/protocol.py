@@ -365,7 +365,7 @@ class KvOffer(_Msg, tag="kvoffer", kw_only=True):
     tokens: list[Annotated[int, msgspec.Meta(ge=0)]]
 
 
-class KvOfferReply(_Msg, tag="kvofferrep", kw_only=True):
+class KvOfferReply(_Msg, tag="kvoffrep", kw_only=True):
     """The offered peer's answer: it pulls now (``accepted``), or ``why`` it will not."""
 
     request_id: str

@@ -78,6 +78,7 @@ class KvPush:
         # (peer, prefix id) pairs offered lately, not offered again for a while.
         self._in_flight: tuple[str, str, float] | None = None
         self._last = -float("inf")
+        self._logged = -float("inf")  # the last kv.push_decided line
         self._recent: dict[tuple[str, int], float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -152,6 +153,9 @@ class KvPush:
         )
         if d.why in _QUIET:
             return
+        if d.why != PUSH_OFFER and now - self._logged < self.settings.ship_push_interval_s:
+            return  # a hot prefix with no offer: said once per interval, not every tick
+        self._logged = now
         offer_id = os.urandom(8).hex()
         sent = False
         if d.why == PUSH_OFFER and d.to is not None:
@@ -226,7 +230,7 @@ class KvPush:
         ns = c.namespace(msg.tenant)
         held = eng.local_match(msg.tokens, ns)
         free = eng.free_slots()
-        why = push_accept(len(msg.tokens), held, free, self.settings)
+        why = push_accept(len(msg.tokens), held, free, self.settings, pulling=bool(self._tasks))
         accepted = why == ACCEPT
         c.count("kv_offers_taken" if accepted else "kv_offers_declined")
         c.log.info(

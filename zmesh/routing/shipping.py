@@ -154,6 +154,7 @@ ACCEPT = "accepted"
 REFUSE_OFF = "push_off"
 REFUSE_HELD = "already_held"
 REFUSE_NO_FREE_SLOT = "no_free_slot"
+REFUSE_PULLING = "pulling"  # a pushed prefix is on its way here already: one at a time
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,12 +237,20 @@ def push_decision(
 
 
 def push_accept(
-    offered_tokens: int, held_here: int, free_slots: int, settings: RoutingSettings
+    offered_tokens: int,
+    held_here: int,
+    free_slots: int,
+    settings: RoutingSettings,
+    *,
+    pulling: bool = False,
 ) -> str:
     """The offered peer's answer (pure): `ACCEPT`, or why it refuses. It takes the
-    prefix only into a free slot (nothing evicted) and only if it does not hold it."""
+    prefix only into a free slot (nothing evicted), only if it does not hold it, and
+    only while no other pushed prefix is on its way (``pulling``)."""
     if not settings.ship_push:
         return REFUSE_OFF
+    if pulling:
+        return REFUSE_PULLING
     if offered_tokens - max(held_here, 0) < settings.ship_min_tokens:
         return REFUSE_HELD
     if free_slots < 1:

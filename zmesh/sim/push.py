@@ -34,6 +34,7 @@ class PushMixin(SimBase):
         self._push_in_flight: dict[int, float] = {}  # holder -> when its offer went
         self._push_last: dict[int, float] = {}
         self._push_recent: dict[tuple[int, int, int], float] = {}  # (holder, peer, head)
+        self._push_pulling: set[int] = set()  # peers with a pushed prefix on its way
 
     def _maybe_push(self, node: SimNode) -> None:
         s = self.settings
@@ -105,12 +106,16 @@ class PushMixin(SimBase):
         if not peer.alive:
             return  # no answer: the holder's offer expires (ship_timeout_s)
         free = len(peer.cache.free_slots(self._busy_slots(peer)))
-        why = push_accept(len(tokens), peer.cache.match(tokens), free, self.settings)
+        pulling = to in self._push_pulling
+        why = push_accept(
+            len(tokens), peer.cache.match(tokens), free, self.settings, pulling=pulling
+        )
         self._push(back, KV_OFFER_REPLY, holder, gen)
         if why != ACCEPT:
             self.push_refused[why] = self.push_refused.get(why, 0) + 1
             return
         self.push_stats["accepted"] += 1
+        self._push_pulling.add(to)
         self._push(back, KV_PUSH_FETCH, offer, None)
 
     def _on_kv_offer_reply(self, holder: int, gen: int) -> None:
@@ -119,10 +124,9 @@ class PushMixin(SimBase):
     def _on_kv_push_fetch(self, offer: tuple[Any, ...], _: Any) -> None:
         holder_idx, gen, to, tokens, ids = offer
         holder = self.nodes[holder_idx]
-        if not holder.alive or holder.gen != gen:
-            return
         n = min(holder.cache.match(tokens), len(tokens))
-        if n < self.settings.ship_min_tokens:
+        if not holder.alive or holder.gen != gen or n < self.settings.ship_min_tokens:
+            self._push_pulling.discard(to)  # the peer's fetch fails (or times out)
             return
         n -= n % self.cfg.block_size
         self._push(self._export(holder, to, n), KV_PUSH_READY, (to, tokens[:n], ids), None)
@@ -130,6 +134,7 @@ class PushMixin(SimBase):
     def _on_kv_push_ready(self, got: tuple[Any, ...], _: Any) -> None:
         to, tokens, ids = got
         peer = self.nodes[to]
+        self._push_pulling.discard(to)
         if not peer.alive:
             return
         bs = self.cfg.block_size
