@@ -118,6 +118,8 @@ class KvPush:
         ):
             c.log.info("kv.offer_expired", offer_id=self._in_flight[0], to=self._in_flight[1])
             self._in_flight = None
+        if self._in_flight is not None or now - self._last < self.settings.ship_push_interval_s:
+            return  # push_decision would say so: spare the queue scan
         hot = self.hot_prefix()
         if hot is None:
             return
@@ -273,9 +275,14 @@ class KvPush:
             c.count("kv_push_failed")
             c.log.warning("kv.push_failed", offer_id=msg.request_id, why=str(exc))
             return
-        done: Imported = await self._on_engine(
-            lambda: self._kv.load(state, msg.tenant, free_only=True)
-        )
+        try:
+            done: Imported = await self._on_engine(
+                lambda: self._kv.load(state, msg.tenant, free_only=True)
+            )
+        except Exception as exc:  # the engine closed under it: nothing imported
+            c.count("kv_push_failed")
+            c.log.warning("kv.push_failed", offer_id=msg.request_id, why=repr(exc))
+            return
         tokens = self._kv.record_import(done, msg.request_id)
         if tokens:
             c.count("kv_pushed")
