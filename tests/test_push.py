@@ -64,8 +64,12 @@ def test_a_busy_holder_offers_its_hot_prefix_to_the_idle_peer() -> None:
 
 
 def test_the_offer_is_capped_at_what_a_state_can_carry() -> None:
-    d = push_decision(2000, 4, 2.0, [peer("idle")], ON)
+    d = push_decision(600, 4, 2.0, [peer("idle")], ON)
     assert d.why == PUSH_OFFER and d.tokens == 512
+    # The 88 tokens past the cap are prefilled at the peer: charged to it.
+    assert d.peer_s == pytest.approx(0.001 + d.ship_s + 88 / 1024)
+    # So a long prefix is not pushed where prefilling its tail costs the gain.
+    assert push_decision(2512, 4, 2.0, [peer("idle")], ON).why == PUSH_NO_GAIN
 
 
 @pytest.mark.parametrize(
@@ -120,7 +124,8 @@ def test_an_offer_always_beats_the_wait_here_by_the_gain(
     # No other eligible peer would have started the prefix's requests sooner.
     for p in peers:
         if d.tokens - p.matched_tokens >= ON.ship_min_tokens:
-            assert d.peer_s <= p.link_delay_s + max(p.wait_s or 0.0, d.ship_s) + 1e-9
+            rest = (min(held, 4096) - d.tokens) * p.prefill_s_per_token
+            assert d.peer_s <= p.link_delay_s + max(p.wait_s or 0.0, d.ship_s) + rest + 1e-9
 
 
 def test_the_peer_accepts_only_into_a_free_slot_what_it_does_not_hold() -> None:
@@ -189,9 +194,9 @@ def test_the_hot_prefix_is_the_one_most_waiting_requests_share() -> None:
         (64, a, 100),  # 4 blocks of A: same prefix
         (48, b, 70),  # 3 blocks of B
     ]
-    assert hot_prefix(waiting, 16, s) == (0, 4, 2)
+    assert hot_prefix(waiting, 16, s) == (0, 4, 2, 64)  # the least held of the two: 64
     # One prompt token stays to decode: a prompt held whole counts one block less.
-    assert hot_prefix([(64, a, 64)], 16, s) == (0, 3, 1)
+    assert hot_prefix([(64, a, 64)], 16, s) == (0, 3, 1, 63)
     assert hot_prefix([(16, b, 70)], 16, s) is None
     assert hot_prefix([], 16, s) is None
 
@@ -213,8 +218,8 @@ def test_the_hot_prefix_counts_only_requests_holding_exactly_it(
     hot = hot_prefix(waiting, 16, s)
     if hot is None:
         return
-    i, n, count = hot
-    assert 32 <= n * 16 <= 128
+    i, n, count, held = hot
+    assert 32 <= n * 16 <= 128 and held >= n * 16
     head = waiting[i][1][n - 1]
     sharing = [w for w in waiting if min(w[0], w[2] - 1, 128) // 16 == n and w[1][n - 1] == head]
     assert count == len(sharing) >= 1

@@ -49,13 +49,16 @@ _QUIET = frozenset({PUSH_OFF, "in_flight", "rate_limited", "not_hot"})
 class HotPrefix:
     """The prefix most waiting requests share, as this node holds it."""
 
-    __slots__ = ("block_ids", "queued", "tenant", "tokens")
+    __slots__ = ("block_ids", "held", "queued", "tenant", "tokens")
 
-    def __init__(self, tenant: str, tokens: list[int], block_ids: list[int], queued: int):
+    def __init__(
+        self, tenant: str, tokens: list[int], block_ids: list[int], queued: int, held: int
+    ) -> None:
         self.tenant = tenant
-        self.tokens = tokens
+        self.tokens = tokens  # what is offered (at most ship_max_tokens)
         self.block_ids = block_ids
         self.queued = queued
+        self.held = held  # cached here by each of them, past the cap too
 
 
 class KvPush:
@@ -105,9 +108,10 @@ class KvPush:
         hot = hot_prefix(waiting, eng.block_size, self.settings)
         if hot is None:
             return None
-        i, n, queued = hot
+        i, n, queued, held = hot
         r = jobs[i]
-        return HotPrefix(r.msg.tenant, r.tokens[: n * eng.block_size], r.block_ids[:n], queued)
+        tokens = r.tokens[: n * eng.block_size]
+        return HotPrefix(r.msg.tenant, tokens, r.block_ids[:n], queued, held)
 
     def tick(self) -> None:
         c = self._c
@@ -144,7 +148,7 @@ class KvPush:
                 )
             )
         d = push_decision(
-            len(hot.tokens),
+            hot.held,
             hot.queued,
             self._load.backlog_s(),
             peers,

@@ -130,11 +130,13 @@ def evict_log_fields(local: Candidate) -> dict[str, object]:
 # (the offered peer) are the whole policy; node (`zmesh/kvpush.py`) and simulator
 # (`zmesh/sim/push.py`) call them, and each log line carries `PushDecision.log_fields`.
 #
+#     tokens  = min(held, ship_max_tokens)               # what a state can carry
 #     ship_s  = ship_fixed_s(p) + tokens * ship_s_per_token(p)
-#     peer_s  = link_delay(p) + max(wait(p), ship_s)   # a request sent there once it holds it
-#     gain    = wait_here - peer_s                     # what each later request saves
+#     peer_s  = link_delay(p) + max(wait(p), ship_s)     # a request sent there once it
+#               + (held - tokens) * prefill(p)           # holds it: the rest prefilled
+#     gain    = wait_here - peer_s                       # what each later request saves
 #
-# Offer ``tokens`` (the hot prefix, at most ``ship_max_tokens``) to the peer with the
+# Offer ``tokens`` (the hot prefix, ``held`` tokens cached here) to the peer with the
 # lowest ``peer_s`` among those that can be pulled to, do not hold it already, and
 # beat the wait here by the routing gain threshold (`RoutingSettings.min_gain_s`,
 # `min_gain_frac`); only while no offer is in flight and ``ship_push_interval_s`` has
@@ -196,7 +198,8 @@ def push_decision(
 ) -> PushDecision:
     """Whether a holder offers its hot prefix to an idle peer (pure).
 
-    ``held_tokens``: the prefix held here that ``queued`` waiting requests share;
+    ``held_tokens``: the prefix held here that ``queued`` waiting requests share (what
+    of it is past ``ship_max_tokens`` the peer would prefill: charged to it);
     ``wait_here_s``: what a new request for it waits here (the node's backlog);
     ``peers``: peer candidates whose ``matched_tokens`` is their estimated match of
     that prefix and whose ``ship_*`` fields price moving it to them (None: cannot);
@@ -224,7 +227,8 @@ def push_decision(
             continue  # holds (about) as much already
         ship_s = p.ship_fixed_s + tokens * p.ship_s_per_token
         wait = p.wait_s if p.wait_s is not None else p.queue_depth * p.service_s
-        peer_s = p.link_delay_s + max(wait, ship_s)
+        rest = max(held_tokens - tokens, 0) * p.prefill_s_per_token
+        peer_s = p.link_delay_s + max(wait, ship_s) + rest
         if best is None or (peer_s, p.node_id) < (best[0], best[2]):
             best = (peer_s, ship_s, p.node_id)
     if best is None:
@@ -260,25 +264,27 @@ def push_accept(
 
 def hot_prefix(
     waiting: Iterable[tuple[int, Sequence[int], int]], block_size: int, settings: RoutingSettings
-) -> tuple[int, int, int] | None:
+) -> tuple[int, int, int, int] | None:
     """The hot prefix of a holder's queue (pure): ``waiting`` holds, per waiting request,
     (tokens of it cached here, its block ids, its prompt length). Each counts for the
     whole blocks of its cached part (at most ``ship_max_tokens``, one prompt token left
     to decode) if that reaches ``ship_min_tokens``; the prefix most requests share
     (then the longest) wins. Returns (index into ``waiting`` of a request holding it,
-    its blocks, the requests sharing it), or None."""
-    groups: dict[int, list[int]] = {}  # last block id (names the prefix) -> [i, n, count]
+    its blocks, the requests sharing it, the fewest tokens one of them has cached here
+    past the cap too: `push_decision`'s ``held_tokens``), or None."""
+    groups: dict[int, list[int]] = {}  # last block id -> [i, blocks, count, least held]
     for i, (held, ids, prompt) in enumerate(waiting):
-        n = min(max(held, 0), max(prompt - 1, 0))
-        if settings.ship_max_tokens:
-            n = min(n, settings.ship_max_tokens)
+        full = min(max(held, 0), max(prompt - 1, 0))
+        n = min(full, settings.ship_max_tokens) if settings.ship_max_tokens else full
         n = min(n // block_size, len(ids))
         if n * block_size < settings.ship_min_tokens:
             continue
+        full = max(full, n * block_size)
         g = groups.get(ids[n - 1])
         if g is None:
-            groups[ids[n - 1]] = [i, n, 1]
+            groups[ids[n - 1]] = [i, n, 1, full]
         else:
             g[2] += 1
+            g[3] = min(g[3], full)
     best = max(groups.values(), key=lambda g: (g[2], g[1], -g[0]), default=None)
-    return (best[0], best[1], best[2]) if best is not None else None
+    return (best[0], best[1], best[2], best[3]) if best is not None else None

@@ -46,7 +46,7 @@ class PushMixin(SimBase):
         hot = hot_prefix(((node.cache.match(j.tokens), j.ids, len(j.tokens)) for j in jobs), bs, s)
         if hot is None:
             return
-        i, n, queued = hot
+        i, n, queued, held = hot
         job = jobs[i]
         head = job.ids[n - 1]
         forget = 2 * max(s.ship_push_interval_s, self.cfg.ship_timeout_s)
@@ -77,7 +77,7 @@ class PushMixin(SimBase):
                 )
             )
         d = push_decision(
-            n * bs,
+            held,
             queued,
             self._backlog(node),
             peers,
