@@ -27,7 +27,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from zmesh import protocol as P
-from zmesh.candidates import DEFAULT_LINK_DELAY_S, peer_candidate, ship_fixed_s
+from zmesh.candidates import (
+    DEFAULT_LINK_DELAY_S,
+    DEFAULT_PREFILL_S_PER_TOKEN,
+    DEFAULT_SERVICE_S,
+    peer_candidate,
+    ship_fixed_s,
+)
 from zmesh.kvpeer import Imported, KvFetchFailed, KvPeer
 from zmesh.node.context import NodeContext
 from zmesh.node.load import Load
@@ -131,6 +137,10 @@ class KvPush:
         head = hot.block_ids[-1]
         exclude = {peer for peer, h in self._recent if h == head}
         bs = c.engine.block_size
+        # A peer's own rates once it advertises them (peer_candidate), else ours.
+        st = c.engine.stats
+        prefill = st.prefill_s_per_token or DEFAULT_PREFILL_S_PER_TOKEN
+        service = st.service_s or DEFAULT_SERVICE_S
         peers = []
         for peer in c.peers.alive():
             link = peer.link_delay_s or DEFAULT_LINK_DELAY_S
@@ -141,8 +151,8 @@ class KvPush:
                     inflight=peer.inflight,
                     unreported_s=0.0,
                     link_delay_s=link,
-                    prefill_s_per_token=peer.prefill_s_per_token,
-                    service_s=peer.service_s,
+                    prefill_s_per_token=prefill,
+                    service_s=service,
                     ship_s_per_token=self._kv.costs.ship_s_per_token(peer.node_id),
                     ship_fixed_s=ship_fixed_s(link),
                 )
