@@ -31,6 +31,7 @@ class PushMixin(SimBase):
     def _push_init(self) -> None:
         self.push_stats = {"offers": 0, "accepted": 0, "imported": 0, "tokens": 0}
         self.push_refused: dict[str, int] = {}
+        self.push_why: dict[str, int] = {}  # decisions on a hot prefix, by why
         self._push_in_flight: dict[int, float] = {}  # holder -> when its offer went
         self._push_last: dict[int, float] = {}
         self._push_recent: dict[tuple[int, int, int], float] = {}  # (holder, peer, head)
@@ -86,6 +87,8 @@ class PushMixin(SimBase):
             since_last_s=self.now - self._push_last.get(node.idx, -1e18),
             exclude=exclude,
         )
+        if d.why not in ("in_flight", "rate_limited", "not_hot"):
+            self.push_why[d.why] = self.push_why.get(d.why, 0) + 1
         if d.why != PUSH_OFFER or d.to is None:
             return
         to = self.by_name[d.to]
@@ -160,6 +163,7 @@ class PushMixin(SimBase):
         return {
             "push_offers": s["offers"],
             "push_accepted": s["accepted"],
+            "push_decided": dict(sorted(self.push_why.items())),
             "push_refused": dict(sorted(self.push_refused.items())),
             "push_imported": s["imported"],
             "pushed_tokens": s["tokens"],
