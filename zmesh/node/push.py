@@ -43,6 +43,7 @@ from zmesh.routing.shipping import (
     ACCEPT,
     PUSH_OFF,
     PUSH_OFFER,
+    PushDecision,
     hot_prefix,
     push_accept,
     push_decision,
@@ -85,7 +86,7 @@ class KvPush:
         self._on_engine = on_engine
         # Holder: the offer in flight (id, peer, sent at), the last offer's time, and
         # (peer, prefix id) pairs offered lately, not offered again for a while.
-        self._in_flight: tuple[str, str, float] | None = None
+        self._in_flight: tuple[str, str, float, PushDecision] | None = None
         self._last = -float("inf")
         self._logged = -float("inf")  # the last kv.push_decided line
         self._recent: dict[tuple[str, int], float] = {}
@@ -177,7 +178,7 @@ class KvPush:
         if d.why == PUSH_OFFER and d.to is not None:
             sent = self._send_offer(offer_id, d.to, hot)
             if sent:
-                self._in_flight = (offer_id, d.to, now)
+                self._in_flight = (offer_id, d.to, now, d)
                 self._last = now
                 self._recent[(d.to, head)] = now
                 c.count("kv_offers_sent")
@@ -214,6 +215,7 @@ class KvPush:
         else:
             accepted, why = msg.accepted, msg.why
         self._c.count("kv_offers_accepted" if accepted else "kv_offers_refused")
+        d = fl[3]
         self._c.log.info(
             "kv.offer_reply",
             offer_id=fl[0],
@@ -221,6 +223,11 @@ class KvPush:
             accepted=accepted,
             why=why,
             reply_s=round(time.monotonic() - fl[2], 6),
+            # The costs the offer was made on (kv.push_decided).
+            tokens=d.tokens,
+            wait_here_s=round(d.wait_here_s, 6),
+            ship_s=round(d.ship_s, 6),
+            peer_s=round(d.peer_s, 6),
         )
         return True
 
