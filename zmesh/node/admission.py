@@ -232,7 +232,7 @@ class Admission:
             node = msg.origin
         elif isinstance(msg, P.Ping) and msg.sender is not None:
             node = msg.sender.node_id
-        elif isinstance(msg, P.SnapshotRequest):
+        elif isinstance(msg, P.SnapshotRequest | P.KvOffer):
             node = msg.node_id
         if node is None or self._c.peers.get(node) is None:
             return self._t.faults.peer_idents.get(ident)  # a Cancel from a peer, or a client
