@@ -85,6 +85,7 @@ def test_the_offer_is_capped_at_what_a_state_can_carry() -> None:
         ({"peers": [peer("p", ship=None)]}, PUSH_NO_PEER),  # cannot be pulled to
         ({"peers": [peer("p", alive=False)]}, PUSH_NO_PEER),
         ({"exclude": {"idle"}}, PUSH_NO_PEER),  # offered lately
+        ({"full": {"idle"}}, PUSH_NO_PEER),  # no empty slot by its last heartbeat
         ({"peers": [peer("p", wait=1.9)]}, PUSH_NO_GAIN),  # the peer is as busy
     ],
 )

@@ -167,6 +167,8 @@ class KvPush:
             in_flight=self._in_flight is not None,
             since_last_s=now - self._last,
             exclude=exclude,
+            # Every slot holds something by its last heartbeat: it would refuse.
+            full={p.node_id for p in c.peers.alive() if 0 < p.n_slots <= p.busy_slots},
         )
         if d.why in _QUIET:
             return

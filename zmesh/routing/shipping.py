@@ -195,6 +195,7 @@ def push_decision(
     in_flight: bool = False,
     since_last_s: float = math.inf,
     exclude: Collection[str] = (),
+    full: Collection[str] = (),
 ) -> PushDecision:
     """Whether a holder offers its hot prefix to an idle peer (pure).
 
@@ -203,7 +204,8 @@ def push_decision(
     ``wait_here_s``: what a new request for it waits here (the node's backlog);
     ``peers``: peer candidates whose ``matched_tokens`` is their estimated match of
     that prefix and whose ``ship_*`` fields price moving it to them (None: cannot);
-    ``exclude``: peers with an offer of it pending or just refused."""
+    ``exclude``: peers with an offer of it pending or just refused; ``full``: peers
+    whose last heartbeat had no empty slot (they would refuse: `push_accept`)."""
     if not settings.ship_push:
         return PushDecision(PUSH_OFF)
     if in_flight:
@@ -221,7 +223,9 @@ def push_decision(
     bar = max(settings.min_gain_s, settings.min_gain_frac * wait_here_s)
     best: tuple[float, float, str] | None = None  # (peer_s, ship_s, node_id)
     for p in peers:
-        if p.is_local or not p.alive or p.ship_s_per_token is None or p.node_id in exclude:
+        if p.is_local or not p.alive or p.ship_s_per_token is None:
+            continue
+        if p.node_id in exclude or p.node_id in full:
             continue
         if tokens - max(p.matched_tokens, 0) < settings.ship_min_tokens:
             continue  # holds (about) as much already
