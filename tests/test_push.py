@@ -97,6 +97,13 @@ def test_no_offer(kw: dict[str, object], why: str) -> None:
     assert d.why == why and d.to is None
 
 
+def test_the_offer_is_whole_blocks() -> None:
+    d = push_decision(483, 4, 2.0, [peer("idle")], ON, block_size=16)
+    assert d.why == PUSH_OFFER and d.tokens == 480
+    assert d.ship_s == pytest.approx(0.003 + 480 * SHIP)
+    assert d.peer_s == pytest.approx(0.001 + d.ship_s + 3 / 1024)  # 3 held tokens left
+
+
 def test_ties_go_to_the_lowest_node_id() -> None:
     d = push_decision(500, 4, 2.0, [peer("b"), peer("a")], ON)
     assert d.to == "a"

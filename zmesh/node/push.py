@@ -169,6 +169,7 @@ class KvPush:
             exclude=exclude,
             # Every slot holds something by its last heartbeat: it would refuse.
             full={p.node_id for p in c.peers.alive() if 0 < p.n_slots <= p.busy_slots},
+            block_size=bs,
         )
         if d.why in _QUIET:
             return

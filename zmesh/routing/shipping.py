@@ -196,6 +196,7 @@ def push_decision(
     since_last_s: float = math.inf,
     exclude: Collection[str] = (),
     full: Collection[str] = (),
+    block_size: int = 1,
 ) -> PushDecision:
     """Whether a holder offers its hot prefix to an idle peer (pure).
 
@@ -205,7 +206,8 @@ def push_decision(
     ``peers``: peer candidates whose ``matched_tokens`` is their estimated match of
     that prefix and whose ``ship_*`` fields price moving it to them (None: cannot);
     ``exclude``: peers with an offer of it pending or just refused; ``full``: peers
-    whose last heartbeat had no empty slot (they would refuse: `push_accept`)."""
+    whose last heartbeat had no empty slot (they would refuse: `push_accept`);
+    ``block_size``: the offer is whole blocks of the prefix."""
     if not settings.ship_push:
         return PushDecision(PUSH_OFF)
     if in_flight:
@@ -215,6 +217,7 @@ def push_decision(
     tokens = max(held_tokens, 0)
     if settings.ship_max_tokens:
         tokens = min(tokens, settings.ship_max_tokens)
+    tokens -= tokens % max(block_size, 1)  # whole blocks travel (`hot_prefix`)
     base = PushDecision(PUSH_NOT_HOT, tokens=tokens, queued=queued, wait_here_s=wait_here_s)
     if queued < settings.ship_push_min_queued:
         return base

@@ -87,6 +87,7 @@ class PushMixin(SimBase):
             since_last_s=self.now - self._push_last.get(node.idx, -1e18),
             exclude=exclude,
             full={est.node_id for _, est in view.alive if 0 < est.n_slots <= est.busy_slots},
+            block_size=bs,
         )
         if d.why not in ("in_flight", "rate_limited", "not_hot"):
             self.push_why[d.why] = self.push_why.get(d.why, 0) + 1
