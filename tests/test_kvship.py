@@ -240,3 +240,30 @@ def test_a_second_import_in_one_engine_turn_leaves_the_first_imports_slot_alone(
         # The second import replaced its own holder (a shorter prefix of it) instead.
         assert n2 == len(second) - 8 and r2.cached_tokens == len(second)
         assert eng.check_consistency() == []
+
+
+def test_a_pushed_import_takes_only_an_empty_slot_and_reserves_nothing(
+    holder: Engine, receiver: Engine
+) -> None:
+    """Holder push (`import_prefix(..., free_only=True)`): into an empty idle slot, no
+    reservation (no request will claim it); with none empty, refused and nothing
+    evicted."""
+    _clear(receiver)
+    state = _shipped(holder)
+    assert receiver.free_slots() == CONFIG.n_slots
+    assert receiver.import_prefix(state, "default", free_only=True) == state.n_tokens
+    assert receiver.free_slots() == CONFIG.n_slots - 1 and not receiver._reserved
+    assert receiver.check_consistency() == []
+    # Every slot holding something else: a push is refused, nothing is overwritten.
+    _clear(receiver)
+    for i in range(CONFIG.n_slots):
+        receiver.generate(f"Filler {i}: " + " ".join(f"w{i}x{k}" for k in range(30)), params=ONE)
+    assert receiver.free_slots() == 0
+    before = receiver.block_ids()
+    evictions = receiver.stats.evictions
+    with pytest.raises(KvRefused) as exc:
+        receiver.import_prefix(state, "default", free_only=True)
+    assert exc.value.reason == "no_free_slot"
+    assert receiver.block_ids() == before and receiver.stats.evictions == evictions
+    assert receiver.local_match(state.header.tokens, "default") < state.n_tokens
+    assert receiver.check_consistency() == []

@@ -123,6 +123,8 @@ ONE_OF_EACH: list[P.Message] = [
     P.Pong(request_id="p", sent_at=1.5, node_id="n2"),
     P.KvFetch(request_id="k", tenant="acme", tokens=[2, 10, 11], max_bytes=1 << 20, deadline=9.5),
     P.KvPart(request_id="k", part=0, parts=2, header=b"\x81\xa1h\x01", data=b"\x00\xff" * 8),
+    P.KvOffer(request_id="o", node_id="n1", tenant="acme", tokens=[2, 10, 11]),
+    P.KvOfferReply(request_id="o", node_id="n2", accepted=False, why="no_free_slot"),
 ]
 
 

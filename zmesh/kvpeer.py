@@ -226,13 +226,14 @@ class KvPeer:
             if holder == peer:
                 replies.put_nowait(None)
 
-    def load(self, state: KvState, tenant: str) -> Imported:
-        """On the engine thread: load a pulled state into a slot. Engine work only: what
-        it cost and counts is recorded on the loop (`record_import`), which owns the
-        counters and the costs routing reads."""
+    def load(self, state: KvState, tenant: str, free_only: bool = False) -> Imported:
+        """On the engine thread: load a pulled state into a slot (``free_only``: a
+        holder's push, into an empty one only). Engine work only: what it cost and
+        counts is recorded on the loop (`record_import`), which owns the counters and
+        the costs routing reads."""
         t0 = time.perf_counter()
         try:
-            n = self.engine.import_prefix(state, self._namespace_of(tenant))
+            n = self.engine.import_prefix(state, self._namespace_of(tenant), free_only=free_only)
         except KvRefused as exc:
             return Imported(state, 0, 0.0, exc)
         return Imported(state, n, time.perf_counter() - t0)

@@ -46,6 +46,8 @@ __all__ = [
     "Generate",
     "Heartbeat",
     "KvFetch",
+    "KvOffer",
+    "KvOfferReply",
     "KvPart",
     "Message",
     "PeerInfo",
@@ -63,6 +65,7 @@ __all__ = [
     "encode",
     "error_for",
     "validate_generate",
+    "validate_offer",
 ]
 
 PROTOCOL_VERSION: Final = 1
@@ -350,6 +353,27 @@ class KvPart(_Msg, tag="kvpart", kw_only=True):
     data: bytes = b""
 
 
+class KvOffer(_Msg, tag="kvoffer", kw_only=True):
+    """Holder -> an idle peer's serve ROUTER: I hold the KV state of ``tokens`` for
+    ``tenant`` and requests for it queue here; pull it (a `KvFetch` to ``node_id``) if
+    a slot of yours is free. Answered by one `KvOfferReply` (or an `Error` when the
+    offer is invalid). Holder push: routing/shipping.py, `push_decision`."""
+
+    request_id: str
+    node_id: str  # the holder, whom the peer fetches from
+    tenant: str
+    tokens: list[Annotated[int, msgspec.Meta(ge=0)]]
+
+
+class KvOfferReply(_Msg, tag="kvoffrep", kw_only=True):
+    """The offered peer's answer: it pulls now (``accepted``), or ``why`` it will not."""
+
+    request_id: str
+    node_id: str  # the peer that answers
+    accepted: bool
+    why: str = ""
+
+
 class StatusRequest(_Msg, tag="statreq", kw_only=True):
     request_id: str
 
@@ -399,6 +423,8 @@ Message: TypeAlias = (
     | Snapshot
     | KvFetch
     | KvPart
+    | KvOffer
+    | KvOfferReply
     | StatusRequest
     | Status
     | Ping
@@ -496,6 +522,22 @@ def validate_generate(msg: Generate) -> None:
         msg.params.validate()
     except ValueError as exc:
         raise bad(f"params: {exc}") from None
+
+
+def validate_offer(msg: KvOffer, max_tokens: int) -> None:
+    """Semantic checks of a decoded KvOffer; raise ProtocolError(INVALID_REQUEST)."""
+
+    def bad(why: str) -> ProtocolError:
+        return ProtocolError(INVALID_REQUEST, f"KV offer: {why}", msg.request_id or None)
+
+    if not 1 <= len(msg.request_id) <= MAX_ID_CHARS:
+        raise bad(f"request_id must be 1..{MAX_ID_CHARS} chars, got {len(msg.request_id)}")
+    if not 1 <= len(msg.node_id) <= MAX_ID_CHARS:
+        raise bad(f"node_id must be 1..{MAX_ID_CHARS} chars, got {len(msg.node_id)}")
+    if not 1 <= len(msg.tenant) <= MAX_ID_CHARS:
+        raise bad(f"tenant must be 1..{MAX_ID_CHARS} chars, got {len(msg.tenant)}")
+    if not 1 <= len(msg.tokens) <= max_tokens:
+        raise bad(f"tokens must be 1..{max_tokens} ids, got {len(msg.tokens)}")
 
 
 def error_for(exc: ProtocolError, node_id: str | None) -> Error:

@@ -30,6 +30,12 @@ class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ship_min_tokens: int = _ROUTING.ship_min_tokens  # smaller gains are not worth a transfer
     # Evicted tokens a peer holds are charged as a pull back (routing/shipping.py).
     ship_evict_pull_back: bool = _ROUTING.ship_evict_pull_back
+    # Holder push (routing/shipping.py, push_decision): a busy holder offers a hot
+    # prefix to an idle peer, which pulls it into a free slot; at most one offer in
+    # flight, one per ship_push_interval_s.
+    ship_push: bool = _ROUTING.ship_push
+    ship_push_min_queued: int = _ROUTING.ship_push_min_queued
+    ship_push_interval_s: float = _ROUTING.ship_push_interval_s
     # The node's own.
     # To a peer's first reply (then serve locally); after a Progress frame, as long as
     # the peer keeps sending them (and stays alive), up to the request's deadline.
@@ -68,6 +74,9 @@ class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             ship=self.ship,
             ship_min_tokens=self.ship_min_tokens,
             ship_evict_pull_back=self.ship_evict_pull_back,
+            ship_push=self.ship_push,
+            ship_push_min_queued=self.ship_push_min_queued,
+            ship_push_interval_s=self.ship_push_interval_s,
             admission=self.admission,
             admit_retries=self.admit_retries,
             admit_slack_frac=self.admit_slack_frac,

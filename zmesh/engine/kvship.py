@@ -45,11 +45,13 @@ class KvPool(SlotPool):
                 ll.llama_memory_seq_rm(self._mem, scratch, -1, -1)
             return make_state(self.kv_layout, namespace, list(best.tokens[:common]), payload)
 
-    def import_prefix(self, state: KvState, namespace: str) -> int:
+    def import_prefix(self, state: KvState, namespace: str, *, free_only: bool = False) -> int:
         """Load a shipped prefix into an idle slot of ``namespace``; returns the tokens
         now cached that were not before (0 if a slot already held as much). Raises
         `KvRefused` for a state that does not fit this engine, or when every slot is
-        busy; then no slot or tree holds any of it."""
+        busy; then no slot or tree holds any of it. ``free_only`` (a holder's push, no
+        request waiting for it): only into an empty slot, else `KvRefused`
+        ("no_free_slot"), and the slot is not reserved: no request will claim it."""
         verify(state, self.kv_layout, namespace, self.max_prompt_tokens)
         tokens = list(state.header.tokens)
         bad = next((t for t in tokens if not 0 <= t < self.n_vocab), None)
@@ -60,12 +62,16 @@ class KvPool(SlotPool):
             if held >= len(tokens):
                 return 0
             with self._lock:
-                index, _ = self._import_target(tokens, namespace)
-                if index is not None:
+                index, views = self._import_target(tokens, namespace)
+                if free_only and index is not None and views[index].held:
+                    index = None  # victim() takes an empty idle slot first: none is
+                elif index is not None and not free_only:
                     # Until its request claims it: a second import before then (the
                     # same turn of the engine thread, say) must not overwrite it.
                     self._reserved.add(index)
             if index is None:
+                if free_only:
+                    raise KvRefused("no_free_slot", "no empty idle slot (a push evicts nothing)")
                 raise KvRefused("busy", "every slot runs a request")
             target = self._slots[index]
             if target.tokens:
@@ -92,6 +98,13 @@ class KvPool(SlotPool):
                 target.last_used = time.monotonic()
             self._publish(target)
             return len(tokens) - held
+
+    def free_slots(self) -> int:
+        """Idle slots holding nothing and reserved by no import: where a pushed prefix
+        lands without evicting anything (`import_prefix(..., free_only=True)`)."""
+        with self._lock:
+            _, views = self._import_target((), "")
+        return sum(1 for v in views if not v.busy and not v.held)
 
     def import_evicts(self, tokens: Sequence[int], namespace: str) -> int:
         """Cached tokens that importing a prefix of ``tokens`` longer than this engine's

@@ -26,6 +26,7 @@ from zmesh.node.context import NodeContext
 from zmesh.node.load import Load
 from zmesh.node.membership import Advertiser, Membership
 from zmesh.node.pipeline import Pipeline
+from zmesh.node.push import KvPush
 from zmesh.node.status import NodeStatus
 from zmesh.node.transport import Transport
 from zmesh.node.worker import Worker, on_engine
@@ -100,6 +101,7 @@ class Node:
         self.membership = Membership(
             c, t, self.load, self.advertiser, self.kv, self.pipeline.fail_forwards_to
         )
+        self.push = KvPush(c, t, self.load, self.kv, self.routing, on_engine(self.engine))
         self.status = NodeStatus(c, self.load, self.advertiser, self.inflight, t.faults)
         self.admission = Admission(
             c,
@@ -111,6 +113,7 @@ class Node:
             self.membership,
             self.kv,
             self.status.message,
+            self.push,
         )
         # What other modules (the HTTP front, tests, the CLI) read of a node.
         self.serve_addr = t.serve_addr
@@ -164,6 +167,7 @@ class Node:
                 ("ping", self.membership.ping_loop()),
                 ("progress", self.worker.progress_loop()),
                 ("delay", t.faults.delayed.run()),
+                ("push", self.push.loop()),
             ]
         ]
         self.log.info(
@@ -203,6 +207,7 @@ class Node:
             await asyncio.gather(*gossip, return_exceptions=True)
             # Running requests end (cancelled) before the sockets close.
             await self.worker.stop()
+            await self.push.stop()
             tasks = [*self._tasks, *t.tasks()]
             for task in tasks:
                 task.cancel()
@@ -223,6 +228,8 @@ class Node:
         """A message a peer sent back on one of our DEALERs, to the part awaiting it."""
         if isinstance(msg, P.KvPart | P.Error) and self.kv.on_reply(msg):
             return  # an answer to one of our KV fetches (whatever its error code)
+        if isinstance(msg, P.KvOfferReply | P.Error) and self.push.on_reply(msg):
+            return  # an answer to our KV offer (holder push)
         if isinstance(msg, P.Chunk | P.Done | P.Error | P.Progress):
             self.pipeline.on_reply(msg)
         elif isinstance(msg, P.Snapshot):

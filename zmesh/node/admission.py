@@ -22,6 +22,7 @@ from zmesh.kvpeer import KvPeer
 from zmesh.node.context import NodeContext
 from zmesh.node.membership import Advertiser, Membership
 from zmesh.node.pipeline import Pipeline
+from zmesh.node.push import KvPush
 from zmesh.node.transport import Transport
 from zmesh.node.worker import Worker
 from zmesh.security import AuthorizedKey, Denial
@@ -47,8 +48,8 @@ def forbidden(caller: AuthorizedKey | None, msg: P.Message) -> str | None:
         return f"key {caller.name!r} may not use tenant {msg.tenant!r}"
     if isinstance(msg, P.SnapshotRequest):
         return "only mesh nodes may pull cache snapshots"
-    if isinstance(msg, P.KvFetch):
-        return "only mesh nodes may fetch KV state"
+    if isinstance(msg, P.KvFetch | P.KvOffer):
+        return "only mesh nodes may fetch or offer KV state"
     if isinstance(msg, P.Ping) and getattr(msg, "sender", None) is not None:
         return "only mesh nodes may announce themselves"
     return None
@@ -93,6 +94,7 @@ class Admission:
         membership: Membership,
         kv: KvPeer,
         status: Callable[[str], P.Status],
+        push: KvPush,
     ) -> None:
         self._c = ctx
         self._t = transport
@@ -103,6 +105,7 @@ class Admission:
         self._members = membership
         self._kv = kv
         self._status = status
+        self._push = push
         self._tasks: set[asyncio.Task[None]] = set()  # the loop holds tasks only weakly
 
     # ---- the serve socket ---------------------------------------------------------
@@ -175,6 +178,8 @@ class Admission:
             self._adv.send_snapshot(envelope, msg)
         elif isinstance(msg, P.KvFetch):
             self._spawn(self._kv.serve_fetch(envelope, msg))
+        elif isinstance(msg, P.KvOffer):
+            self._push.on_offer(envelope, msg)
         elif isinstance(msg, P.Ping):
             t.reply(
                 envelope,
@@ -227,7 +232,7 @@ class Admission:
             node = msg.origin
         elif isinstance(msg, P.Ping) and msg.sender is not None:
             node = msg.sender.node_id
-        elif isinstance(msg, P.SnapshotRequest):
+        elif isinstance(msg, P.SnapshotRequest | P.KvOffer):
             node = msg.node_id
         if node is None or self._c.peers.get(node) is None:
             return self._t.faults.peer_idents.get(ident)  # a Cancel from a peer, or a client

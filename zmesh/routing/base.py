@@ -141,6 +141,11 @@ class RoutingSettings:
     # Charge evicted tokens a pullable peer also holds as a pull back, not a prefill
     # (`shipping.evict_charge_s`); off: the whole evicted slot is charged as a prefill.
     ship_evict_pull_back: bool = False
+    # Holder push (`shipping.push_decision`): a busy holder of a hot prefix offers it to
+    # an idle peer, which pulls it into a free slot; off unless switched on.
+    ship_push: bool = False
+    ship_push_min_queued: int = 2  # requests waiting here on one prefix make it hot
+    ship_push_interval_s: float = 1.0  # at most one offer per this many seconds
     # Holder-side admission (admission.py): a forward carries the latest first token its
     # forwarder still prefers to serving it itself; a peer past that refuses it as busy.
     admission: bool = True
@@ -165,6 +170,12 @@ class RoutingSettings:
             ("balance_rel", 1.0 <= self.balance_rel < math.inf, ">= 1.0"),
             ("vnodes", self.vnodes >= 1, ">= 1"),
             ("ship_min_tokens", self.ship_min_tokens >= 1, ">= 1"),
+            ("ship_push_min_queued", self.ship_push_min_queued >= 1, ">= 1"),
+            (
+                "ship_push_interval_s",
+                0.0 < self.ship_push_interval_s < math.inf,
+                "> 0 and finite",
+            ),
             ("admit_retries", self.admit_retries >= 0, ">= 0"),
             ("admit_slack_frac", 0.0 <= self.admit_slack_frac < math.inf, ">= 0"),
             ("admit_slack_s", 0.0 <= self.admit_slack_s < math.inf, ">= 0"),

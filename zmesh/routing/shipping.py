@@ -33,7 +33,9 @@ rest of the prompt is prefilled after the import).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from zmesh.routing.base import Candidate, RouteRequest, RoutingSettings, estimate_s
@@ -119,3 +121,177 @@ def evict_held(
 def evict_log_fields(local: Candidate) -> dict[str, object]:
     """The decision log's fields for the eviction charge (``route.decided``)."""
     return {"ship_evicts": local.ship_evict_tokens, "ship_held": dict(local.ship_evict_held)}
+
+
+# ---- holder push --------------------------------------------------------------------
+#
+# A pull needs a request at the peer first; a holder whose queue is long on one prefix
+# sees the demand before any peer does. `push_decision` (the holder) and `push_accept`
+# (the offered peer) are the whole policy; node (`zmesh/kvpush.py`) and simulator
+# (`zmesh/sim/push.py`) call them, and each log line carries `PushDecision.log_fields`.
+#
+#     tokens  = min(held, ship_max_tokens)               # what a state can carry
+#     ship_s  = ship_fixed_s(p) + tokens * ship_s_per_token(p)
+#     peer_s  = link_delay(p) + max(wait(p), ship_s)     # a request sent there once it
+#               + (held - tokens) * prefill(p)           # holds it: the rest prefilled
+#     gain    = wait_here - peer_s                       # what each later request saves
+#
+# Offer ``tokens`` (the hot prefix, ``held`` tokens cached here) to the peer with the
+# lowest ``peer_s`` among those that can be pulled to, do not hold it already, and
+# beat the wait here by the routing gain threshold (`RoutingSettings.min_gain_s`,
+# `min_gain_frac`); only while no offer is in flight and ``ship_push_interval_s`` has
+# passed since the last. The peer accepts only into a free slot (nothing evicted:
+# a push is speculative, unlike a pull a request waits for) and a prefix it does not
+# hold.
+
+PUSH_OFF = "off"
+PUSH_IN_FLIGHT = "in_flight"
+PUSH_RATE_LIMITED = "rate_limited"
+PUSH_NOT_HOT = "not_hot"
+PUSH_TOO_SHORT = "too_short"
+PUSH_NO_PEER = "no_peer"
+PUSH_NO_GAIN = "no_gain"
+PUSH_OFFER = "offer"
+ACCEPT = "accepted"
+REFUSE_OFF = "push_off"
+REFUSE_HELD = "already_held"
+REFUSE_NO_FREE_SLOT = "no_free_slot"
+REFUSE_PULLING = "pulling"  # a pushed prefix is on its way here already: one at a time
+
+
+@dataclass(frozen=True, slots=True)
+class PushDecision:
+    """Offer ``tokens`` of the hot prefix to ``to`` (None: no offer), and why."""
+
+    why: str
+    to: str | None = None
+    tokens: int = 0
+    queued: int = 0  # requests waiting here on the prefix
+    wait_here_s: float = 0.0
+    ship_s: float = 0.0  # to ``to`` (or the best peer seen, when no offer)
+    peer_s: float = 0.0  # a request's start there once it holds the prefix
+    bar_s: float = 0.0  # the gain an offer must beat
+
+    def log_fields(self) -> dict[str, object]:
+        return {
+            "why": self.why,
+            "to": self.to,
+            "tokens": self.tokens,
+            "queued": self.queued,
+            "wait_here_s": round(self.wait_here_s, 6),
+            "ship_s": round(self.ship_s, 6),
+            "peer_s": round(self.peer_s, 6),
+            "bar_s": round(self.bar_s, 6),
+        }
+
+
+def push_decision(
+    held_tokens: int,
+    queued: int,
+    wait_here_s: float,
+    peers: Sequence[Candidate],
+    settings: RoutingSettings,
+    *,
+    in_flight: bool = False,
+    since_last_s: float = math.inf,
+    exclude: Collection[str] = (),
+    full: Collection[str] = (),
+    block_size: int = 1,
+) -> PushDecision:
+    """Whether a holder offers its hot prefix to an idle peer (pure).
+
+    ``held_tokens``: the prefix held here that ``queued`` waiting requests share (what
+    of it is past ``ship_max_tokens`` the peer would prefill: charged to it);
+    ``wait_here_s``: what a new request for it waits here (the node's backlog);
+    ``peers``: peer candidates whose ``matched_tokens`` is their estimated match of
+    that prefix and whose ``ship_*`` fields price moving it to them (None: cannot);
+    ``exclude``: peers with an offer of it pending or just refused; ``full``: peers
+    whose last heartbeat had no empty slot (they would refuse: `push_accept`);
+    ``block_size``: the offer is whole blocks of the prefix."""
+    if not settings.ship_push:
+        return PushDecision(PUSH_OFF)
+    if in_flight:
+        return PushDecision(PUSH_IN_FLIGHT)
+    if since_last_s < settings.ship_push_interval_s:
+        return PushDecision(PUSH_RATE_LIMITED)
+    tokens = max(held_tokens, 0)
+    if settings.ship_max_tokens:
+        tokens = min(tokens, settings.ship_max_tokens)
+    tokens -= tokens % max(block_size, 1)  # whole blocks travel (`hot_prefix`)
+    base = PushDecision(PUSH_NOT_HOT, tokens=tokens, queued=queued, wait_here_s=wait_here_s)
+    if queued < settings.ship_push_min_queued:
+        return base
+    if tokens < settings.ship_min_tokens:
+        return replace(base, why=PUSH_TOO_SHORT)
+    bar = max(settings.min_gain_s, settings.min_gain_frac * wait_here_s)
+    best: tuple[float, float, str] | None = None  # (peer_s, ship_s, node_id)
+    for p in peers:
+        if p.is_local or not p.alive or p.ship_s_per_token is None:
+            continue
+        if p.node_id in exclude or p.node_id in full:
+            continue
+        if tokens - max(p.matched_tokens, 0) < settings.ship_min_tokens:
+            continue  # holds (about) as much already
+        ship_s = p.ship_fixed_s + tokens * p.ship_s_per_token
+        wait = p.wait_s if p.wait_s is not None else p.queue_depth * p.service_s
+        rest = max(held_tokens - tokens, 0) * p.prefill_s_per_token
+        peer_s = p.link_delay_s + max(wait, ship_s) + rest
+        if best is None or (peer_s, p.node_id) < (best[0], best[2]):
+            best = (peer_s, ship_s, p.node_id)
+    if best is None:
+        return replace(base, why=PUSH_NO_PEER, bar_s=bar)
+    peer_s, ship_s, node_id = best
+    out = replace(base, ship_s=ship_s, peer_s=peer_s, bar_s=bar)
+    if wait_here_s - peer_s <= bar:
+        return replace(out, why=PUSH_NO_GAIN)
+    return replace(out, why=PUSH_OFFER, to=node_id)
+
+
+def push_accept(
+    offered_tokens: int,
+    held_here: int,
+    free_slots: int,
+    settings: RoutingSettings,
+    *,
+    pulling: bool = False,
+) -> str:
+    """The offered peer's answer (pure): `ACCEPT`, or why it refuses. It takes the
+    prefix only into a free slot (nothing evicted), only if it does not hold it, and
+    only while no other pushed prefix is on its way (``pulling``)."""
+    if not settings.ship_push:
+        return REFUSE_OFF
+    if pulling:
+        return REFUSE_PULLING
+    if offered_tokens - max(held_here, 0) < settings.ship_min_tokens:
+        return REFUSE_HELD
+    if free_slots < 1:
+        return REFUSE_NO_FREE_SLOT
+    return ACCEPT
+
+
+def hot_prefix(
+    waiting: Iterable[tuple[int, Sequence[int], int]], block_size: int, settings: RoutingSettings
+) -> tuple[int, int, int, int] | None:
+    """The hot prefix of a holder's queue (pure): ``waiting`` holds, per waiting request,
+    (tokens of it cached here, its block ids, its prompt length). Each counts for the
+    whole blocks of its cached part (at most ``ship_max_tokens``, one prompt token left
+    to decode) if that reaches ``ship_min_tokens``; the prefix most requests share
+    (then the longest) wins. Returns (index into ``waiting`` of a request holding it,
+    its blocks, the requests sharing it, the fewest tokens one of them has cached here
+    past the cap too: `push_decision`'s ``held_tokens``), or None."""
+    groups: dict[int, list[int]] = {}  # last block id -> [i, blocks, count, least held]
+    for i, (held, ids, prompt) in enumerate(waiting):
+        full = min(max(held, 0), max(prompt - 1, 0))
+        n = min(full, settings.ship_max_tokens) if settings.ship_max_tokens else full
+        n = min(n // block_size, len(ids))
+        if n * block_size < settings.ship_min_tokens:
+            continue
+        full = max(full, n * block_size)
+        g = groups.get(ids[n - 1])
+        if g is None:
+            groups[ids[n - 1]] = [i, n, 1, full]
+        else:
+            g[2] += 1
+            g[3] = min(g[3], full)
+    best = max(groups.values(), key=lambda g: (g[2], g[1], -g[0]), default=None)
+    return (best[0], best[1], best[2], best[3]) if best is not None else None

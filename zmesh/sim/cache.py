@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import cast
 
 from zmesh.blocks import BlockHasher
@@ -143,6 +143,32 @@ class SlotCache:
         self.last_used[target] = self._clock
         return len(tokens) - m.length
 
+    def free_slots(self, busy: Collection[int] = ()) -> list[int]:
+        """Empty slots no running request (``busy``) holds: where a holder's push lands
+        (`Engine.free_slots`)."""
+        return [i for i, s in enumerate(self.slots) if not s and i not in busy]
+
+    def import_free(
+        self,
+        tokens: tuple[int, ...],
+        ids: list[int] | None = None,
+        now: float | None = None,
+        busy: Collection[int] = (),
+    ) -> int:
+        """A holder's push: load a shipped prefix into an empty slot only, as
+        `Engine.import_prefix(..., free_only=True)`; the tokens now cached that were not
+        before (0: held already, or no free slot)."""
+        m = self.tree.match(tokens)
+        free = self.free_slots(busy)
+        if m.length >= len(tokens) or not free:
+            return 0
+        if self.hasher is not None and ids is not None:
+            self.hasher.remember(tokens, ids)
+        self._set(free[0], tokens)
+        self._clock = max(self._clock + 1e-9, now) if now is not None else self._clock + 1.0
+        self.last_used[free[0]] = self._clock
+        return len(tokens) - m.length
+
     def import_evicts(self, tokens: Sequence[int]) -> int:
         """Cached tokens that importing a prefix of ``tokens`` longer than this cache's
         match would overwrite: the slot `import_prefix` picks (0 if one is free)."""
@@ -214,6 +240,18 @@ class TokenCache:
         self.tree.insert(tokens)
         self.tree.evict(self.max_tokens)
         return len(tokens) - held
+
+    def free_slots(self, busy: Collection[int] = ()) -> list[int]:
+        return []  # no slots: a holder's push is never taken (it would evict LRU leaves)
+
+    def import_free(
+        self,
+        tokens: tuple[int, ...],
+        ids: list[int] | None = None,
+        now: float | None = None,
+        busy: Collection[int] = (),
+    ) -> int:
+        return 0
 
     def import_evicts(self, tokens: Sequence[int]) -> int:
         return 0  # LRU leaves go under the token budget; not modelled

@@ -207,6 +207,13 @@ def _print_diagnosis(policies: dict[str, dict[str, Any]]) -> None:
                 f"nothing usable {f['ship_failed']}), {f['shipped_tokens']} tokens, "
                 f"{f['shipped_bytes_per_request'] / 1e3:.1f} KB per request"
             )
+        if "push_offers" in f:
+            say(
+                f"{name:<16}holder push: decisions on a hot prefix {f['push_decided']}, "
+                f"offers {f['push_offers']} (accepted {f['push_accepted']}, refused "
+                f"{f['push_refused']}), imported {f['push_imported']}, "
+                f"{f['pushed_tokens']} tokens"
+            )
         d = f.get("diagnosis")
         if not d:
             continue

@@ -24,6 +24,9 @@ ARRIVE, FWD, DONE, FLUSH, HB, DELIVER, SNAPREQ, SNAPPARTS = range(8)
 TICK, FAIL, RECOVER, FWD_TIMEOUT, STREAM, OPEN = range(8, 14)
 KV_FETCH, KV_READY = range(14, 16)
 REFUSED = 16  # a peer's "busy" reaches the forwarder (routing/admission.py)
+# Holder push (push.py): an offer reaches the peer, its answer the holder, the peer's
+# fetch the holder, the state the peer.
+KV_OFFER, KV_OFFER_REPLY, KV_PUSH_FETCH, KV_PUSH_READY = range(17, 21)
 
 # Job states.
 WAIT, QUEUED, RUNNING, FINISHED, DROPPED = range(5)

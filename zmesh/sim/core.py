@@ -31,8 +31,8 @@ every queue); and ``zmesh_ship``: zmesh with KV shipping on (`shipping`).
 
 Layout: this module holds the event loop (`Simulator.run`); `base` the set-up and
 state every mixin shares; `arrivals`, `routing`, `serving`, `shipping` (KV pulls,
-policy ``zmesh_ship``), `gossip`, `mirror` and `results` one job each (see their
-headers).
+policy ``zmesh_ship``), `push` (holder push, ``--set ship_push=true``), `gossip`,
+`mirror` and `results` one job each (see their headers).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from zmesh.sim.config import (
 )
 from zmesh.sim.gossip import GossipMixin
 from zmesh.sim.mirror import MirrorMixin
+from zmesh.sim.push import PushMixin
 from zmesh.sim.results import ResultsMixin
 from zmesh.sim.routing import RoutingMixin
 from zmesh.sim.serving import ServingMixin
@@ -67,6 +68,7 @@ class Simulator(
     ServingMixin,
     BatchMixin,
     ShippingMixin,
+    PushMixin,
     GossipMixin,
     MirrorMixin,
     ResultsMixin,
@@ -101,6 +103,10 @@ class Simulator(
             self._on_kv_fetch,
             self._on_kv_ready,
             self._on_refused,
+            self._on_kv_offer,
+            self._on_kv_offer_reply,
+            self._on_kv_push_fetch,
+            self._on_kv_push_ready,
         ]
         heap = self._heap
         pop = heapq.heappop

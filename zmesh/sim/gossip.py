@@ -96,6 +96,7 @@ class GossipMixin(SimBase):
             self._queue_depth(node),
             self._backlog(node),
             node.service_ewma,
+            sum(1 for s in getattr(node.cache, "slots", ()) if s),  # busy_slots, as a node's
         )
 
     def _on_hb(self, idx: int, gen: int) -> None:
@@ -133,7 +134,7 @@ class GossipMixin(SimBase):
         name = self.names[src]
         now = self.now
         if msg[0] == 0:
-            _, epoch, seq, digest, n_blocks, queue, backlog, service = msg
+            _, epoch, seq, digest, n_blocks, queue, backlog, service, used = msg
             new = table.upsert(name, "", "", now)
             est = table.get(name)
             assert est is not None
@@ -146,7 +147,7 @@ class GossipMixin(SimBase):
                 n_blocks=n_blocks,
                 now=now,
                 queue_depth=queue,
-                busy_slots=0,
+                busy_slots=used,
                 n_slots=self.cfg.n_slots,
                 prefill_s_per_token=self.cost.prefill_s_per_token,
                 service_s=service,

@@ -103,6 +103,8 @@ class ResultsMixin(SimBase):
         figures["reasons"] = dict(sorted(self.reasons.items()))
         if self.settings.ship:
             figures.update(self._ship_figures())
+        if self.settings.ship_push:
+            figures.update(self._push_figures())
         if self.cfg.diagnose:
             figures["diagnosis"] = self._diagnosis()
         figures["sim_s"] = round(self.now, 3)

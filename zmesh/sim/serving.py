@@ -206,6 +206,8 @@ class ServingMixin(SimBase):
         self._load_changed(node)
         if len(node.running) < self.cfg.max_running:
             self._start_next(node)
+        if self.settings.ship_push:
+            self._maybe_push(node)  # holder push (push.py)
 
     def _start_next(self, node: SimNode) -> bool:
         """Start queued requests while places are free; whether any started."""

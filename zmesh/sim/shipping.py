@@ -67,6 +67,12 @@ class ShippingMixin(SimBase):
         if n < self.settings.ship_min_tokens:
             self._push(self.now + self._delay(holder.idx, back), KV_READY, job, 0)
             return
+        self._push(self._export(holder, back, n), KV_READY, job, n)
+
+    def _export(self, holder: SimNode, back: int, n: int) -> float:
+        """``holder`` exports ``n`` tokens now and sends them to ``back``; when they
+        arrive there (also a holder push's pull: `push.py`)."""
+        cfg = self.cfg
         t = self.now
         export = n * cfg.ship_export_s_per_token
         batch = [r for r in holder.running if r.pull_got != PULL_PENDING]
@@ -84,7 +90,7 @@ class ShippingMixin(SimBase):
         start = max(t, self.link_free.get(key, 0.0))
         self.link_free[key] = start + wire
         self.ship_stats["bytes"] += nbytes
-        self._push(start + wire + self._delay(holder.idx, back), KV_READY, job, n)
+        return start + wire + self._delay(holder.idx, back)
 
     def _on_kv_ready(self, job: Job, n: int) -> None:
         """The state (``n`` tokens; 0: none) is here; a worker waiting for it goes on."""
