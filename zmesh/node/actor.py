@@ -224,7 +224,7 @@ class Node:
         if isinstance(msg, P.KvPart | P.Error) and self.kv.on_reply(msg):
             return  # an answer to one of our KV fetches (whatever its error code)
         if isinstance(msg, P.Chunk | P.Done | P.Error | P.Progress):
-            self.pipeline.on_reply(msg)
+            self.pipeline.relay.on_reply(msg)
         elif isinstance(msg, P.Snapshot):
             self.membership.on_snapshot(msg)
         elif isinstance(msg, P.Pong):
