@@ -129,9 +129,10 @@ class Relay:
         try:
             while True:
                 try:
-                    reply = await asyncio.wait_for(
-                        fwd.replies.get(), self._forward_wait_s(msg, gap)
-                    )
+                    # asyncio.timeout, not wait_for: wait_for (3.11) wraps the get in a
+                    # task of its own, one more task and loop turn for every reply.
+                    async with asyncio.timeout(self._forward_wait_s(msg, gap)):
+                        reply = await fwd.replies.get()
                 except TimeoutError:
                     reply, why = _FALLBACK, f"no reply for {gap:g}s"
                 else:
