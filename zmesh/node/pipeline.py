@@ -74,8 +74,9 @@ class Pipeline:
             self.settings,
             lambda req: self._evict_tokens(req) * self._rates()[0],
         )
-        # Tokenizing is off the loop (a long prompt takes seconds) and not queued behind
-        # the engine's work: routing needs the tokens before the request is queued.
+        # Tokenizing a long prompt is off the loop (it takes seconds; a short one is done
+        # on the loop, `request.prompt_tokens`) and not queued behind the engine's work:
+        # routing needs the tokens before the request is queued.
         self.tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
     async def accept(
