@@ -30,9 +30,9 @@ def python_defaults() -> Iterator[float]:
     gc.unfreeze()
 
 
-def test_defaults_shorten_the_switch_interval_and_freeze() -> None:
+def test_defaults_leave_the_switch_interval_and_freeze() -> None:
     cfg = RuntimeConfig()
-    assert 0 < cfg.switch_interval_ms < 5.0  # under CPython's 5 ms
+    assert cfg.switch_interval_ms == 0  # no measured gain: CPython's own
     assert cfg.gc_freeze
 
 

@@ -237,13 +237,14 @@ class RuntimeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     A node's loop thread shares the GIL with the engine thread (and the tokenizer's):
     with CPython's default switch interval (5 ms) a reply the loop could send at once
     may wait up to 5 ms for the GIL while another thread runs Python. A shorter
-    interval bounds that wait; the cost is more GIL handoffs (measured in
-    docs/evaluation.md, no loss of tokens/s). ``gc_freeze`` moves everything alive once
+    interval bounds that wait, at the cost of more GIL handoffs; measured at 0.5 ms it
+    changed neither the hop's p99 (within noise) nor tokens/s (docs/evaluation.md), so
+    it is off by default. ``gc_freeze`` moves everything alive once
     the node is up (model, modules, config) out of the collector's sight, so a
     collection scans only what requests allocated since.
     """
 
-    switch_interval_ms: float = 0.5  # sys.setswitchinterval; 0: leave Python's (5 ms)
+    switch_interval_ms: float = 0.0  # sys.setswitchinterval; 0: leave Python's (5 ms)
     gc_freeze: bool = True  # gc.freeze() once the node is up
 
     def __post_init__(self) -> None:
