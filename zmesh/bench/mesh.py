@@ -26,9 +26,9 @@
 each with the load average beside its figures; `--floor` adds, per round, the same
 hop measured on bare pyzmq processes (zmesh/bench/hopfloor.py). Variants:
 py (Python's defaults: 5 ms GIL switch interval, no gc.freeze), switch (0.5 ms),
-freeze (gc.freeze only), tuned (the node's defaults).
+freeze (gc.freeze only), both (0.5 ms and gc.freeze), defaults (the node's).
 
-    python -m zmesh.bench.mesh [--nodes 3] [--pairs 50] [--variants py,tuned]
+    python -m zmesh.bench.mesh [--nodes 3] [--pairs 50] [--variants py,defaults]
                                [--rounds 2] [--floor] [--no-failover] [--json]
 """
 
@@ -52,7 +52,8 @@ VARIANTS: dict[str, dict[str, object]] = {
     "py": {"switch_interval_ms": 0.0, "gc_freeze": False},
     "switch": {"switch_interval_ms": 0.5, "gc_freeze": False},
     "freeze": {"switch_interval_ms": 0.0, "gc_freeze": True},
-    "tuned": {},
+    "both": {"switch_interval_ms": 0.5, "gc_freeze": True},
+    "defaults": {},
 }
 
 PREFIX = "The following are multiple choice questions (with answers) about optics.\n\n" + "".join(
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--pairs", type=int, default=50, help="direct/forwarded request pairs")
     ap.add_argument(
-        "--variants", default="tuned", help=f"comma list of {', '.join(VARIANTS)} (a lab each)"
+        "--variants", default="defaults", help=f"comma list of {', '.join(VARIANTS)} (a lab each)"
     )
     ap.add_argument("--rounds", type=int, default=1, help="run the variants this many times")
     ap.add_argument("--floor", action="store_true", help="bare pyzmq hop too, once a round")
