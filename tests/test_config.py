@@ -18,6 +18,7 @@ from zmesh.config import (
     HttpConfig,
     NodeConfig,
     RoutingConfig,
+    RuntimeConfig,
     SecurityConfig,
     Seed,
     apply_env_overrides,
@@ -79,6 +80,7 @@ def test_example_config_loads_and_documents_every_key() -> None:
         Seed,
         SecurityConfig,
         HttpConfig,
+        RuntimeConfig,
     )
     for cls in (*tables, FaultsConfig):
         for name in cls.__struct_fields__:
@@ -263,6 +265,10 @@ def test_suspect_must_come_before_dead(tmp_path: Path, suspect: float, dead: flo
         ("faults", "delay_ms", "inf", "0..60000"),
         ("faults", "partition", '["has space"]', "node id"),
         ("faults", "control_file", '""', "path"),
+        ("runtime", "switch_interval_ms", "-1", "0..100"),
+        ("runtime", "switch_interval_ms", "nan", "0..100"),
+        ("runtime", "switch_interval_ms", "0.01", ">= 0.05"),
+        ("runtime", "gc_freeze", "1", "bool"),
     ],
 )
 def test_range_checks(tmp_path: Path, table: str, key: str, value: str, fragment: str) -> None:

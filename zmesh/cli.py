@@ -231,6 +231,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
 BENCHMARKS = {
     "engine": "zmesh.bench.engine",  # cold vs warm TTFT on one engine
     "mesh": "zmesh.bench.mesh",  # convergence time and forwarding overhead per hop
+    "hopfloor": "zmesh.bench.hopfloor",  # one hop of bare pyzmq: the floor under mesh's
     "routing": "zmesh.bench.routing",  # routing decision time, 8 peers x 100k blocks
     "cluster": "zmesh.bench.cluster",  # every policy on a real lab, same requests
     "gateway": "zmesh.bench.gateway",  # zmesh routing vs the SGLang gateway, over HTTP

@@ -22,6 +22,7 @@ from zmesh.config.sections import (
     GossipConfig,
     HttpApiKey,
     HttpConfig,
+    RuntimeConfig,
     SecurityConfig,
     Seed,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "HttpConfig",
     "NodeConfig",
     "RoutingConfig",
+    "RuntimeConfig",
     "SecurityConfig",
     "Seed",
     "apply_env_overrides",

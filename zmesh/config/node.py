@@ -13,6 +13,7 @@ from zmesh.config.sections import (
     FaultsConfig,
     GossipConfig,
     HttpConfig,
+    RuntimeConfig,
     SecurityConfig,
     Seed,
 )
@@ -46,6 +47,7 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
     faults: FaultsConfig = msgspec.field(default_factory=FaultsConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    runtime: RuntimeConfig = msgspec.field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
         if not _NODE_ID_RE.fullmatch(self.node_id):

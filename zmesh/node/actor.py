@@ -27,6 +27,7 @@ from zmesh.node.load import Load
 from zmesh.node.membership import Advertiser, Membership
 from zmesh.node.pipeline import Pipeline
 from zmesh.node.push import KvPush
+from zmesh.node.runtime import Runtime
 from zmesh.node.status import NodeStatus
 from zmesh.node.transport import Transport
 from zmesh.node.worker import Worker, on_engine
@@ -125,6 +126,7 @@ class Node:
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._zap: ZapHandler | None = None
+        self.runtime = Runtime(config.runtime)  # GIL switch interval, gc.freeze
 
     @property
     def serve(self) -> zmq.asyncio.Socket:
@@ -170,6 +172,8 @@ class Node:
                 ("push", self.push.loop()),
             ]
         ]
+        # Up (model loaded, parts built); no request was read yet (no await since bind).
+        self.runtime.apply()
         self.log.info(
             "node.started",
             serve=self.serve_addr,
@@ -178,6 +182,7 @@ class Node:
             policy=self.routing.policy,
             slots=self.engine.n_slots,
             model=str(self.engine.model_path),
+            **self.runtime.log_fields(),
         )
         if self.keys is None:
             # Said in every keyless node's log (compose labs included): who is trusted.
@@ -219,6 +224,7 @@ class Node:
             if self._own_engine:
                 await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
             self.pipeline.tokenizer.shutdown(wait=True, cancel_futures=True)
+            self.runtime.restore()
             self.log.info("node.stopped")
 
     def stop(self) -> None:
@@ -231,7 +237,7 @@ class Node:
         if isinstance(msg, P.KvOfferReply | P.Error) and self.push.on_reply(msg):
             return  # an answer to our KV offer (holder push)
         if isinstance(msg, P.Chunk | P.Done | P.Error | P.Progress):
-            self.pipeline.on_reply(msg)
+            self.pipeline.relay.on_reply(msg)
         elif isinstance(msg, P.Snapshot):
             self.membership.on_snapshot(msg)
         elif isinstance(msg, P.Pong):

@@ -191,7 +191,7 @@ class Admission:
             # Only the caller's own request: another's id is ignored like an unknown one.
             sc = scope(envelope, caller)
             self._worker.cancel((sc, msg.request_id))
-            self._pipeline.cancel_forwards(sc, msg.request_id)
+            self._pipeline.relay.cancel_forwards(sc, msg.request_id)
         else:
             c.count("frames_unexpected")
             c.log.warning("frame.unexpected", socket="serve", type=type(msg).__name__)

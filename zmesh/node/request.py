@@ -74,13 +74,20 @@ class RequestContext:
         )
 
 
+# Prompts up to this many characters are tokenized on the loop: 1,149 characters take
+# 0.49 ms (p50, idle), as long as the hop to the tokenizer thread and back at idle,
+# and that hop costs milliseconds more on busy cores (two thread wake-ups; see
+# docs/evaluation.md). Longer ones would hold the loop too long.
+INLINE_TOKENIZE_CHARS = 2048
+
+
 async def prompt_tokens(engine: Engine, tokenizer: Executor, msg: P.Generate) -> list[int]:
     """The request's prompt as checked token ids (raises EngineError). Text is tokenized
-    on ``tokenizer`` (a long prompt takes seconds); token ids, what a peer's forward
-    carries, are checked here: a pass over a list, cheaper than the hop to that thread
-    and back, which a forward would otherwise pay on every hop."""
-    if msg.prompt is None:
-        return engine.prompt_tokens(None, msg.tokens)
+    on ``tokenizer`` (a long prompt takes seconds) unless it is short; token ids, what a
+    peer's forward carries, are checked here: a pass over a list, cheaper than the hop
+    to that thread and back, which a forward would otherwise pay on every hop."""
+    if msg.prompt is None or len(msg.prompt) <= INLINE_TOKENIZE_CHARS:
+        return engine.prompt_tokens(msg.prompt, msg.tokens)
     return await asyncio.get_running_loop().run_in_executor(
         tokenizer, engine.prompt_tokens, msg.prompt, msg.tokens
     )
