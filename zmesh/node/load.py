@@ -99,6 +99,10 @@ def expired(msg: P.Generate) -> bool:
     return msg.deadline is not None and time.time() > msg.deadline
 
 
+# A prompt no slot shares a token with (no token id is negative): a miss.
+_NO_MATCH = (-1,)
+
+
 class Load:
     """The jobs waiting for a place in the engine and those it runs (up to the engine's
     ``max_running`` at once), with their predicted cost."""
@@ -126,6 +130,12 @@ class Load:
         now = time.monotonic()
         running = [(now - j.started_at, _work(j)) for j in self.running.values()]
         return batch_wait_s(running, [_work(j) for j in self.queue], self.places())
+
+    def miss_evict_tokens(self) -> int:
+        """Cached tokens a request sharing nothing with any slot would overwrite here (the
+        slot policy's victim, every slot taken as idle; 0: one is free): what this node
+        advertises, and counts for itself, for the eviction charge (`routing.evict_charge`)."""
+        return self._engine.evict_tokens(_NO_MATCH, "")
 
     def predict_s(self, new_tokens: int, max_tokens: int) -> float:
         st = self._engine.stats

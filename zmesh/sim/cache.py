@@ -168,6 +168,13 @@ class SlotCache:
             return holder
         return target
 
+    def miss_evict_tokens(self) -> int:
+        """Cached tokens a request that shares nothing with any slot would overwrite
+        (what a node advertises for the eviction charge; 0: a slot is free)."""
+        views = [SlotView(len(s), 0, self.last_used[i]) for i, s in enumerate(self.slots)]
+        target = victim(views, None)
+        return len(self.slots[target]) if target is not None else 0
+
     def evicted_tokens(self, tokens: tuple[int, ...]) -> int:
         """Tokens of other cached content that serving ``tokens`` would overwrite.
 
@@ -201,6 +208,9 @@ class TokenCache:
 
     def evicted_tokens(self, tokens: tuple[int, ...]) -> int:
         return 0  # LRU leaves go under the token budget; not modelled for the oracle
+
+    def miss_evict_tokens(self) -> int:
+        return 0  # not modelled (as above)
 
     def import_prefix(
         self, tokens: tuple[int, ...], ids: list[int] | None = None, now: float | None = None

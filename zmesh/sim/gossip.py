@@ -96,6 +96,7 @@ class GossipMixin(SimBase):
             self._queue_depth(node),
             self._backlog(node),
             node.service_ewma,
+            node.cache.miss_evict_tokens() if self.settings.evict_charge > 0.0 else 0,
         )
 
     def _on_hb(self, idx: int, gen: int) -> None:
@@ -133,7 +134,7 @@ class GossipMixin(SimBase):
         name = self.names[src]
         now = self.now
         if msg[0] == 0:
-            _, epoch, seq, digest, n_blocks, queue, backlog, service = msg
+            _, epoch, seq, digest, n_blocks, queue, backlog, service, evict = msg
             new = table.upsert(name, "", "", now)
             est = table.get(name)
             assert est is not None
@@ -151,6 +152,7 @@ class GossipMixin(SimBase):
                 prefill_s_per_token=self.cost.prefill_s_per_token,
                 service_s=service,
                 backlog_s=backlog,
+                evict_tokens=evict,
             )
             if not was_alive:
                 self._refresh_alive(view)
