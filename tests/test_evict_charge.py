@@ -191,25 +191,34 @@ def test_contenders_keep_the_winner_under_the_charge() -> None:
 
 
 def test_slot_cache_says_what_a_miss_would_overwrite() -> None:
-    cache = SlotCache(2)
+    """Prompts share a first token (a BOS, a header): a miss shares it with every slot,
+    so the policy spares the lowest slot holding it and takes the least recently used
+    other one; that is what a node advertises."""
+    cache = SlotCache(3)
     assert cache.miss_evict_tokens() == 0  # free slots
-    a, b = tuple(range(100)), tuple(range(1000, 1300))
-    cache.finish(cache.claim(a).slot, a)
-    assert cache.miss_evict_tokens() == 0  # one still free
-    cache.finish(cache.claim(b).slot, b)
-    assert cache.miss_evict_tokens() == 100  # the least recently used: a
-    # ... and it is what a miss then evicts.
-    assert cache.evicted_tokens(tuple(range(5000, 5400))) == 100
+    a, b, c = ((7, *range(k, k + n - 1)) for k, n in ((100, 100), (1000, 300), (2000, 50)))
+    for seq in (a, b):
+        cache.finish(cache.claim(seq).slot, seq)
+        assert cache.miss_evict_tokens() == 0  # one still free
+    cache.finish(cache.claim(c).slot, c)
+    assert cache.miss_evict_tokens() == 300  # b: a (lowest) is spared, c is newer
+    # ... and it is what a miss then overwrites.
+    miss = (7, *range(5000, 5400))
+    assert cache.evicted_tokens(miss) == 300
+    assert cache.slots[cache.claim(miss).slot] == (7,)  # b's slot, the header copied in
 
 
-def test_the_engines_rule_for_a_prompt_no_slot_shares() -> None:
-    """`Load.miss_evict_tokens` asks the engine's `evict_tokens` about a one-token
-    prompt no slot shares (token -1): the slot policy's victim, as `SlotCache` says."""
-    slots = [SlotView(400, 0, 2.0), SlotView(300, 0, 1.0), SlotView(500, 0, 3.0)]
-    c = choose(slots, 1)
-    assert c is not None and c.evicted == 300
+def test_the_engines_rule_for_a_miss() -> None:
+    """`Load.miss_evict_tokens` asks the engine's `evict_tokens` about BOS plus a token
+    no prompt has: `choose` spares the lowest slot sharing the BOS, takes the LRU other."""
+    slots = [SlotView(400, 1, 2.0), SlotView(300, 1, 3.0), SlotView(500, 1, 1.0)]
+    c = choose(slots, 2)
+    assert c is not None and c.evicted == 500
+    slots[0] = SlotView(400, 1, 0.0)  # the lowest is spared even when least recent
+    c = choose(slots, 2)
+    assert c is not None and c.evicted == 500
     slots[1] = SlotView(0, 0, 0.0)
-    c = choose(slots, 1)
+    c = choose(slots, 2)
     assert c is not None and c.evicted == 0
 
 
@@ -301,3 +310,30 @@ def test_lab_shape_zmesh_within_five_percent_of_the_oracle() -> None:
     on = sum(_lab_ttft("zmesh", s, RoutingSettings().evict_charge) for s in seeds)
     assert off / oracle > 1.07  # the gap, without the charge
     assert on / oracle < 1.05
+
+
+def test_a_node_advertises_what_its_engine_would_evict_for_a_miss() -> None:
+    """`Load.miss_evict_tokens` on the real engine: 0 while a slot is free, then the
+    tokens of the slot a new prompt overwrites (not the lowest one: every prompt shares
+    its BOS, so the policy copies that from the lowest slot and spares it)."""
+    from zmesh.config import EngineConfig
+    from zmesh.engine import Engine
+    from zmesh.node.load import Load
+    from zmesh.protocol import SamplingParams
+
+    greedy = SamplingParams(max_tokens=4, temperature=0.0)
+    first = "The first prompt is about rivers and the sea. " * 3
+    second = "A second prompt, on mountains and snow. " * 3
+    third = "Something else entirely: deserts. " * 3
+    with Engine(EngineConfig(n_slots=2, slot_ctx=256)) as eng:
+        load = Load(8, eng)
+        assert load.miss_evict_tokens() == 0
+        a = eng.generate(first, params=greedy)
+        assert load.miss_evict_tokens() == 0  # one slot still free
+        b = eng.generate(second, params=greedy)
+        evicts = load.miss_evict_tokens()
+        assert b.slot != a.slot and evicts >= b.prompt_tokens  # b's slot (+ its answer)
+        assert eng.evict_tokens(eng.tokenize(third), "") == evicts
+        eng.generate(third, params=greedy)
+        assert eng.generate(first, params=greedy).cached_tokens >= a.prompt_tokens - 1
+        assert eng.generate(second, params=greedy).cached_tokens < b.prompt_tokens // 2

@@ -99,10 +99,6 @@ def expired(msg: P.Generate) -> bool:
     return msg.deadline is not None and time.time() > msg.deadline
 
 
-# A prompt no slot shares a token with (no token id is negative): a miss.
-_NO_MATCH = (-1,)
-
-
 class Load:
     """The jobs waiting for a place in the engine and those it runs (up to the engine's
     ``max_running`` at once), with their predicted cost."""
@@ -115,6 +111,7 @@ class Load:
         self.changed = False  # send a heartbeat at the next gossip tick
         self._engine = engine
         self._wake = asyncio.Event()  # a job queued or a place freed
+        self._miss_probe: tuple[int, ...] | None = None  # see miss_evict_tokens
 
     def places(self) -> int:
         """Requests the engine runs at once (its ``max_running``, settable; never more
@@ -132,10 +129,15 @@ class Load:
         return batch_wait_s(running, [_work(j) for j in self.queue], self.places())
 
     def miss_evict_tokens(self) -> int:
-        """Cached tokens a request sharing nothing with any slot would overwrite here (the
-        slot policy's victim, every slot taken as idle; 0: one is free): what this node
-        advertises, and counts for itself, for the eviction charge (`routing.evict_charge`)."""
-        return self._engine.evict_tokens(_NO_MATCH, "")
+        """Cached tokens a miss would overwrite here (the slot policy's victim, every slot
+        taken as idle; 0: one is free): what this node advertises, and counts for itself,
+        for the eviction charge (`routing.evict_charge`). A miss shares the BOS token
+        with every cached prompt, so the policy spares the lowest slot holding one and
+        takes the least recently used other (`SlotCache.miss_evict_tokens` alike)."""
+        if self._miss_probe is None:
+            # BOS (if the model adds one), then a token no prompt has (ids are >= 0).
+            self._miss_probe = (*self._engine.tokenize("")[:1], -1)
+        return self._engine.evict_tokens(self._miss_probe, "")
 
     def predict_s(self, new_tokens: int, max_tokens: int) -> float:
         st = self._engine.stats

@@ -169,11 +169,15 @@ class SlotCache:
         return target
 
     def miss_evict_tokens(self) -> int:
-        """Cached tokens a request that shares nothing with any slot would overwrite
-        (what a node advertises for the eviction charge; 0: a slot is free)."""
-        views = [SlotView(len(s), 0, self.last_used[i]) for i, s in enumerate(self.slots)]
-        target = victim(views, None)
-        return len(self.slots[target]) if target is not None else 0
+        """Cached tokens a miss would overwrite here (what a node advertises for the
+        eviction charge; 0: a slot is free): a prompt sharing only its first token with
+        the last one served, as real prompts share a BOS token or a header. The policy
+        then spares the lowest slot sharing it and takes the least recently used other
+        (`Load.miss_evict_tokens` asks the engine the same)."""
+        last = max(range(self.n_slots), key=lambda i: self.last_used[i])
+        if not self.slots[last]:
+            return 0
+        return self.evicted_tokens((self.slots[last][0], -1))
 
     def evicted_tokens(self, tokens: tuple[int, ...]) -> int:
         """Tokens of other cached content that serving ``tokens`` would overwrite.
