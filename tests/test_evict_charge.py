@@ -209,14 +209,19 @@ def test_slot_cache_says_what_a_miss_would_overwrite() -> None:
 
 
 def test_the_engines_rule_for_a_miss() -> None:
-    """`Load.miss_evict_tokens` asks the engine's `evict_tokens` about BOS plus a token
-    no prompt has: `choose` spares the lowest slot sharing the BOS, takes the LRU other."""
+    """`Engine.miss_evict_tokens` runs the slot policy for BOS plus a token no prompt
+    has: `choose` spares the lowest slot sharing the BOS, takes the LRU idle other."""
     slots = [SlotView(400, 1, 2.0), SlotView(300, 1, 3.0), SlotView(500, 1, 1.0)]
     c = choose(slots, 2)
     assert c is not None and c.evicted == 500
     slots[0] = SlotView(400, 1, 0.0)  # the lowest is spared even when least recent
     c = choose(slots, 2)
     assert c is not None and c.evicted == 500
+    # A running slot is pinned: its published tokens (only the reused header while its
+    # prompt is read) and its old last use must not make it the advertised victim.
+    slots[2] = SlotView(12, 1, 1.0, busy=True)
+    c = choose(slots, 2)
+    assert c is not None and c.evicted == 300
     slots[1] = SlotView(0, 0, 0.0)
     c = choose(slots, 2)
     assert c is not None and c.evicted == 0
@@ -333,7 +338,7 @@ def test_a_node_advertises_what_its_engine_would_evict_for_a_miss() -> None:
         b = eng.generate(second, params=greedy)
         evicts = load.miss_evict_tokens()
         assert b.slot != a.slot and evicts >= b.prompt_tokens  # b's slot (+ its answer)
-        assert eng.evict_tokens(eng.tokenize(third), "") == evicts
+        assert eng.evict_tokens(eng.tokenize(third), "") == evicts  # all idle: the same
         eng.generate(third, params=greedy)
         assert eng.generate(first, params=greedy).cached_tokens >= a.prompt_tokens - 1
         assert eng.generate(second, params=greedy).cached_tokens < b.prompt_tokens // 2

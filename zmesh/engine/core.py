@@ -36,6 +36,7 @@ from zmesh.engine.kvship import KvPool
 from zmesh.engine.sequence import Handle, OnDone, OnPiece, Phase, Sequence
 from zmesh.engine.types import EngineError, GenerationResult, Request, StepReport
 from zmesh.protocol import INVALID_REQUEST, UNAVAILABLE, SamplingParams
+from zmesh.slots import choose
 from zmesh.stats import ewma
 
 log = logging.getLogger("zmesh.engine")
@@ -118,6 +119,14 @@ class Engine(KvPool):
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def miss_evict_tokens(self) -> int:
+        """Cached tokens a miss would overwrite now (the eviction charge's advert): the slot
+        policy, running slots pinned, for BOS plus a token no prompt has (ids are >= 0)."""
+        probe = (*self.tokenize("")[:1], -1)
+        with self._lock:
+            c = choose(self._views(probe, ""), len(probe))
+        return 0 if c is None or c.in_place else c.evicted
 
     def __enter__(self) -> Engine:
         return self

@@ -111,7 +111,6 @@ class Load:
         self.changed = False  # send a heartbeat at the next gossip tick
         self._engine = engine
         self._wake = asyncio.Event()  # a job queued or a place freed
-        self._miss_probe: tuple[int, ...] | None = None  # see miss_evict_tokens
 
     def places(self) -> int:
         """Requests the engine runs at once (its ``max_running``, settable; never more
@@ -133,11 +132,10 @@ class Load:
         taken as idle; 0: one is free): what this node advertises, and counts for itself,
         for the eviction charge (`routing.evict_charge`). A miss shares the BOS token
         with every cached prompt, so the policy spares the lowest slot holding one and
-        takes the least recently used other (`SlotCache.miss_evict_tokens` alike)."""
-        if self._miss_probe is None:
-            # BOS (if the model adds one), then a token no prompt has (ids are >= 0).
-            self._miss_probe = (*self._engine.tokenize("")[:1], -1)
-        return self._engine.evict_tokens(self._miss_probe, "")
+        takes the least recently used other (`SlotCache.miss_evict_tokens` alike). Running
+        slots are pinned: their published tokens are only what is reused until their
+        prompt is in, and a miss waits for an idle slot, never takes theirs."""
+        return self._engine.miss_evict_tokens()
 
     def predict_s(self, new_tokens: int, max_tokens: int) -> float:
         st = self._engine.stats
