@@ -179,7 +179,8 @@ def test_sim_ship_cli_tiny(tmp_path, capsys) -> None:
 
 
 def test_node_crashes_during_pulls_leave_every_request_answered_at_most_once() -> None:
-    sim = _sim(10_000.0, 0.0005, failures=3, downtime_s=2.0)
+    # The eviction charge off, as in the pull test above: this checks pulls under crashes.
+    sim = _sim(10_000.0, 0.0005, failures=3, downtime_s=2.0, routing={"evict_charge": 0.0})
     f = sim.run().figures
     assert f["ship_pulls"] >= 5
     assert f["requests"] + f["errors"] == 400
