@@ -25,6 +25,11 @@ Parameters (`RoutingSettings`):
 - ``place_slack_frac`` (0.1): see `placement.py`.
 - ``ship`` (off) and ``ship_min_tokens`` (64): KV shipping, see `shipping.py`; a pull
   replaces the choice above when predicted sooner by more than the gain threshold.
+- ``evict_charge`` (0.25): each estimate also carries this share of the prefill of
+  the cached tokens serving there would overwrite (`base.charged_s`: a candidate's
+  advertised ``evict_tokens``, the slot a miss takes, unless it holds a tenth of the
+  prompt); the decision's scores show it and ``evicts`` names the tokens. Off when the
+  local candidate does not say its own (charging only peers would keep misses here).
 - ``give_up_s`` (0: none): a peer whose estimate exceeds it is excluded too. For a
   forwarder that gives a forward up before its first token and serves it again itself
   (the simulator's ``--no-keepalive``, nodes before Progress keep-alives): under
