@@ -261,6 +261,7 @@ def test_suspect_must_come_before_dead(tmp_path: Path, suspect: float, dead: flo
         ("routing", "admit_retries", "-1", ">= 0"),
         ("routing", "admit_slack_frac", "nan", ">= 0"),
         ("routing", "admit_slack_s", "-0.5", ">= 0"),
+        ("routing", "evict_charge", "1.5", "in [0, 1]"),
         ("faults", "delay_ms", "-1", "0..60000"),
         ("faults", "delay_ms", "inf", "0..60000"),
         ("faults", "partition", '["has space"]', "node id"),

@@ -463,7 +463,9 @@ def test_eviction_aware_admission_moves_cold_copies_where_they_evict_less() -> N
             cost="cpu",
             seed=0,
             subjects=subjects_for(argparse.Namespace(subjects=0, workload="mmlu"), 16),
-            routing=(("admit_evictions", evictions),),
+            # Admission on its own: the eviction charge (on by default) already keeps
+            # these copies off nodes that would evict (0.354 s against 0.388 s here).
+            routing=(("admit_evictions", evictions), ("evict_charge", 0.0)),
         )
         sim = Simulator(*cell.build())
         answered: Counter[int] = Counter()

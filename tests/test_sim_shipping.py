@@ -67,9 +67,10 @@ def _sim(bandwidth_mbit: float, delay_s: float, **kw: object) -> _Checked:
 
 
 def test_shipping_is_chosen_on_a_fast_link_and_every_request_answered_once() -> None:
-    # Admission off: its refusals take a few of this small run's pulls away, and
+    # Admission and the eviction charge off: refusals, and forwards to a holder that
+    # the charge makes dearer to skip, take a few of this small run's pulls away, and
     # what is checked here is the pull itself.
-    sim = _sim(10_000.0, 0.0005, routing={"admission": False})
+    sim = _sim(10_000.0, 0.0005, routing={"admission": False, "evict_charge": 0.0})
     f = sim.run().figures
     assert f["requests"] == 400 and f["errors"] == 0
     assert sorted(sim.answers) == list(range(400))
@@ -178,7 +179,8 @@ def test_sim_ship_cli_tiny(tmp_path, capsys) -> None:
 
 
 def test_node_crashes_during_pulls_leave_every_request_answered_at_most_once() -> None:
-    sim = _sim(10_000.0, 0.0005, failures=3, downtime_s=2.0)
+    # The eviction charge off, as in the pull test above: this checks pulls under crashes.
+    sim = _sim(10_000.0, 0.0005, failures=3, downtime_s=2.0, routing={"evict_charge": 0.0})
     f = sim.run().figures
     assert f["ship_pulls"] >= 5
     assert f["requests"] + f["errors"] == 400

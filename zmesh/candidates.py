@@ -34,7 +34,7 @@ from zmesh.routing.base import (
     MASK64,
     Candidate,
     RoutingSettings,
-    estimate_s,
+    charged_s,
     is_overloaded,
     near_best,
 )
@@ -221,8 +221,11 @@ def local_candidate(
     wait_s: float,
     prefill_s_per_token: float,
     service_s: float,
+    evict_tokens: int | None = None,
 ) -> Candidate:
-    """This node as a candidate: its own match, queue and backlog, no link."""
+    """This node as a candidate: its own match, queue and backlog, no link; and what a
+    miss here would overwrite (``evict_tokens``, as it advertises; None: not known,
+    and then no candidate is charged for evictions)."""
     return Candidate(
         node_id=node_id,
         is_local=True,
@@ -232,6 +235,7 @@ def local_candidate(
         prefill_s_per_token=prefill_s_per_token,
         service_s=service_s,
         wait_s=wait_s,
+        evict_tokens=evict_tokens,
     )
 
 
@@ -251,7 +255,8 @@ def peer_candidate(
     blocks of the prompt its advertised set holds, times the block size), its heard
     queue plus our forwards in flight there (``inflight``), its heard backlog plus our
     forwards it has not reported (``unreported_s``), and its measured rates (ours,
-    ``prefill_s_per_token`` and ``service_s``, until it has advertised its own)."""
+    ``prefill_s_per_token`` and ``service_s``, until it has advertised its own), and
+    what a miss there would evict (its advertised ``evict_tokens``)."""
     return Candidate(
         node_id=peer.node_id,
         is_local=False,
@@ -263,6 +268,7 @@ def peer_candidate(
         wait_s=peer.backlog_s + unreported_s,
         ship_s_per_token=ship_s_per_token,
         ship_fixed_s=ship_fixed_s,
+        evict_tokens=peer.evict_tokens,
     )
 
 
@@ -321,7 +327,9 @@ def contenders(
     if least is not None:
         keep.setdefault(id(least), least)
     if settings.place_slack_frac > 0.0 and best:
-        lowest = min(estimate_s(local, prompt_tokens), *(row.est_s for row in best.values()))
+        lowest = min(
+            charged_s(local, prompt_tokens, settings), *(row.est_s for row in best.values())
+        )
         bar = min(near_best(lowest, settings), give_up)
         for row in rows:
             if row.est_s <= bar and not is_overloaded(row.queue, min_q, settings):

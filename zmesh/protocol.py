@@ -295,6 +295,9 @@ class Heartbeat(_Msg, tag="hb", kw_only=True):
     # Requests it runs at once (its engine's max_running; 0: not said, one at a time):
     # with queue_depth, whether a forward would find a place free there.
     places: Count = 0
+    # Cached tokens a request it holds nothing of would overwrite (the slot its slot
+    # policy takes for a miss; 0: a slot is free, or not said): the eviction charge.
+    evict_tokens: Count = 0
     peers: list[PeerInfo] = []
     block_size: int
     model_fingerprint: str

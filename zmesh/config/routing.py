@@ -59,6 +59,9 @@ class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     admit_slack_s: float = _ROUTING.admit_slack_s  # of itself, and by these seconds
     # Both sides count the prefill of what serving the request would evict.
     admit_evictions: bool = _ROUTING.admit_evictions
+    # The eviction charge: this share of the prefill of what a choice would overwrite
+    # counts against it (0: off).
+    evict_charge: float = _ROUTING.evict_charge
 
     def settings(self, **node: Any) -> RoutingSettings:
         """The policy knobs as `decide` takes them; ``node``: what the node adds
@@ -82,6 +85,7 @@ class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             admit_slack_frac=self.admit_slack_frac,
             admit_slack_s=self.admit_slack_s,
             admit_evictions=self.admit_evictions,
+            evict_charge=self.evict_charge,
             **node,
         )
 

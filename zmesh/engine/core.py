@@ -43,6 +43,7 @@ from zmesh.engine.types import (
     closed_error,
 )
 from zmesh.protocol import INVALID_REQUEST, SamplingParams
+from zmesh.slots import choose
 from zmesh.stats import ewma
 
 log = logging.getLogger("zmesh.engine")
@@ -120,6 +121,17 @@ class Engine(KvPool):
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def miss_evict_tokens(self) -> int:
+        """Cached tokens a miss would overwrite now (the eviction charge's advert): the slot
+        policy, running slots pinned, for BOS plus a token no prompt has (ids are >= 0)."""
+        try:
+            probe = (*self.tokenize("")[:1], -1)
+        except EngineError:
+            return 0  # closed: a heartbeat during stop advertises nothing to overwrite
+        with self._lock:
+            c = choose(self._views(probe, ""), len(probe))
+        return 0 if c is None or c.in_place else c.evicted
 
     def __enter__(self) -> Engine:
         return self

@@ -82,6 +82,7 @@ class Advertiser:
             service_s=st.service_s,
             backlog_s=round(self._load.backlog_s(), 4),
             places=self._load.places(),
+            evict_tokens=self._load.miss_evict_tokens(),
             block_size=c.engine.block_size,
             model_fingerprint=c.engine.fingerprint.hex(),
             peers=[
@@ -245,6 +246,7 @@ class Membership:
             service_s=hb.service_s,
             backlog_s=hb.backlog_s,
             places=hb.places,
+            evict_tokens=hb.evict_tokens,
         )
         self._maybe_resync(peer, action, now)
 

@@ -222,6 +222,8 @@ class Pipeline:
             self._load.backlog_s(),
             prefill,
             service,
+            # What a miss here overwrites (the eviction charge); None: no candidate charged.
+            evict_tokens=self._load.miss_evict_tokens() if self.settings.evict_charge else None,
         )
 
     def route(self, req: RequestContext, refused: Sequence[str] = ()) -> Route:

@@ -79,6 +79,7 @@ class PeerEstimate:
         "busy_slots",
         "digest",
         "epoch",
+        "evict_tokens",
         "gossip_addr",
         "inflight",
         "last_delta_at",
@@ -136,6 +137,7 @@ class PeerEstimate:
         self.service_s = 0.0
         self.backlog_s = 0.0  # the peer's predicted seconds of queued + running work
         self.places = 0  # requests it runs at once (0: not said)
+        self.evict_tokens = 0  # cached tokens a miss there would overwrite (0: not said)
         self.link_delay_s = 0.0  # one-way, EWMA; 0.0 until measured
         self.inflight = 0  # requests we forwarded there that have not finished
         # snapshot in flight
@@ -215,11 +217,13 @@ class PeerEstimate:
         service_s: float | None = None,
         backlog_s: float = 0.0,
         places: int = 0,
+        evict_tokens: int = 0,
     ) -> Action:
         """Refresh liveness and load; check our estimate against the peer's (seq, digest)."""
         self.mark_heard(now)
         self.backlog_s = max(backlog_s, 0.0)
         self.places = max(places, 0)
+        self.evict_tokens = max(evict_tokens, 0)
         self.queue_depth = queue_depth
         self.busy_slots = busy_slots
         self.n_slots = n_slots

@@ -84,6 +84,12 @@ class Candidate:
     # evicted tokens, (node_id, tokens): what they hold can be pulled back rather than
     # prefilled (`shipping.evict_charge_s`). Empty: no peer holds any, or not known.
     ship_evict_held: tuple[tuple[str, int], ...] = ()
+    # Cached tokens a request this node holds little of would overwrite here: the slot
+    # its slot policy takes for a miss (0: a slot is free; a peer that did not say).
+    # The ``zmesh`` policy charges their prefill with ``evict_charge`` (`charged_s`),
+    # only when the local candidate says (None: this caller does not know its own, and
+    # charging only the peers would keep every miss here).
+    evict_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +162,11 @@ class RoutingSettings:
     # the oracle does (off: it helps long-lived prefixes, hurts conversations; see
     # admission.py and docs/evaluation.md, "Bursts").
     admit_evictions: bool = False
+    # The eviction charge (zmesh policy): a choice costs, beside its first token, this
+    # share of the prefill of the cached tokens it would overwrite (`charged_s`; the
+    # oracle charges all of it: what is overwritten is not always asked for again);
+    # 0: off (docs/evaluation.md, "Three requests in flight").
+    evict_charge: float = 0.25
 
     def __post_init__(self) -> None:
         if self.policy not in ALL_POLICIES:
@@ -179,6 +190,7 @@ class RoutingSettings:
             ("admit_retries", self.admit_retries >= 0, ">= 0"),
             ("admit_slack_frac", 0.0 <= self.admit_slack_frac < math.inf, ">= 0"),
             ("admit_slack_s", 0.0 <= self.admit_slack_s < math.inf, ">= 0"),
+            ("evict_charge", 0.0 <= self.evict_charge <= 1.0, "in [0, 1]"),
         ):
             if not ok:
                 raise SettingError(name, f"must be {reason}, got {getattr(self, name)}")
@@ -211,15 +223,20 @@ class Decision:
     pull_from: str | None = None
     pull_tokens: int = 0
     est_ship_s: float = 0.0  # predicted seconds to move and load that KV
+    # With ``evict_charge``: (node_id, cached tokens serving there overwrites), as
+    # charged in ``scores``; empty when the charge is off.
+    evicts: tuple[tuple[str, int], ...] = ()
 
     def log_fields(self) -> dict[str, object]:
-        pull = {}
+        pull: dict[str, object] = {}
         if self.pull_from is not None:
             pull = {
                 "pull_from": self.pull_from,
                 "pull_tokens": self.pull_tokens,
                 "est_ship_s": round(self.est_ship_s, 6),
             }
+        if self.evicts:
+            pull["evicts"] = {node: n for node, n in self.evicts if n}
         return {
             **pull,
             "target": self.target,
@@ -237,6 +254,40 @@ def estimate_s(c: Candidate, prompt_tokens: int) -> float:
     matched = min(max(c.matched_tokens, 0), prompt_tokens)
     wait = max(c.queue_depth, 0) * c.service_s if c.wait_s is None else max(c.wait_s, 0.0)
     return c.link_delay_s + wait + (prompt_tokens - matched) * c.prefill_s_per_token
+
+
+# A node holding at least this share of the prompt is taken to continue that slot in
+# place (nothing evicted). The slot policy does when the match is at least half of what
+# the slot holds, which routing cannot see; a conversation's slot holds little beyond
+# its match, a subject's prefix is most of a question's prompt, while a header every
+# prompt shares (a miss) is a few blocks. Measured: 0.5 charged conversations' holders
+# for new turns with long messages (docs/evaluation.md, "Three requests in flight").
+IN_PLACE_MIN_FRAC = 0.1
+
+
+def evicts_tokens(c: Candidate, prompt_tokens: int) -> int:
+    """The cached tokens serving a prompt of ``prompt_tokens`` on ``c`` overwrites, as
+    routing can tell (`miss_evicts`); 0 when ``c`` did not say."""
+    return miss_evicts(c.matched_tokens, prompt_tokens, c.evict_tokens or 0)
+
+
+def miss_evicts(matched_tokens: int, prompt_tokens: int, evict_tokens: int) -> int:
+    """What serving a prompt overwrites on a node that holds ``matched_tokens`` of it and
+    whose slot policy takes a slot of ``evict_tokens`` for a miss: nothing when it holds
+    `IN_PLACE_MIN_FRAC` of the prompt (in place), else that slot."""
+    matched = min(max(matched_tokens, 0), prompt_tokens)
+    if matched > 0 and matched >= IN_PLACE_MIN_FRAC * prompt_tokens:
+        return 0
+    return max(evict_tokens, 0)
+
+
+def charged_s(c: Candidate, prompt_tokens: int, settings: RoutingSettings) -> float:
+    """`estimate_s`, plus ``evict_charge`` x the prefill of what serving there overwrites
+    (`evicts_tokens`): a later request for it pays that prefill again."""
+    est = estimate_s(c, prompt_tokens)
+    if settings.evict_charge > 0.0 and c.evict_tokens:
+        est += settings.evict_charge * evicts_tokens(c, prompt_tokens) * c.prefill_s_per_token
+    return est
 
 
 def gain_threshold(est_local: float, settings: RoutingSettings) -> float:

@@ -25,6 +25,11 @@ Parameters (`RoutingSettings`):
 - ``place_slack_frac`` (0.1): see `placement.py`.
 - ``ship`` (off) and ``ship_min_tokens`` (64): KV shipping, see `shipping.py`; a pull
   replaces the choice above when predicted sooner by more than the gain threshold.
+- ``evict_charge`` (0.25): each estimate also carries this share of the prefill of
+  the cached tokens serving there would overwrite (`base.charged_s`: a candidate's
+  advertised ``evict_tokens``, the slot a miss takes, unless it holds a tenth of the
+  prompt); the decision's scores show it and ``evicts`` names the tokens. Off when the
+  local candidate does not say its own (charging only peers would keep misses here).
 - ``give_up_s`` (0: none): a peer whose estimate exceeds it is excluded too. For a
   forwarder that gives a forward up before its first token and serves it again itself
   (the simulator's ``--no-keepalive``, nodes before Progress keep-alives): under
@@ -37,6 +42,8 @@ match, shorter wait), ``placement``, ``shipped``.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from zmesh.routing.base import (
     REASON_LOAD,
     REASON_LOCAL_BEST,
@@ -48,6 +55,8 @@ from zmesh.routing.base import (
     PolicyState,
     RouteRequest,
     RoutingSettings,
+    charged_s,
+    evicts_tokens,
     gain_threshold,
     is_overloaded,
     serve_local,
@@ -65,8 +74,13 @@ def decide_zmesh(
     state: PolicyState,
 ) -> Decision:
     """Serve here or forward (below); with shipping on, pulling a peer's prefix here
-    replaces that choice when it is predicted sooner by more than the gain threshold."""
-    decision = _serve_or_forward(request, local, peers, scores, settings)
+    replaces that choice when it is predicted sooner by more than the gain threshold.
+    With ``evict_charge`` every estimate also carries the charge for what serving
+    there overwrites (`charged_s`), and the decision names those evictions."""
+    if settings.evict_charge > 0.0 and local.evict_tokens is not None:
+        decision = _charged(request, local, peers, scores, settings)
+    else:
+        decision = _serve_or_forward(request, local, peers, scores, settings)
     if not settings.ship:
         return decision
     pull = best_pull(request, local, peers, settings)
@@ -86,6 +100,30 @@ def decide_zmesh(
         pull_from=holder.node_id,
         pull_tokens=tokens,
         est_ship_s=ship_s,
+    )
+
+
+def _charged(
+    request: RouteRequest,
+    local: Candidate,
+    peers: list[Candidate],
+    scores: list[tuple[str, float]],
+    settings: RoutingSettings,
+) -> Decision:
+    """Serve or forward on estimates that carry the eviction charge (`charged_s`); the
+    decision's ``est_local_s`` / ``est_target_s`` stay first-token estimates (what an
+    admission bar and a pull compare), its ``scores`` the charged ones, ``evicts`` the
+    tokens each choice would overwrite."""
+    prompt = max(request.prompt_tokens, 0)
+    cands = [local, *peers]  # aligned with scores
+    charged = [(c.node_id, charged_s(c, prompt, settings)) for c in cands]
+    d = _serve_or_forward(request, local, peers, charged, settings)
+    first = dict(scores)
+    return replace(
+        d,
+        est_local_s=first[local.node_id],
+        est_target_s=first[d.target],
+        evicts=tuple((c.node_id, evicts_tokens(c, prompt)) for c in cands),
     )
 
 

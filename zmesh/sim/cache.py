@@ -194,6 +194,17 @@ class SlotCache:
             return holder
         return target
 
+    def miss_evict_tokens(self) -> int:
+        """Cached tokens a miss would overwrite here (what a node advertises for the
+        eviction charge; 0: a slot is free): a prompt sharing only its first token with
+        the last one served, as real prompts share a BOS token or a header. The policy
+        then spares the lowest slot sharing it and takes the least recently used other
+        (`Load.miss_evict_tokens` asks the engine the same)."""
+        last = max(range(self.n_slots), key=lambda i: self.last_used[i])
+        if not self.slots[last]:
+            return 0
+        return self.evicted_tokens((self.slots[last][0], -1))
+
     def evicted_tokens(self, tokens: tuple[int, ...]) -> int:
         """Tokens of other cached content that serving ``tokens`` would overwrite.
 
@@ -227,6 +238,9 @@ class TokenCache:
 
     def evicted_tokens(self, tokens: tuple[int, ...]) -> int:
         return 0  # LRU leaves go under the token budget; not modelled for the oracle
+
+    def miss_evict_tokens(self) -> int:
+        return 0  # not modelled (as above)
 
     def import_prefix(
         self, tokens: tuple[int, ...], ids: list[int] | None = None, now: float | None = None

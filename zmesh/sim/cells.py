@@ -74,6 +74,7 @@ class Cell:
     cost: str
     seed: int
     subjects: int = 0  # mmlu: 0 = all
+    subject_names: tuple[str, ...] = ()  # mmlu: these subjects (the lab's), not a draw
     groups: int = 16
     loss: float = 0.0
     jitter: float = 0.2
@@ -107,7 +108,7 @@ class Cell:
                 self.requests,
                 self.alpha,
                 self.seed,
-                subjects=self.subjects or None,
+                subjects=list(self.subject_names) or self.subjects or None,
                 groups=self.groups,
                 sessions=self.sessions,
             )

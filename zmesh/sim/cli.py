@@ -76,6 +76,11 @@ def _common(ap: argparse.ArgumentParser) -> None:
         default=0,
         help="mmlu: subjects used (0: 3 per node, at most 57)",
     )
+    ap.add_argument(
+        "--subject-names",
+        default="",
+        help="mmlu: comma list of subjects to use (e.g. the cluster bench's), not a seeded draw",
+    )
     ap.add_argument("--groups", type=int, default=16, help="shared/chat: system prompts")
     ap.add_argument(
         "--load",
@@ -162,6 +167,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             cost=args.cost,
             seed=args.seed,
             subjects=subjects_for(args, args.nodes),
+            subject_names=tuple(x for x in args.subject_names.split(",") if x),
             groups=args.groups,
             loss=args.loss,
             jitter=args.jitter,

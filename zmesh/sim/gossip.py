@@ -97,6 +97,7 @@ class GossipMixin(SimBase):
             self._backlog(node),
             node.service_ewma,
             sum(1 for s in getattr(node.cache, "slots", ()) if s),  # busy_slots, as a node's
+            node.cache.miss_evict_tokens() if self.settings.evict_charge > 0.0 else 0,
         )
 
     def _on_hb(self, idx: int, gen: int) -> None:
@@ -134,7 +135,7 @@ class GossipMixin(SimBase):
         name = self.names[src]
         now = self.now
         if msg[0] == 0:
-            _, epoch, seq, digest, n_blocks, queue, backlog, service, used = msg
+            _, epoch, seq, digest, n_blocks, queue, backlog, service, used, evict = msg
             new = table.upsert(name, "", "", now)
             est = table.get(name)
             assert est is not None
@@ -152,6 +153,7 @@ class GossipMixin(SimBase):
                 prefill_s_per_token=self.cost.prefill_s_per_token,
                 service_s=service,
                 backlog_s=backlog,
+                evict_tokens=evict,
             )
             if not was_alive:
                 self._refresh_alive(view)

@@ -29,6 +29,7 @@ from zmesh.routing import (
     decide,
 )
 from zmesh.routing.admission import admission_bar, after_refusal
+from zmesh.routing.base import miss_evicts
 from zmesh.routing.shipping import evict_held
 from zmesh.sim.base import SimBase
 from zmesh.sim.state import Job, SimNode, View
@@ -58,6 +59,8 @@ class RoutingMixin(SimBase):
             service,
         )
         view = self.views[self.view_of[node.idx]]
+        if self.settings.evict_charge > 0.0:  # what the node advertises, as peers see it
+            local = replace(local, evict_tokens=node.cache.miss_evict_tokens())
         if self.settings.ship:
             local = replace(
                 local,
@@ -185,6 +188,7 @@ class RoutingMixin(SimBase):
         link = 0.0 if paper else self._mean_delay
         spread = self.cfg.delay_spread > 0
         pending = self.cfg.pending_prefixes
+        charge = self.settings.evict_charge
         rows = []
         for p, est in peers:
             m = mget(p, 0) if mget is not None else est.match_blocks(ids)
@@ -204,6 +208,8 @@ class RoutingMixin(SimBase):
             pf = est.prefill_s_per_token or prefill
             missing = prompt - min(m * bs, prompt)
             score = row_estimate_s(link, wait, missing, pf)
+            if charge and est.evict_tokens:  # `charged_s`, as decide adds it
+                score += charge * miss_evicts(m * bs, prompt, est.evict_tokens) * pf
             rows.append(PeerRow(m, q, score, est.node_id, (p, est), wait, link, pf))
         cands = [local]
         service = local.service_s
@@ -238,6 +244,7 @@ class RoutingMixin(SimBase):
                     row.wait_s,
                     per_token,
                     fixed,
+                    evict_tokens=est.evict_tokens,
                 )
             )
         return cands
