@@ -89,6 +89,7 @@ class Engine(KvPool):
         self._running: list[Sequence] = []  # engine thread only, in admission order
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._miss_probe: tuple[int, ...] | None = None  # BOS + a token no prompt has
         self._model_users = 0  # `_model_use` calls under way (close waits for them)
 
     # ---- lifecycle -----------------------------------------------------------
@@ -125,10 +126,12 @@ class Engine(KvPool):
     def miss_evict_tokens(self) -> int:
         """Cached tokens a miss would overwrite now (the eviction charge's advert): the slot
         policy, running slots pinned, for BOS plus a token no prompt has (ids are >= 0)."""
-        try:
-            probe = (*self.tokenize("")[:1], -1)
-        except EngineError:
-            return 0  # closed: a heartbeat during stop advertises nothing to overwrite
+        if self._miss_probe is None:  # asked per request and heartbeat: tokenize once
+            try:
+                self._miss_probe = (*self.tokenize("")[:1], -1)
+            except EngineError:
+                return 0  # closed: a heartbeat during stop advertises nothing to overwrite
+        probe = self._miss_probe
         with self._lock:
             c = choose(self._views(probe, ""), len(probe))
         return 0 if c is None or c.in_place else c.evicted
