@@ -412,12 +412,15 @@ def test_tenants_never_see_each_others_prefixes_through_routing(keyed_lab: Lab) 
         assert alice.served_by == b.name and alice.route_reason == "prefix", alice
         assert alice.cached_tokens > 0
 
-        # Tenants listed in tenant_shared do share: pub1 primes node-b, pub2 hits it.
+        # Tenants listed in tenant_shared do share: pub1 primes a node, pub2 entering at
+        # the other is sent to it. (node-b's slots are all taken by now, so the eviction
+        # charge may rightly send pub1 on to node-a's free ones.)
         shared = FEW_SHOT.replace("astronomy", "public astronomy") + "Question: Moon?\nAnswer:"
-        c.generate(shared, max_tokens=2, tenant="pub1", endpoint=b.serve)
+        pub1 = c.generate(shared, max_tokens=2, tenant="pub1", endpoint=b.serve)
         asyncio.run(keyed_lab.wait_converged(timeout=30))
-        pub2 = c.generate(shared, max_tokens=2, tenant="pub2", endpoint=a.serve)
-        assert pub2.served_by == b.name and pub2.route_reason == "prefix", pub2
+        other = a if pub1.served_by == b.name else b
+        pub2 = c.generate(shared, max_tokens=2, tenant="pub2", endpoint=other.serve)
+        assert pub2.served_by == pub1.served_by and pub2.route_reason == "prefix", pub2
         assert pub2.cached_tokens > 0
 
 
