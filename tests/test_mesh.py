@@ -43,7 +43,21 @@ def _primed_on(lab: Lab, node: LabNode, prefix: str) -> str:
         )
         assert primed.served_by == node.name
     converge(lab)
+    _quiet(lab)
     return prefix
+
+
+def _quiet(lab: Lab, budget_s: float = 120.0) -> None:
+    """Until no node has a request in flight and every node sees every peer's queue
+    empty: a long request of an earlier test still ending on a peer would make the
+    entry rightly serve locally instead of forwarding what the test means to forward."""
+    give_up = time.monotonic() + budget_s
+    while True:
+        statuses = asyncio.run(lab.statuses())
+        if all(st.inflight == 0 and all(p.queue_depth == 0 for p in st.peers) for st in statuses):
+            return
+        assert time.monotonic() < give_up, f"the lab never went quiet: {statuses}"
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
