@@ -128,13 +128,9 @@ class Load:
         return batch_wait_s(running, [_work(j) for j in self.queue], self.places())
 
     def miss_evict_tokens(self) -> int:
-        """Cached tokens a miss would overwrite here (the slot policy's victim, every slot
-        taken as idle; 0: one is free): what this node advertises, and counts for itself,
-        for the eviction charge (`routing.evict_charge`). A miss shares the BOS token
-        with every cached prompt, so the policy spares the lowest slot holding one and
-        takes the least recently used other (`SlotCache.miss_evict_tokens` alike). Running
-        slots are pinned: their published tokens are only what is reused until their
-        prompt is in, and a miss waits for an idle slot, never takes theirs."""
+        """Cached tokens a miss would overwrite here (0: a slot is free), as the engine's
+        slot policy says (`Engine.miss_evict_tokens`: running slots pinned): what this
+        node advertises, and counts for itself, for the eviction charge."""
         return self._engine.miss_evict_tokens()
 
     def predict_s(self, new_tokens: int, max_tokens: int) -> float:

@@ -222,8 +222,6 @@ class Pipeline:
             self._load.backlog_s(),
             prefill,
             service,
-            # What a miss here overwrites (the eviction charge); None: no candidate charged.
-            evict_tokens=self._load.miss_evict_tokens() if self.settings.evict_charge else None,
         )
 
     def route(self, req: RequestContext, refused: Sequence[str] = ()) -> Route:
@@ -235,6 +233,8 @@ class Pipeline:
         ids, bs = req.block_ids, req.block_size
         prefill, service = self._rates()
         local = self._local_candidate(req, prefill, service)
+        if self.settings.evict_charge:  # what a miss here overwrites (None: nobody charged)
+            local = dataclasses.replace(local, evict_tokens=self._load.miss_evict_tokens())
         ship = self.settings.ship
         if ship:  # a pull's import overwrites a slot here: charged to it, less what peers hold
             evicts, victim = c.engine.import_victim(tokens, req.namespace)
