@@ -24,7 +24,7 @@ from test_batching import COUNT, LETTERS
 import zmesh.engine.sequence as sequence_mod
 from zmesh.config import EngineConfig
 from zmesh.engine import Engine, EngineError, GenerationResult, Handle, Request, run_calls
-from zmesh.engine.core import Call
+from zmesh.engine.delivery import Call
 from zmesh.kvstate import KvState
 from zmesh.protocol import SamplingParams
 

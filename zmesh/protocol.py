@@ -3,7 +3,8 @@
 Every message carries `type` (a short tag) and `v` (the protocol version). `decode`
 is a pure format check: it returns a typed message or raises `ProtocolError` with
 code `malformed` or `unsupported_version`, never anything else, whatever the bytes.
-Semantic checks of a request live in `validate_generate`.
+Semantic checks of a request (`validate_generate`, `validate_offer`), the error codes
+and `ProtocolError` live in zmesh/validation.py; this module re-exports them.
 
 Block ids, parents and digests are unsigned 64-bit ints; msgpack carries them as
 uint64, and the `U64` annotation makes a negative id a decode error, so a peer that
@@ -12,10 +13,29 @@ hashes with signed ints fails loudly instead of silently never matching.
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Final, TypeAlias
 
 import msgspec
+
+from zmesh.validation import (
+    BUSY,
+    DEADLINE_EXCEEDED,
+    FORBIDDEN,
+    INTERNAL,
+    INVALID_REQUEST,
+    KV_UNAVAILABLE,
+    MALFORMED,
+    MAX_ID_CHARS,
+    OVERLOADED,
+    PROMPT_TOO_LONG,
+    TOO_MANY_REQUESTS,
+    UNAVAILABLE,
+    UNSUPPORTED_VERSION,
+    ProtocolError,
+    check_sampling,
+    validate_generate,
+    validate_offer,
+)
 
 __all__ = [
     "BUSY",
@@ -75,33 +95,9 @@ MAX_FRAME_BYTES: Final = 8 * 1024 * 1024
 SNAPSHOT_PART_BLOCKS: Final = 4096
 # Bytes of KV state per KvPart: well under the frame cap, small enough to interleave.
 KV_PART_BYTES: Final = 1024 * 1024
-# Longest request id / tenant name accepted by validate_generate.
-MAX_ID_CHARS: Final = 128
 # Longest keep-alive period a node may announce in Progress: a forwarder waits a few
 # of them for the next frame, so a peer cannot make it wait minutes for nothing.
 MAX_PROGRESS_INTERVAL_S: Final = 10.0
-
-# Error codes (Error.code, ProtocolError.code).
-MALFORMED: Final = "malformed"
-UNSUPPORTED_VERSION: Final = "unsupported_version"
-INVALID_REQUEST: Final = "invalid_request"
-PROMPT_TOO_LONG: Final = "prompt_too_long"
-OVERLOADED: Final = "overloaded"
-DEADLINE_EXCEEDED: Final = "deadline_exceeded"
-INTERNAL: Final = "internal"
-UNAVAILABLE: Final = "unavailable"
-FORBIDDEN: Final = "forbidden"  # an authenticated key asked for what it may not do
-# One client has max_inflight_per_client requests in flight on this node already. Not
-# retried on another node by the client library: the caller, not the node, is the cause.
-TOO_MANY_REQUESTS: Final = "too_many_requests"
-# A KvFetch this node will not answer with state: no slot of that tenant holds the
-# prefix, it belongs to another tenant, or the state is over the asker's cap. One code
-# and one message for all, so a fetch learns nothing about other tenants.
-KV_UNAVAILABLE: Final = "kv_unavailable"
-# A forward refused before it was queued: this node predicts its first token later than
-# the forwarder's Generate.admit_bar_s (routing/admission.py). Sent instead of any token,
-# so the forwarder serves the request itself (or tries another peer), never twice.
-BUSY: Final = "busy"
 
 # msgspec cannot bound an int above int64 with Meta; msgpack itself stops at 2**64-1.
 U64 = Annotated[int, msgspec.Meta(ge=0)]
@@ -110,24 +106,6 @@ U64 = Annotated[int, msgspec.Meta(ge=0)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**31)]
 Seconds = Annotated[float, msgspec.Meta(ge=0.0, le=1e6)]
 UnixTime = Annotated[float, msgspec.Meta(ge=0.0, le=1e11)]
-
-_MAX_TOKENS = 8192
-_MAX_TEMPERATURE = 5.0
-_MAX_STOPS = 8
-_MAX_STOP_CHARS = 256
-_MAX_SEED = 2**32 - 1  # llama.cpp samplers take a uint32 seed
-_MAX_TOP_K = 2**31 - 1  # llama.cpp takes an int32 k: a larger one would wrap (2**40 -> 0)
-
-
-class ProtocolError(Exception):
-    """A frame or request the node cannot accept; `code` is one of the error codes."""
-
-    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.request_id = request_id
-
 
 # ---- plain structs (embedded in messages, not tagged) ------------------------------
 
@@ -141,26 +119,8 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     stop: list[str] = []
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad field. Written so that NaN fails too."""
-        if not 1 <= self.max_tokens <= _MAX_TOKENS:
-            raise ValueError(f"max_tokens must be in 1..{_MAX_TOKENS}, got {self.max_tokens}")
-        if not 0.0 <= self.temperature <= _MAX_TEMPERATURE:
-            raise ValueError(
-                f"temperature must be in 0..{_MAX_TEMPERATURE:g}, got {self.temperature}"
-            )
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.top_k <= _MAX_TOP_K:
-            raise ValueError(f"top_k must be in 0..{_MAX_TOP_K} (0 disables it), got {self.top_k}")
-        if self.seed is not None and not 0 <= self.seed <= _MAX_SEED:
-            raise ValueError(f"seed must be in 0..{_MAX_SEED}, got {self.seed}")
-        if len(self.stop) > _MAX_STOPS:
-            raise ValueError(f"at most {_MAX_STOPS} stop strings, got {len(self.stop)}")
-        for s in self.stop:
-            if not 1 <= len(s) <= _MAX_STOP_CHARS:
-                raise ValueError(
-                    f"each stop string must be 1..{_MAX_STOP_CHARS} chars, got {len(s)}"
-                )
+        """Raise ValueError naming the first bad field (`validation.check_sampling`)."""
+        check_sampling(self)
 
 
 class PeerInfo(msgspec.Struct, kw_only=True):
@@ -496,51 +456,6 @@ def _unsupported(v: int, request_id: str | None) -> ProtocolError:
         f"protocol version {v} is not supported (this node speaks {PROTOCOL_VERSION})",
         request_id,
     )
-
-
-def validate_generate(msg: Generate) -> None:
-    """Semantic checks of a decoded Generate; raise ProtocolError(INVALID_REQUEST)."""
-
-    def bad(why: str) -> ProtocolError:
-        return ProtocolError(INVALID_REQUEST, why, msg.request_id or None)
-
-    if not 1 <= len(msg.request_id) <= MAX_ID_CHARS:
-        raise bad(f"request_id must be 1..{MAX_ID_CHARS} chars, got {len(msg.request_id)}")
-    if (msg.prompt is None) == (msg.tokens is None):
-        raise bad("exactly one of prompt or tokens must be given")
-    if msg.prompt is not None and not msg.prompt:
-        raise bad("prompt is empty")
-    if msg.tokens is not None:
-        if not msg.tokens:
-            raise bad("tokens is empty")
-        if min(msg.tokens) < 0:
-            raise bad("token ids must be >= 0")
-    if not 1 <= len(msg.tenant) <= MAX_ID_CHARS:
-        raise bad(f"tenant must be 1..{MAX_ID_CHARS} chars, got {len(msg.tenant)}")
-    if msg.hops < 0:
-        raise bad(f"hops must be >= 0, got {msg.hops}")
-    if msg.deadline is not None and not math.isfinite(msg.deadline):
-        raise bad(f"deadline must be a finite unix time, got {msg.deadline}")
-    try:
-        msg.params.validate()
-    except ValueError as exc:
-        raise bad(f"params: {exc}") from None
-
-
-def validate_offer(msg: KvOffer, max_tokens: int) -> None:
-    """Semantic checks of a decoded KvOffer; raise ProtocolError(INVALID_REQUEST)."""
-
-    def bad(why: str) -> ProtocolError:
-        return ProtocolError(INVALID_REQUEST, f"KV offer: {why}", msg.request_id or None)
-
-    if not 1 <= len(msg.request_id) <= MAX_ID_CHARS:
-        raise bad(f"request_id must be 1..{MAX_ID_CHARS} chars, got {len(msg.request_id)}")
-    if not 1 <= len(msg.node_id) <= MAX_ID_CHARS:
-        raise bad(f"node_id must be 1..{MAX_ID_CHARS} chars, got {len(msg.node_id)}")
-    if not 1 <= len(msg.tenant) <= MAX_ID_CHARS:
-        raise bad(f"tenant must be 1..{MAX_ID_CHARS} chars, got {len(msg.tenant)}")
-    if not 1 <= len(msg.tokens) <= max_tokens:
-        raise bad(f"tokens must be 1..{max_tokens} ids, got {len(msg.tokens)}")
 
 
 def error_for(exc: ProtocolError, node_id: str | None) -> Error:

@@ -5,10 +5,12 @@
 - `sequence`: one request's state inside the engine (sampler, text, clock).
 - `pool`: slots, their radix trees, the slot policy (zmesh/slots.py) applied.
 - `kvship`: export and import of a cached prefix's KV state.
+- `delivery`: how a step's callbacks reach their callers (``deliver``, futures).
 - `core`: `Engine`: the step, the engine thread, `submit` and `generate`.
 """
 
-from zmesh.engine.core import Engine, run_calls
+from zmesh.engine.core import Engine
+from zmesh.engine.delivery import run_calls
 from zmesh.engine.llama import _silence_llama_logs
 from zmesh.engine.sequence import Handle
 from zmesh.engine.types import (

@@ -11,10 +11,10 @@ One long-lived engine thread runs the steps. Other threads `submit` requests (th
 wait in a FIFO until a slot is idle and fewer than ``max_running`` run), cancel them,
 and hand it work to run between two steps (`call_soon`: KV exports and imports). Each
 step's text pieces and ends go out together through ``deliver`` (one hop to an event
-loop); a `Handle`'s future is settled on the engine thread, so it ends even if what
-``deliver`` hands the calls to never runs them. `close` fails whatever has not ended
-or run yet with ``EngineError("engine closed")``. `generate` is the synchronous
-one-request wrapper over the same path.
+loop; `delivery.deliver_calls`); a `Handle`'s future is settled on the engine thread,
+so it ends even if what ``deliver`` hands the calls to never runs them. `close` fails
+whatever has not ended or run yet with ``EngineError("engine closed")``. `generate` is
+the synchronous one-request wrapper over the same path.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import llama_cpp as ll
 
 from zmesh.blocks import DEFAULT_KEY
 from zmesh.config import EngineConfig
+from zmesh.engine.delivery import Call, Settle, bind, deliver_calls, run_calls
 from zmesh.engine.kvship import KvPool
 from zmesh.engine.sequence import Handle, OnDone, OnPiece, Phase, Sequence
 from zmesh.engine.types import (
@@ -47,29 +48,6 @@ from zmesh.slots import choose
 from zmesh.stats import ewma
 
 log = logging.getLogger("zmesh.engine")
-Call = Callable[[], None]
-
-
-def run_calls(calls: list[Call]) -> None:
-    """The default ``deliver``: run a step's callbacks on the engine thread."""
-    for call in calls:
-        try:
-            call()
-        except Exception:  # a caller's callback must not stop the engine
-            log.exception("engine callback failed")
-
-
-class _Settle:
-    """A step callback that resolves a Handle's future: run on the engine thread, after
-    the callbacks before it were run or handed to ``deliver`` (see `Engine._deliver`)."""
-
-    __slots__ = ("fn",)
-
-    def __init__(self, fn: Call) -> None:
-        self.fn = fn
-
-    def __call__(self) -> None:
-        self.fn()
 
 
 class Engine(KvPool):
@@ -316,7 +294,7 @@ class Engine(KvPool):
         finally:
             # Requests this step already ended are out of the engine's lists: their
             # ends must go out even when a later part of the step raised.
-            self._deliver(calls)
+            deliver_calls(calls, self.deliver)
         if report is None:
             return StepReport(self.stats.steps, finished=finished)
         if self.on_step is not None:
@@ -415,7 +393,7 @@ class Engine(KvPool):
             eog = self._is_eog(token)
             text = s.accept(token, b"" if eog else self._piece(token), eog)
             if text and s.on_piece is not None:
-                calls.append((s, _bind(s.on_piece, text)))
+                calls.append((s, bind(s.on_piece, text)))
             if s.finish:
                 self._finish(s, calls)
                 finished += 1
@@ -444,12 +422,12 @@ class Engine(KvPool):
         if error is None:
             self._record(result)
         if tail and s.on_piece is not None:
-            calls.append((s, _bind(s.on_piece, tail)))
+            calls.append((s, bind(s.on_piece, tail)))
         fut = s.future
         if error is None:
-            calls.append((s, _Settle(lambda: fut.set_result(result))))
+            calls.append((s, Settle(lambda: fut.set_result(result))))
         else:
-            calls.append((s, _Settle(lambda: fut.set_exception(error))))
+            calls.append((s, Settle(lambda: fut.set_exception(error))))
         if s.on_done is not None:
             done = s.on_done
             if error is None:
@@ -468,31 +446,10 @@ class Engine(KvPool):
         for s in [*waiting, *self._running]:
             self._finish(s, calls, error)
         if deliver:
-            self._deliver(calls)
+            deliver_calls(calls, self.deliver)
             return
         for _, call in calls:
             run_calls([call])
-
-    def _deliver(self, calls: list[tuple[Sequence, Call]]) -> None:
-        """Inline callbacks here, in order; the others in one `deliver` call, then
-        their futures here: once `deliver` returned (for the default one, after the
-        callbacks ran), and even if it raised or hands them to a loop that never runs
-        them (a node that stopped), so nobody waiting on a Handle hangs."""
-        hop: list[Call] = []
-        settle: list[Call] = []
-        for s, call in calls:
-            if s.inline:
-                run_calls([call])
-            elif isinstance(call, _Settle):
-                settle.append(call)
-            else:
-                hop.append(call)
-        try:
-            if hop:
-                self.deliver(hop)
-        except Exception:  # its callbacks are lost; the engine and the futures are not
-            log.exception("engine deliver failed")
-        run_calls(settle)
 
     def _record(self, r: GenerationResult) -> None:
         st = self.stats
@@ -510,7 +467,3 @@ class Engine(KvPool):
         st.completion_tokens = ewma(st.completion_tokens, float(r.completion_tokens))
         if r.completion_tokens > 1:
             st.decode_s_per_token = ewma(st.decode_s_per_token, r.decode_s / r.completion_tokens)
-
-
-def _bind(fn: Callable[[str], None], text: str) -> Call:
-    return lambda: fn(text)
