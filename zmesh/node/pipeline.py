@@ -55,12 +55,15 @@ class Pipeline:
         load: Load,
         kv: KvPeer,
         enqueue: Callable[[Job], bool],
+        acknowledge: Callable[[tuple[bytes, str]], None],
     ) -> None:
         self._c = ctx
         self._t = transport
         self._load = load
         self._kv = kv
         self._enqueue = enqueue
+        # A forwarder waiting on us hears first when we hold its request (Worker.watch).
+        self._acknowledge = acknowledge
         # No give-up: a forward is waited for while the peer sends Progress.
         self.settings: RoutingSettings = ctx.config.routing.settings(
             ship_max_tokens=ctx.engine.max_ship_tokens, give_up_s=0.0
@@ -118,6 +121,7 @@ class Pipeline:
         reason = decision.reason
         refused: list[str] = []
         while decision.forward:
+            self._acknowledge(req.key)  # forwarded on (max_hops > 1): in hand here
             outcome = await self.relay.forward(req, route)
             if outcome == "done":
                 return False
