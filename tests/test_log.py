@@ -48,3 +48,21 @@ def test_console_format_is_human_readable(capsys) -> None:
     assert "peer.joined" in out and "node-z" in out
     with pytest.raises(json.JSONDecodeError):
         json.loads(out.splitlines()[0])
+
+
+def test_values_json_cannot_hold_are_written_as_their_repr(capsys) -> None:
+    class Opaque:
+        def __repr__(self) -> str:
+            return "<opaque 7>"
+
+    configure_logging("info", json=True)
+    log = get_logger()
+    log.info("peer.joined", peer=Opaque(), scores={"node-a": 0.25}, path=("a", "b"))
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("dealer.handler_failed")
+    first, second = (json.loads(x) for x in capsys.readouterr().out.splitlines())
+    assert first["peer"] == "<opaque 7>"
+    assert first["scores"] == {"node-a": 0.25} and first["path"] == ["a", "b"]
+    assert second["level"] == "error" and "ValueError: boom" in second["exception"]

@@ -72,14 +72,23 @@ class BlockHasher:
         if start_block and parent is None:
             raise ValueError("resuming a chain needs the parent id")
         n_full = len(tokens) // bs
+        if n_full <= start_block:
+            return []
+        # One array for all the blocks and one keyed hasher copied per block: the key's
+        # own compression and a per-block array were a third of the cost (24 blocks:
+        # 54 -> 34-40 us, best of 7, one core).
+        data = array("i", tokens[start_block * bs : n_full * bs])
+        if _BIG_ENDIAN:  # ids must not depend on the host's byte order
+            data.byteswap()
+        raw = memoryview(data.tobytes())
+        keyed = hashlib.blake2b(digest_size=ID_BYTES, key=self.key)
+        step = bs * data.itemsize
         ids: list[int] = []
-        key = self.key
-        for i in range(start_block, n_full):
-            block = array("i", tokens[i * bs : (i + 1) * bs])
-            if _BIG_ENDIAN:  # ids must not depend on the host's byte order
-                block.byteswap()
-            payload = prev.to_bytes(ID_BYTES, "little") + block.tobytes()
-            prev = _h64(payload, key)
+        for off in range(0, len(raw), step):
+            h = keyed.copy()
+            h.update(prev.to_bytes(ID_BYTES, "little"))
+            h.update(raw[off : off + step])
+            prev = int.from_bytes(h.digest(), "little")
             ids.append(prev)
         return ids
 

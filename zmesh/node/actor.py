@@ -96,7 +96,9 @@ class Node:
             self.advertiser.flush_deltas,
             self.inflight.done,
         )
-        self.pipeline = Pipeline(c, t, self.load, self.kv, self.worker.enqueue)
+        self.pipeline = Pipeline(
+            c, t, self.load, self.kv, self.worker.enqueue, self.worker.acknowledge
+        )
         self.routing = self.pipeline.settings
         self.policy_state = self.pipeline.policy_state
         self.membership = Membership(

@@ -344,7 +344,7 @@ class Admission:
         if not self._admit(key, client, envelope, msg):
             return
         if msg.progress:
-            self._worker.watch(key, envelope)  # at once: the forwarder's first reply
+            self._worker.watch(key, envelope)  # keep-alives for the forwarder
         queued = False
         try:
             queued = await self._pipeline.accept(envelope, msg, received, client, key[0])

@@ -55,12 +55,15 @@ class Pipeline:
         load: Load,
         kv: KvPeer,
         enqueue: Callable[[Job], bool],
+        acknowledge: Callable[[tuple[bytes, str]], None],
     ) -> None:
         self._c = ctx
         self._t = transport
         self._load = load
         self._kv = kv
         self._enqueue = enqueue
+        # A forwarder waiting on us hears first when we hold its request (Worker.watch).
+        self._acknowledge = acknowledge
         # No give-up: a forward is waited for while the peer sends Progress.
         self.settings: RoutingSettings = ctx.config.routing.settings(
             ship_max_tokens=ctx.engine.max_ship_tokens, give_up_s=0.0
@@ -118,6 +121,7 @@ class Pipeline:
         reason = decision.reason
         refused: list[str] = []
         while decision.forward:
+            self._acknowledge(req.key)  # forwarded on (max_hops > 1): in hand here
             outcome = await self.relay.forward(req, route)
             if outcome == "done":
                 return False
@@ -233,16 +237,20 @@ class Pipeline:
         ids, bs = req.block_ids, req.block_size
         prefill, service = self._rates()
         local = self._local_candidate(req, prefill, service)
-        if self.settings.evict_charge:  # what a miss here overwrites (None: nobody charged)
+        # At the hop limit the request is served here whatever the peers hold
+        # (`decide`): their candidates would only be logged, so they are not built.
+        # This is the holder's side of every forward, on its way to the engine.
+        at_limit = msg.hops >= self.settings.max_hops
+        if self.settings.evict_charge and not at_limit:  # what a miss here overwrites
             local = dataclasses.replace(local, evict_tokens=self._load.miss_evict_tokens())
-        ship = self.settings.ship
+        ship = self.settings.ship and not at_limit
         if ship:  # a pull's import overwrites a slot here: charged to it, less what peers hold
             evicts, victim = c.engine.import_victim(tokens, req.namespace)
             held = evict_held(c.peers.alive(), victim, bs)
             local = dataclasses.replace(local, ship_evict_tokens=evicts, ship_evict_held=held)
         local_match = local.matched_tokens
         cands = [local]
-        for peer in c.peers.alive():
+        for peer in () if at_limit else c.peers.alive():
             link = peer.link_delay_s or DEFAULT_LINK_DELAY_S
             cands.append(
                 peer_candidate(

@@ -46,7 +46,11 @@ class Forward:
     prefill_s: float = 0.0  # of which, its prefill there (candidates.unreported_s)
     request_id: str = ""  # the caller's id; the peer knows it by its wire id (see forward)
     scope: bytes = b""  # the caller's scope: its Cancel follows the forward
+    envelope: list[bytes] = field(default_factory=list)  # the caller's: replies go there
+    reason: str = ""  # the routing decision's reason, written into the relayed Done
     cancelled: bool = False  # the caller cancelled: never served here instead
+    relayed: bool = False  # a Chunk went to the caller: a fallback is "partial"
+    ended: bool = False  # a Done, an Error or a failure came: later frames are stale
     replies: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
 
 
@@ -114,6 +118,8 @@ class Relay:
             prefill_s=self._load.predict_prefill_s(new_tokens),
             request_id=rid,
             scope=req.scope,
+            envelope=envelope,
+            reason=decision.reason,
         )
         peer.inflight += 1
         c.count("forwards")
@@ -124,7 +130,6 @@ class Relay:
             target=peer.node_id,
             reason=decision.reason,
         )
-        relayed = False
         timeout = gap = c.config.routing.forward_timeout_s
         try:
             while True:
@@ -137,6 +142,8 @@ class Relay:
                     reply, why = _FALLBACK, f"no reply for {gap:g}s"
                 else:
                     why = "peer failed"
+                if isinstance(reply, P.Done):
+                    return "done"  # relayed to the caller as it came (on_reply)
                 if isinstance(reply, P.Progress):
                     # The peer holds the request (queued or running): a long answer is
                     # no failure, so wait while its keep-alives come and it stays alive.
@@ -154,7 +161,7 @@ class Relay:
                     return "done"
                 if fwd.cancelled and (reply is _FALLBACK or isinstance(reply, P.Error)):
                     return "done"  # cancelled by its caller: nothing to serve here
-                if isinstance(reply, P.Error) and reply.code == P.BUSY and not relayed:
+                if isinstance(reply, P.Error) and reply.code == P.BUSY and not fwd.relayed:
                     # Admission, not a failure: the peer never queued it.
                     c.count("forwards_busy")
                     c.log.info(
@@ -172,21 +179,10 @@ class Relay:
                         request_id=rid,
                         target=peer.node_id,
                         why=detail,
-                        partial=relayed,
+                        partial=fwd.relayed,
                     )
                     t.send(dealer, [], P.Cancel(request_id=wid))
-                    return "partial" if relayed else "none"
-                if isinstance(reply, P.Chunk):
-                    relayed = True
-                    t.reply(envelope, reply)
-                elif isinstance(reply, P.Done):
-                    self._check_served_by(reply, peer.node_id)
-                    reply.route_reason = decision.reason
-                    reply.route_path = [c.node_id, reply.served_by]
-                    t.reply(envelope, reply)
-                    c.count("requests_forwarded_ok")
-                    c.metrics.answered(reply, local=False)
-                    return "done"
+                    return "partial" if fwd.relayed else "none"
         finally:
             self.forwards.pop(wid, None)
             peer.inflight = max(0, peer.inflight - 1)
@@ -194,15 +190,35 @@ class Relay:
     def on_reply(self, msg: P.Chunk | P.Done | P.Error | P.Progress) -> None:
         """A peer's reply to one of our forwards (by wire id); others are stale.
 
-        Replies are decoded and re-encoded, not relayed as the peer's frames: the
-        caller knows the request by its own id, not the wire id, and a Done's route
-        fields are rewritten here (`forward`). Passing frames through untouched needs
-        a wire change (ids the peer could answer under, route fields the forwarder
-        appends), so it is left for now."""
+        Chunks and the Done go to the caller here, as they are read: not through the
+        forward's task, which would add a loop turn (behind whatever else is ready)
+        to every answer's way back. The task gets the Done, Errors and Progress to
+        decide what comes next. Replies are decoded and re-encoded, not relayed as
+        the peer's frames: the caller knows the request by its own id, not the wire
+        id, and a Done's route fields are rewritten here. Passing frames through
+        untouched needs a wire change (ids the peer could answer under, route fields
+        the forwarder appends), so it is left for now."""
         fwd = self.forwards.get(msg.request_id or "")
-        if fwd is not None:
-            msg.request_id = fwd.request_id  # relayed under the caller's own id
-            fwd.replies.put_nowait(msg)
+        if fwd is None or fwd.ended:
+            return
+        msg.request_id = fwd.request_id  # relayed under the caller's own id
+        if isinstance(msg, P.Chunk):
+            fwd.relayed = True
+            self._t.reply(fwd.envelope, msg)
+            return
+        if isinstance(msg, P.Done):
+            self._relay_done(fwd, msg)
+        fwd.ended = isinstance(msg, P.Done | P.Error)
+        fwd.replies.put_nowait(msg)
+
+    def _relay_done(self, fwd: Forward, done: P.Done) -> None:
+        c = self._c
+        self._check_served_by(done, fwd.target)
+        done.route_reason = fwd.reason
+        done.route_path = [c.node_id, done.served_by]
+        self._t.reply(fwd.envelope, done)
+        c.count("requests_forwarded_ok")
+        c.metrics.answered(done, local=False)
 
     def _check_served_by(self, done: P.Done, target: str) -> None:
         """A forwarded answer was served by the peer it went to, or by a node we know
@@ -248,5 +264,6 @@ class Relay:
     def fail_to(self, node_id: str) -> None:
         """``node_id`` turned suspect, dead or was forgotten: its forwards fall back."""
         for fwd in self.forwards.values():
-            if fwd.target == node_id:
+            if fwd.target == node_id and not fwd.ended:
+                fwd.ended = True  # its later frames, if any, are not relayed
                 fwd.replies.put_nowait(_FALLBACK)

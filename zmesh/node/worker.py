@@ -58,6 +58,7 @@ class Worker:
         self.jobs: dict[tuple[bytes, str], Job] = {}
         # (caller, request id) -> where to send Progress keep-alives
         self._progress: dict[tuple[bytes, str], list[bytes]] = {}
+        self._unacknowledged: set[tuple[bytes, str]] = set()  # no Progress sent yet
         self._tasks: set[asyncio.Task[None]] = set()
         self._deliver: Callable[[list[Callable[[], None]]], None] | None = None
         self._stopping = False
@@ -78,6 +79,9 @@ class Worker:
             )
             return False
         self.jobs[job.scope, rid] = job
+        load = self._load
+        if job.kv_pull is not None or len(load.running) + len(load.queue) > load.places():
+            self.acknowledge(job.key)  # it waits (for a place or its pull): said now
         return True
 
     def cancel(self, key: tuple[bytes, str]) -> None:
@@ -137,7 +141,7 @@ class Worker:
             self._load.finished(job)
             key = job.key
             self.jobs.pop(key, None)
-            self._progress.pop(key, None)
+            self.unwatch(key)
             self._release(key, job.client)
 
     async def _serve_job(self, job: Job) -> None:
@@ -288,6 +292,7 @@ class Worker:
         job.handle = handle
         if job.cancelled:
             handle.cancel()
+        self.acknowledge(job.key)  # the engine has it (before this, said by enqueue)
         return await ended
 
     def _send_chunk(self, job: Job, text: str) -> None:
@@ -302,15 +307,25 @@ class Worker:
     # ---- Progress keep-alives ----------------------------------------------------
 
     def watch(self, key: tuple[bytes, str], envelope: list[bytes]) -> None:
-        """Send ``envelope`` Progress for this request until it is answered, the first
-        one at once (a forwarder's first reply)."""
+        """Send ``envelope`` Progress for this request until it is answered. The first
+        one (a forwarder's first reply) goes once the request is in hand
+        (`acknowledge`): handed to the engine, queued behind others, waiting for its
+        KV pull or forwarded on. Not on arrival: there it would be one more send
+        and wake-up on the request's way to the engine, on every hop."""
         self._progress[key] = envelope
-        self._send_progress(key, envelope)
+        self._unacknowledged.add(key)
+
+    def acknowledge(self, key: tuple[bytes, str]) -> None:
+        """The first Progress of a watched request, if not sent yet."""
+        if key in self._unacknowledged:
+            self._send_progress(key, self._progress[key])
 
     def unwatch(self, key: tuple[bytes, str]) -> None:
         self._progress.pop(key, None)
+        self._unacknowledged.discard(key)
 
     def _send_progress(self, key: tuple[bytes, str], envelope: list[bytes]) -> None:
+        self._unacknowledged.discard(key)
         rid = key[1]
         state = "accepted"  # being tokenized and routed
         if key in self._load.running:
