@@ -121,7 +121,7 @@ class Relay:
             envelope=envelope,
             reason=decision.reason,
         )
-        peer.inflight += 1
+        peer.forward_started()
         c.count("forwards")
         c.log.info(
             "request.forwarded",
@@ -185,7 +185,7 @@ class Relay:
                     return "partial" if fwd.relayed else "none"
         finally:
             self.forwards.pop(wid, None)
-            peer.inflight = max(0, peer.inflight - 1)
+            peer.forward_finished()
 
     def on_reply(self, msg: P.Chunk | P.Done | P.Error | P.Progress) -> None:
         """A peer's reply to one of our forwards (by wire id); others are stale.
