@@ -17,6 +17,10 @@
   (its engine thread busy between decodes: where the GIL switch interval matters);
 - decode tokens/s of answers streamed from the holder (`--stream-tokens`), to show
   that the node's [runtime] settings cost no throughput;
+- with `--null`, each pair also sends the prompt's third variant straight to the
+  holder, in a shuffled order: `null_net_*` is the same paired difference between two
+  direct requests, i.e. what the method reads for no hop at all on this machine (the
+  scheduler's and the processes' own jitter): the ceiling under the `hop_net` figures;
 - client failover: the entry node (the client's first endpoint) is killed (kill -9)
   while it streams an answer; the time from the kill to the next event the caller
   gets (the retry on another node, past the text already delivered) and to the answer.
@@ -29,7 +33,7 @@ py (Python's defaults: 5 ms GIL switch interval, no gc.freeze), switch (0.5 ms),
 freeze (gc.freeze only), both (0.5 ms and gc.freeze), defaults (the node's).
 
     python -m zmesh.bench.mesh [--nodes 3] [--pairs 50] [--variants py,defaults]
-                               [--rounds 2] [--floor] [--no-failover] [--json]
+                               [--rounds 2] [--floor] [--null] [--no-failover] [--json]
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -72,7 +77,12 @@ def _p50_p99(name: str, xs: list[float]) -> dict[str, float]:
 
 
 async def _measure(
-    lab: Lab, pairs: int, stream_tokens: int, failover: bool, background: int = 0
+    lab: Lab,
+    pairs: int,
+    stream_tokens: int,
+    failover: bool,
+    background: int = 0,
+    null: bool = False,
 ) -> dict[str, float | None]:
     startup = await lab.wait_converged(timeout=180)
     async with AsyncClient(lab.endpoints, timeout=60) as client:
@@ -101,35 +111,49 @@ async def _measure(
         # Done's prefill_s, from its slot to the token): what is left is tokenizing,
         # routing, queues and sockets, and the paired difference of that is the hop
         # without the engine's own noise.
-        net_diffs, holder_diffs, outside_diffs = [], [], []
+        net_diffs, holder_diffs, outside_diffs, null_diffs = [], [], [], []
+        shuffle = random.Random(0).shuffle
         for i in range(pairs):
             # Same cached prefix and equally long new suffixes, order alternating, so
-            # the pair differs only by the hop.
-            p_direct = PREFIX + f"Question: {i:03d} alpha\nAnswer:"
-            p_fwd = PREFIX + f"Question: {i:03d} gamma\nAnswer:"
-            order = [(b.serve, p_direct), (a.serve, p_fwd)]
+            # the pair differs only by the hop. With `null`, a second direct request
+            # too (order shuffled): the pair of directs differs by nothing, and its
+            # spread is what the paired difference reads on this machine for no hop.
+            kinds = {
+                "direct": (b.serve, PREFIX + f"Question: {i:03d} alpha\nAnswer:"),
+                "forwarded": (a.serve, PREFIX + f"Question: {i:03d} gamma\nAnswer:"),
+            }
+            if null:
+                kinds["direct2"] = (b.serve, PREFIX + f"Question: {i:03d} omega\nAnswer:")
+            order = list(kinds)
+            if null:
+                shuffle(order)
+            elif i % 2:
+                order.reverse()
             timing: dict[str, float] = {}
             net: dict[str, float] = {}
             holder: dict[str, float] = {}  # the holder's own time to the token, less compute
             outside: dict[str, float] = {}  # the rest: client, wires, the forwarder
-            for endpoint, prompt in order if i % 2 == 0 else order[::-1]:
+            for kind in order:
+                endpoint, prompt = kinds[kind]
                 s = time.perf_counter()
                 r = await client.generate(prompt, max_tokens=1, endpoint=endpoint)
-                timing[endpoint] = (time.perf_counter() - s) * 1000
-                net[endpoint] = timing[endpoint] - r.prefill_s * 1000
-                holder[endpoint] = (r.ttft_s - r.prefill_s) * 1000
-                outside[endpoint] = timing[endpoint] - r.ttft_s * 1000
+                timing[kind] = (time.perf_counter() - s) * 1000
+                net[kind] = timing[kind] - r.prefill_s * 1000
+                holder[kind] = (r.ttft_s - r.prefill_s) * 1000
+                outside[kind] = timing[kind] - r.ttft_s * 1000
                 if r.served_by != b.name:
                     raise RuntimeError(
                         f"expected {b.name} to serve, got {r.served_by} "
                         f"(hops {r.hops}, {r.route_reason})"
                     )
-            direct.append(timing[b.serve])
-            forwarded.append(timing[a.serve])
+            direct.append(timing["direct"])
+            forwarded.append(timing["forwarded"])
             diffs.append(forwarded[-1] - direct[-1])
-            net_diffs.append(net[a.serve] - net[b.serve])
-            holder_diffs.append(holder[a.serve] - holder[b.serve])
-            outside_diffs.append(outside[a.serve] - outside[b.serve])
+            net_diffs.append(net["forwarded"] - net["direct"])
+            holder_diffs.append(holder["forwarded"] - holder["direct"])
+            outside_diffs.append(outside["forwarded"] - outside["direct"])
+            if null:
+                null_diffs.append(net["direct2"] - net["direct"])
             if (i + 1) % 10 == 0:
                 print(f"  [{i + 1}/{pairs}] pairs measured", file=sys.stderr)
         stop.set()
@@ -158,6 +182,7 @@ async def _measure(
         "hop_net_ms_p99": round(_pct(net_diffs, 0.99), 2),
         **_p50_p99("hop_holder_ms", holder_diffs),
         **_p50_p99("hop_outside_ms", outside_diffs),
+        **(_p50_p99("null_net_ms", null_diffs) if null_diffs else {}),
         "decode_tps": round(statistics.median(tps), 1) if tps else None,
         "failover_next_event_ms": round(next_event_s * 1000, 1) if next_event_s else None,
         "failover_answer_ms": round(answer_s * 1000, 1) if answer_s else None,
@@ -195,7 +220,14 @@ def _run(args: argparse.Namespace, variant: str) -> dict[str, object]:
     lab.start()
     try:
         res = asyncio.run(
-            _measure(lab, args.pairs, args.stream_tokens, not args.no_failover, args.background)
+            _measure(
+                lab,
+                args.pairs,
+                args.stream_tokens,
+                not args.no_failover,
+                args.background,
+                args.null,
+            )
         )
     finally:
         lab.stop()
@@ -226,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
         "--background", type=int, default=0, help="answers streamed from the holder meanwhile"
     )
     ap.add_argument("--no-failover", action="store_true", help="skip the failover figure")
+    ap.add_argument(
+        "--null",
+        action="store_true",
+        help="a second direct request per pair: the paired difference for no hop",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object per run")
     args = ap.parse_args(argv)
     if args.nodes < 2:
