@@ -5,7 +5,9 @@ not on arrival, and a queued forward hears at once, long before its answer."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import zmq
 import zmq.asyncio
@@ -29,6 +31,19 @@ def _forward(rid: str, prompt: str, max_tokens: int) -> P.Generate:
     )
 
 
+@contextlib.asynccontextmanager
+async def _as_peer(serve_addr: str) -> AsyncIterator[zmq.asyncio.Socket]:
+    """A DEALER on the node's serve socket, as a forwarding peer holds one."""
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(serve_addr)
+    try:
+        yield sock
+    finally:
+        ctx.destroy(linger=0)
+
+
 async def _frames(sock: zmq.asyncio.Socket, rids: set[str], budget_s: float) -> list:
     """Every frame for ``rids`` with its arrival time, until each has its Done/Error."""
     seen: list[tuple[float, P.Message]] = []
@@ -50,15 +65,9 @@ def test_the_first_progress_says_the_request_is_in_hand(engine: Engine) -> None:
     with RunningNode(node_config("solo", free_ports(2)), engine) as node:
 
         async def main() -> list:
-            ctx = zmq.asyncio.Context()
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(node.serve_addr)
-            try:
+            async with _as_peer(node.serve_addr) as sock:
                 await sock.send(P.encode(_forward("f1", "The capital of France is", 8)))
                 return await _frames(sock, {"f1"}, budget_s=120)
-            finally:
-                ctx.destroy(linger=0)
 
         frames = [m for _, m in asyncio.run(main())]
     kinds = [type(m).__name__ for m in frames]
@@ -75,11 +84,7 @@ def test_a_queued_forward_hears_at_once_not_after_the_one_ahead(engine: Engine) 
         with RunningNode(node_config("solo", free_ports(2)), engine) as node:
 
             async def main() -> list:
-                ctx = zmq.asyncio.Context()
-                sock = ctx.socket(zmq.DEALER)
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.connect(node.serve_addr)
-                try:
+                async with _as_peer(node.serve_addr) as sock:
                     long = _forward("long", "Write a long story about a lighthouse.", 96)
                     await sock.send(P.encode(long))
                     # The first is in the engine once its own Progress came.
@@ -87,8 +92,6 @@ def test_a_queued_forward_hears_at_once_not_after_the_one_ahead(engine: Engine) 
                     assert isinstance(first, P.Progress) and first.request_id == "long"
                     await sock.send(P.encode(_forward("behind", "The capital of Italy is", 4)))
                     return await _frames(sock, {"long", "behind"}, budget_s=300)
-                finally:
-                    ctx.destroy(linger=0)
 
             frames = asyncio.run(main())
     finally:
