@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from meshkit import RawClient, Tally, generate, keep_busy, log_events, more_answers
+from meshkit import RawClient, Tally, generate, keep_busy, log_events, more_answers, started
 
 from zmesh import protocol as P
 from zmesh.client import Client
@@ -108,12 +108,8 @@ def test_delay_line_holds_frames_in_order_without_blocking() -> None:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     lab = Lab(n_nodes=3, engine=ENGINE, gossip=GOSSIP, workdir=tmp_path_factory.mktemp("faults"))
-    lab.start()
-    try:
-        asyncio.run(lab.wait_converged(timeout=90))
+    with started(lab, timeout=90):
         yield lab
-    finally:
-        lab.stop()
 
 
 def reset_faults(lab: Lab) -> None:
@@ -199,9 +195,8 @@ def test_partition_loses_no_request_and_the_mesh_reconverges_after_heal(lab: Lab
     victim = lab.nodes[2].name
 
     async def main() -> tuple[Tally, list[P.Status], float]:
-        rc, stop = RawClient(lab.endpoints), asyncio.Event()
-        rc.start()
-        try:
+        stop = asyncio.Event()
+        async with RawClient(lab.endpoints) as rc:
             flow = asyncio.create_task(
                 keep_busy(rc, lab.endpoints, PROMPTS, stop, deadline_s=DEADLINE_S)
             )
@@ -218,8 +213,6 @@ def test_partition_loses_no_request_and_the_mesh_reconverges_after_heal(lab: Lab
             await asyncio.wait_for(flow, DEADLINE_S + 10)
             await rc.drain()
             converged_in = await lab.wait_converged(timeout=60)
-        finally:
-            await rc.close()
         return rc.tally, during, (alive_in, converged_in)
 
     try:
@@ -259,9 +252,8 @@ def test_link_delay_is_measured_and_routing_still_answers_everything(lab: Lab) -
         return out
 
     async def main() -> tuple[Tally, dict[str, float], dict[str, float]]:
-        rc, stop = RawClient(lab.endpoints), asyncio.Event()
-        rc.start()
-        try:
+        stop = asyncio.Event()
+        async with RawClient(lab.endpoints) as rc:
             before = link_delays(await lab.statuses())
             lab.set_delay(slow, delay_ms)
             await lab.wait_faults()
@@ -279,8 +271,6 @@ def test_link_delay_is_measured_and_routing_still_answers_everything(lab: Lab) -
             stop.set()
             await asyncio.wait_for(flow, DEADLINE_S + 10)
             await rc.drain()
-        finally:
-            await rc.close()
         return rc.tally, before, after
 
     try:
@@ -316,9 +306,7 @@ def test_kill_9_of_a_node_serving_forwards_loses_nothing_and_it_rejoins(lab: Lab
     prompts = [few_shot(topic) + f"Question {j}: Count to fifty.\nAnswer:" for j in range(12)]
 
     async def main() -> tuple[Tally, int, float]:
-        rc = RawClient(lab.endpoints)
-        rc.start()
-        try:
+        async with RawClient(lab.endpoints) as rc:
             waits = []
             for j, prompt in enumerate(prompts):
                 msg = generate(rc.new_id("kill"), prompt, 24, DEADLINE_S)
@@ -339,8 +327,6 @@ def test_kill_9_of_a_node_serving_forwards_loses_nothing_and_it_rejoins(lab: Lab
                 for j, p in enumerate(prompts[:6])
             ]
             assert all(isinstance(a, P.Done) for a in after), after
-        finally:
-            await rc.close()
         return rc.tally, busy, rejoined_in
 
     try:

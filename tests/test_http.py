@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import openai
 import pytest
-from meshkit import is_request, log_events
+from meshkit import is_request, log_events, started
 
 from zmesh.client import Client
 from zmesh.lab import Lab, free_ports
@@ -43,12 +43,8 @@ def lab():
         # One request in flight per key, so that the per-key limit is easy to reach.
         extra_config={"http": {"max_body_bytes": MAX_BODY}, "max_inflight_per_client": 1},
     )
-    lab.start()
-    try:
-        asyncio.run(lab.wait_converged(timeout=120))
+    with started(lab):
         yield lab
-    finally:
-        lab.stop()
 
 
 def _oa(lab: Lab, i: int = 0, key: str = KEY_ACME) -> openai.OpenAI:
@@ -281,17 +277,13 @@ def test_with_curve_keys_http_needs_api_keys_and_still_serves() -> None:
                 "http": {"port": 8080},
             }
         )
-    lab.start()
-    try:
-        asyncio.run(lab.wait_converged(timeout=120))
+    with started(lab):
         c = _oa(lab)
         raw = c.completions.with_raw_response.create(model=MODEL, prompt="Rivers", max_tokens=2)
         assert raw.headers["x-zmesh-served-by"] == lab.nodes[0].name
         assert raw.parse().usage.completion_tokens == 2  # type: ignore[union-attr]
         with pytest.raises(openai.AuthenticationError):
             _oa(lab, key=KEY_GLOBEX).completions.create(model=MODEL, prompt="x", max_tokens=1)
-    finally:
-        lab.stop()
 
 
 def test_a_key_over_its_in_flight_limit_gets_429_and_other_keys_are_served(lab: Lab) -> None:
@@ -319,9 +311,7 @@ def test_a_node_that_has_not_joined_is_not_ready() -> None:
     """Its seed never answers: /health says 503 and requests get not_ready, not a hang."""
     fake_serve, fake_gossip = (f"tcp://127.0.0.1:{p}" for p in free_ports(2))
     lab = Lab(n_nodes=1, engine=ENGINE, extra_seeds=[{"serve": fake_serve, "gossip": fake_gossip}])
-    lab.start()
-    try:
-        asyncio.run(lab.wait_converged(timeout=120))  # bound and answering status
+    with started(lab):  # bound and answering status
         try:
             urllib.request.urlopen(f"{lab.http_urls[0]}/health", timeout=10)
             raise AssertionError("a node with no peer heard reported healthy")
@@ -331,8 +321,6 @@ def test_a_node_that_has_not_joined_is_not_ready() -> None:
             f"{lab.http_urls[0]}/v1/completions", {"prompt": "Hi", "max_tokens": 1}, key=None
         )
         _error(status, body, 503, "not_ready")
-    finally:
-        lab.stop()
 
 
 def test_keyless_callers_may_reuse_an_x_request_id_at_the_same_time() -> None:
@@ -340,8 +328,6 @@ def test_keyless_callers_may_reuse_an_x_request_id_at_the_same_time() -> None:
     pick the same x-request-id at once must both be answered (the mesh sees the id plus
     a suffix), each under its own id."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from meshkit import started
 
     with started(Lab(n_nodes=1, engine=ENGINE)) as solo:
         url = f"{solo.http_urls[0]}/v1/completions"

@@ -17,11 +17,11 @@ import msgspec
 import pytest
 import zmq
 import zmq.asyncio
-from meshkit import RunningNode, idle_heartbeat, log_events
+from meshkit import RunningNode, idle_heartbeat, log_events, node_config
 
 from zmesh import protocol as P
 from zmesh.client import Client
-from zmesh.config import ConfigError, EngineConfig, Seed, config_from_dict, dump_toml
+from zmesh.config import ConfigError, EngineConfig, Seed, dump_toml
 from zmesh.engine import Engine
 from zmesh.lab import Lab, free_ports
 from zmesh.node import Node
@@ -44,17 +44,6 @@ def engine() -> Iterator[Engine]:
     eng = Engine(EngineConfig(n_slots=2, slot_ctx=512, n_threads=1))
     yield eng
     eng.close()
-
-
-def node_config(ports: list[int], **kw: object):
-    return config_from_dict(
-        {
-            "node_id": "solo",
-            "serve_addr": f"tcp://127.0.0.1:{ports[0]}",
-            "gossip_addr": f"tcp://127.0.0.1:{ports[1]}",
-            **kw,
-        }
-    )
 
 
 class Conn:
@@ -118,7 +107,7 @@ def long_request(rid: str, tenant: str = "default", max_tokens: int = 64) -> P.G
 def test_scope_of_a_request_is_its_caller(engine: Engine) -> None:
     """Whose request ids these are: the key a job is kept under, and a Cancel or a
     duplicate looked up by (the job stores the scope it was admitted with)."""
-    node = Node(node_config(free_ports(2)), engine=engine)
+    node = Node(node_config("solo", free_ports(2)), engine=engine)
     try:
         node.peers.upsert("peer-x", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2", time.monotonic())
         env = [b"\x00conn"]
@@ -144,13 +133,13 @@ def test_keyed_tenants_cannot_cancel_or_block_each_others_ids(
     generate(tmp_path, "beta-app", role="client", tenants=["beta"])
     ports = free_ports(2)
     cfg = node_config(
+        "solo",
         ports,
         security={
             "secret_key_file": str(tmp_path / "solo.key_secret"),
             "authorized_dir": str(tmp_path),
         },
     )
-    running = RunningNode(cfg, engine)
     ep, server = f"tcp://127.0.0.1:{ports[0]}", load_keypair(tmp_path / "solo.key_secret").public
 
     async def main() -> None:
@@ -187,7 +176,7 @@ def test_keyed_tenants_cannot_cancel_or_block_each_others_ids(
                 await c.close()
             ctx.destroy(linger=0)
 
-    try:
+    with RunningNode(cfg, engine):
         asyncio.run(main())
         key = str(tmp_path / "acme-app.key_secret")
         with Client(ep, timeout=30, client_key=key, server_key=server.decode()) as c:
@@ -197,8 +186,6 @@ def test_keyed_tenants_cannot_cancel_or_block_each_others_ids(
             0,
             1,
         )
-    finally:
-        running.stop()
 
 
 def test_keyless_ids_are_per_connection_and_forwards_never_mix(engine: Engine) -> None:
@@ -211,11 +198,11 @@ def test_keyless_ids_are_per_connection_and_forwards_never_mix(engine: Engine) -
     ep = f"tcp://127.0.0.1:{ports[0]}"
     # least_loaded: forwards exactly when the peer's queue is shorter than ours.
     cfg = node_config(
+        "solo",
         ports,
         routing={"policy": "least_loaded"},
         seeds=[{"serve": fake_serve, "gossip": fake_gossip}],
     )
-    running = RunningNode(cfg, engine)
     hb = idle_heartbeat(
         "fake-peer", fake_serve, fake_gossip, engine.block_size, engine.fingerprint.hex()
     )
@@ -337,15 +324,13 @@ def test_keyless_ids_are_per_connection_and_forwards_never_mix(engine: Engine) -
                 await c.close()
             ctx.destroy(linger=0)
 
-    try:
+    with RunningNode(cfg, engine):
         asyncio.run(main())
         with Client(ep, timeout=30) as c:
             give_up = time.monotonic() + 60
             while (st := c.status()).inflight:
                 assert time.monotonic() < give_up, st
                 time.sleep(0.05)
-    finally:
-        running.stop()
 
 
 # ---- refused handshakes: a bounded log -------------------------------------------------
@@ -519,13 +504,12 @@ def test_dead_peers_make_room_for_new_ones_when_the_table_is_full(engine: Engine
         "max_peers": 3,
     }
     cfg = node_config(
-        ports, gossip=gossip, seeds=[{"serve": talker_serve, "gossip": talker_gossip}]
+        "solo", ports, gossip=gossip, seeds=[{"serve": talker_serve, "gossip": talker_gossip}]
     )
     ctx = zmq.Context()
     pub = ctx.socket(zmq.PUB)
     pub.setsockopt(zmq.LINGER, 0)
     pub.bind(talker_gossip)
-    running = RunningNode(cfg, engine)
 
     def ghosts(first: int) -> list[P.PeerInfo]:
         return [
@@ -541,7 +525,7 @@ def test_dead_peers_make_room_for_new_ones_when_the_table_is_full(engine: Engine
         return {p.node_id: p.state for p in client.status().peers}
 
     try:
-        with Client([f"tcp://127.0.0.1:{ports[0]}"], timeout=5) as client:
+        with RunningNode(cfg, engine), Client([f"tcp://127.0.0.1:{ports[0]}"], timeout=5) as client:
             for first in (0, 2, 4):  # two ghosts at a time; each pair dies, never heard
                 hb = idle_heartbeat(
                     "talker",
@@ -562,14 +546,13 @@ def test_dead_peers_make_room_for_new_ones_when_the_table_is_full(engine: Engine
             assert st.counters.get("peers_forgotten") == 4
             assert st.counters.get("peers_refused_full", 0) == 0
     finally:
-        running.stop()
         ctx.destroy(linger=0)
 
 
 def test_forget_after_s_follows_dead_after_s_unless_set() -> None:
-    cfg = node_config(free_ports(2), gossip={"dead_after_s": 5.0})
+    cfg = node_config("solo", free_ports(2), gossip={"dead_after_s": 5.0})
     assert cfg.gossip.forget_after_s == 0.0 and cfg.gossip.forget_s == 20.0
-    assert node_config(free_ports(2), gossip={"forget_after_s": 7.5}).gossip.forget_s == 7.5
+    assert node_config("solo", free_ports(2), gossip={"forget_after_s": 7.5}).gossip.forget_s == 7.5
     for bad in (3.0, 1.0, -1.0, math.nan):  # dead_after_s is 3.0 by default
         with pytest.raises(ConfigError, match=r"gossip\.forget_after_s"):
-            node_config(free_ports(2), gossip={"forget_after_s": bad})
+            node_config("solo", free_ports(2), gossip={"forget_after_s": bad})

@@ -30,12 +30,13 @@ from meshkit import (
     idle_heartbeat,
     is_request,
     log_events,
+    node_config,
     started,
 )
 
 from zmesh import protocol as P
 from zmesh.client import AsyncClient
-from zmesh.config import EngineConfig, NodeConfig, config_from_dict
+from zmesh.config import EngineConfig
 from zmesh.engine import Engine
 from zmesh.lab import Lab, free_ports
 from zmesh.node import BORROW_FACTOR, DEFAULT_PREFILL_S_PER_TOKEN
@@ -112,36 +113,32 @@ def test_huge_prompts_are_refused_while_the_node_stays_alive(lab2: Lab) -> None:
                     status_rtt.append(time.monotonic() - t0)
                     await asyncio.sleep(0.05)
 
-        huge, small = RawClient([a.serve]), RawClient([a.serve])
-        huge.start()
-        small.start()
-        watchers = [asyncio.create_task(watch_b()), asyncio.create_task(time_a())]
-        try:
-            events = [
-                await huge.send(a.serve, generate(f"huge-{i}", text_of(HUGE_CHARS, i), 4))
-                for i in range(3)
-            ]
-            events.append(await small.send(a.serve, generate("small", "Say hello.", 4)))
+        async with RawClient([a.serve]) as huge, RawClient([a.serve]) as small:
+            watchers = [asyncio.create_task(watch_b()), asyncio.create_task(time_a())]
+            try:
+                events = [
+                    await huge.send(a.serve, generate(f"huge-{i}", text_of(HUGE_CHARS, i), 4))
+                    for i in range(3)
+                ]
+                events.append(await small.send(a.serve, generate("small", "Say hello.", 4)))
 
-            async def answered() -> None:
-                await asyncio.gather(*(e.wait() for e in events))
-                # A stall shows within suspect_after_s: keep watching twice that longer.
-                await asyncio.sleep(2 * suspect_after)
+                async def answered() -> None:
+                    await asyncio.gather(*(e.wait() for e in events))
+                    # A stall shows within suspect_after_s: keep watching twice that longer.
+                    await asyncio.sleep(2 * suspect_after)
 
-            waits = [asyncio.create_task(answered()), asyncio.create_task(stalled.wait())]
-            finished, pending = await asyncio.wait(
-                waits, timeout=300, return_when=asyncio.FIRST_COMPLETED
-            )
-            for t in pending:
-                t.cancel()
-            assert finished, "no answers within 300 s"
-        finally:
-            stop.set()
-            for w in watchers:
-                w.cancel()
-            await asyncio.gather(*watchers, return_exceptions=True)
-            await huge.close()
-            await small.close()
+                waits = [asyncio.create_task(answered()), asyncio.create_task(stalled.wait())]
+                finished, pending = await asyncio.wait(
+                    waits, timeout=300, return_when=asyncio.FIRST_COMPLETED
+                )
+                for t in pending:
+                    t.cancel()
+                assert finished, "no answers within 300 s"
+            finally:
+                stop.set()
+                for w in watchers:
+                    w.cancel()
+                await asyncio.gather(*watchers, return_exceptions=True)
         return huge, small, states, status_rtt
 
     huge, small, states, rtt = asyncio.run(main())
@@ -167,23 +164,11 @@ def engine() -> Iterator[Engine]:
     eng.close()
 
 
-def node_config(ports: list[int], **kw: object) -> NodeConfig:
-    return config_from_dict(
-        {
-            "node_id": "stall",
-            "serve_addr": f"tcp://127.0.0.1:{ports[0]}",
-            "gossip_addr": f"tcp://127.0.0.1:{ports[1]}",
-            **kw,
-        }
-    )
-
-
 def test_tokenizing_a_long_prompt_does_not_block_the_node(engine: Engine) -> None:
     """A prompt under the character bound but over the token bound takes seconds to
     tokenize: meanwhile the node keeps heartbeating (its peers would see it alive)."""
     ports = free_ports(2)
-    cfg = node_config(ports)
-    running = RunningNode(cfg, engine)
+    cfg = node_config("stall", ports)
     ep = f"tcp://127.0.0.1:{ports[0]}"
     prompt = text_of(3_000_000)
     assert len(prompt) <= engine.max_prompt_chars
@@ -220,10 +205,8 @@ def test_tokenizing_a_long_prompt_does_not_block_the_node(engine: Engine) -> Non
             ctx.destroy(linger=0)
         return times, reply
 
-    try:
+    with RunningNode(cfg, engine):
         times, reply = asyncio.run(main())
-    finally:
-        running.stop()
     assert isinstance(reply, P.Error) and reply.code == P.PROMPT_TOO_LONG, reply
     assert "tokens" in reply.message  # refused after tokenizing, by the token bound
     silent = cfg.gossip.suspect_after_s
@@ -241,12 +224,8 @@ def owner_and_entry(lab: Lab) -> tuple[int, int]:
     """(index of the node consistent_hash sends HEAD's prompts to, index of the other)."""
 
     async def ask() -> P.Done | P.Error | None:
-        rc = RawClient([lab.nodes[0].serve])
-        rc.start()
-        try:
+        async with RawClient([lab.nodes[0].serve]) as rc:
             return await rc.ask(lab.nodes[0].serve, generate("prime", HEAD + "Hi", 2), 120)
-        finally:
-            await rc.close()
 
     done = asyncio.run(ask())
     assert isinstance(done, P.Done), done
@@ -270,13 +249,9 @@ def test_a_forward_longer_than_the_timeout_is_served_once_by_the_peer(lab2: Lab)
     o, e = lab2.nodes[owner], lab2.nodes[entry]
 
     async def main() -> RawClient:
-        rc = RawClient([e.serve])
-        rc.start()
-        try:
+        async with RawClient([e.serve]) as rc:
             await rc.ask(e.serve, generate("long-answer", HEAD + COUNT, 300, deadline_s=600), 600)
             await rc.drain(FORWARD_TIMEOUT_S)  # a second answer would arrive here
-        finally:
-            await rc.close()
         return rc
 
     tally = asyncio.run(main()).tally
@@ -300,9 +275,7 @@ def test_a_forward_queued_behind_other_work_is_waited_for(lab2: Lab) -> None:
     o, e = lab2.nodes[owner], lab2.nodes[entry]
 
     async def main() -> RawClient:
-        rc = RawClient([o.serve, e.serve])
-        rc.start()
-        try:
+        async with RawClient([o.serve, e.serve]) as rc:
             # One long request per slot: the peer runs that many at once (batching).
             busy = [
                 await rc.send(o.serve, generate(f"busy-{i}", HEAD + COUNT, 250, deadline_s=600))
@@ -319,8 +292,6 @@ def test_a_forward_queued_behind_other_work_is_waited_for(lab2: Lab) -> None:
             for ev in busy:
                 await asyncio.wait_for(ev.wait(), 600)
             await rc.drain(FORWARD_TIMEOUT_S)
-        finally:
-            await rc.close()
         return rc
 
     tally = asyncio.run(main()).tally
@@ -440,47 +411,41 @@ def test_one_peer_cannot_set_a_nodes_own_cost_estimate(engine: Engine) -> None:
     assert engine.stats.prefill_s_per_token == 0.0, "this test needs an unmeasured engine"
     ports = free_ports(2)
     claims = {"prefill_s_per_token": 1e6, "service_s": 1e6}
-    running: RunningNode | None = None
 
     async def main() -> list[float]:
-        nonlocal running
         liars = [FakePeer(f"liar-{i}", engine, f"liar-{i}", **claims) for i in range(2)]
         seeds = [{"serve": p.serve, "gossip": p.gossip} for p in liars]
-        running = RunningNode(node_config(ports, seeds=seeds[:1]), engine)
-        log = LogRecorder.install(running)
-        ep = f"tcp://127.0.0.1:{ports[0]}"
-        rc = RawClient([ep])
-        rc.start()
         own: list[float] = []
-        try:
-            liars[0].start()
-            for n in (1, 2):
-                if n == 2:  # liar-0 tells of liar-1, as heartbeats do
-                    liars[1].start()
-                    info = P.PeerInfo(
-                        node_id="liar-1", serve_addr=liars[1].serve, gossip_addr=liars[1].gossip
-                    )
-                    liars[0].heartbeat.peers = [info]
-                await wait_alive(ep, {p.node_id for p in liars[:n]})
-                # A short prompt: the engine measures no prefill rate from it.
-                done = await rc.ask(ep, generate(f"est-{n}", "Hi", 2), 60)
-                assert isinstance(done, P.Done), done
-                # The rate the node's own estimate used, as its decision log says.
-                (decided,) = [
-                    e for e in log.events("route.decided") if e["request_id"] == f"est-{n}"
-                ]
-                own.append(decided["prefill_s_per_token"])
-        finally:
-            await rc.close()
-            for p in liars:
-                await p.close()
+        with RunningNode(node_config("stall", ports, seeds=seeds[:1]), engine) as running:
+            log = LogRecorder.install(running)
+            ep = f"tcp://127.0.0.1:{ports[0]}"
+            try:
+                async with RawClient([ep]) as rc:
+                    liars[0].start()
+                    for n in (1, 2):
+                        if n == 2:  # liar-0 tells of liar-1, as heartbeats do
+                            liars[1].start()
+                            info = P.PeerInfo(
+                                node_id="liar-1",
+                                serve_addr=liars[1].serve,
+                                gossip_addr=liars[1].gossip,
+                            )
+                            liars[0].heartbeat.peers = [info]
+                        await wait_alive(ep, {p.node_id for p in liars[:n]})
+                        # A short prompt: the engine measures no prefill rate from it.
+                        done = await rc.ask(ep, generate(f"est-{n}", "Hi", 2), 60)
+                        assert isinstance(done, P.Done), done
+                        # The rate the node's own estimate used, as its decision log says.
+                        (decided,) = [
+                            e for e in log.events("route.decided") if e["request_id"] == f"est-{n}"
+                        ]
+                        own.append(decided["prefill_s_per_token"])
+            finally:
+                for p in liars:
+                    await p.close()
         return own
 
-    try:
-        one, two = asyncio.run(main())
-    finally:
-        if running is not None:
-            running.stop()
+    one, two = asyncio.run(main())
     assert one == DEFAULT_PREFILL_S_PER_TOKEN, one
     assert two == DEFAULT_PREFILL_S_PER_TOKEN * BORROW_FACTOR, two
 
@@ -489,37 +454,31 @@ def test_a_forwarded_answer_names_the_peer_it_went_to(engine: Engine) -> None:
     """A peer's Done claiming another server is logged, counted and corrected."""
     ports = free_ports(2)
     peer_forwards: list[P.Generate] = []
-    running: RunningNode | None = None
 
     async def main() -> tuple[RawClient, P.Status]:
-        nonlocal running
         peer = FakePeer("fake-peer", engine, served_by="node-evil")
         peer.start()
         seeds = [{"serve": peer.serve, "gossip": peer.gossip}]
-        cfg = node_config(ports, seeds=seeds, routing={"policy": "round_robin"})
-        running = RunningNode(cfg, engine)
-        ep = f"tcp://127.0.0.1:{ports[0]}"
-        rc = RawClient([ep])
-        rc.start()
-        try:
-            await wait_alive(ep, {peer.node_id})
-            # round_robin over (fake-peer, stall): one of two requests goes to the peer.
-            for i in range(2):
-                assert await rc.ask(ep, generate(f"rr-{i}", f"Hello {i}", 2), 60) is not None
-            assert len(peer.forwards) == 1
-            async with AsyncClient([ep]) as c:
-                st = await c.status(timeout=10)
-        finally:
-            await rc.close()
-            await peer.close()
+        cfg = node_config("stall", ports, seeds=seeds, routing={"policy": "round_robin"})
+        with RunningNode(cfg, engine):
+            ep = f"tcp://127.0.0.1:{ports[0]}"
+            try:
+                async with RawClient([ep]) as rc:
+                    await wait_alive(ep, {peer.node_id})
+                    # round_robin over (fake-peer, stall): one of two requests goes to the peer.
+                    for i in range(2):
+                        assert (
+                            await rc.ask(ep, generate(f"rr-{i}", f"Hello {i}", 2), 60) is not None
+                        )
+                    assert len(peer.forwards) == 1
+                    async with AsyncClient([ep]) as c:
+                        st = await c.status(timeout=10)
+            finally:
+                await peer.close()
         peer_forwards.extend(peer.forwards)
         return rc, st
 
-    try:
-        rc, st = asyncio.run(main())
-    finally:
-        if running is not None:
-            running.stop()
+    rc, st = asyncio.run(main())
     by = {d.request_id: d for d in rc.tally.done()}
     assert len(by) == 2, rc.tally.errors()
     forwarded = [d for d in by.values() if d.hops == 1]
@@ -538,7 +497,6 @@ def test_a_forwards_token_ids_are_checked_by_the_peer(engine: Engine) -> None:
     """A forward carries token ids, not text: the receiving node still bounds their
     count and range, and bad ones cost an error reply, not the node."""
     ports = free_ports(2)
-    running = RunningNode(node_config(ports), engine)
     ep = f"tcp://127.0.0.1:{ports[0]}"
     good = engine.tokenize("Hello there")
 
@@ -548,21 +506,15 @@ def test_a_forwards_token_ids_are_checked_by_the_peer(engine: Engine) -> None:
         )
 
     async def main() -> list[P.Done | P.Error | None]:
-        rc = RawClient([ep])
-        rc.start()
-        try:
+        async with RawClient([ep]) as rc:
             return [
                 await rc.ask(ep, forwarded("out-of-range", [*good, engine.n_vocab]), 60),
                 await rc.ask(ep, forwarded("too-many", good * engine.max_prompt_tokens), 60),
                 await rc.ask(ep, forwarded("fine", good), 60),
             ]
-        finally:
-            await rc.close()
 
-    try:
+    with RunningNode(node_config("stall", ports), engine):
         out_of_range, too_many, fine = asyncio.run(main())
-    finally:
-        running.stop()
     assert isinstance(out_of_range, P.Error) and out_of_range.code == P.INVALID_REQUEST
     assert f"token id {engine.n_vocab}" in out_of_range.message, out_of_range
     assert isinstance(too_many, P.Error) and too_many.code == P.PROMPT_TOO_LONG, too_many
